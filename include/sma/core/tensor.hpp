@@ -78,6 +78,16 @@ CMatrixMap<T> as_matrix(const Tensor2<T>& t) {
   return CMatrixMap<T>(t.data(), t.dimension(0), t.dimension(1));
 }
 
+/// A dense matrix seen through a map (so functions taking maps accept owned matrices without a copy).
+template <class T>
+CMatrixMap<T> cmap(const Matrix<T>& m) {
+  return CMatrixMap<T>(m.data(), m.rows(), m.cols());
+}
+template <class T>
+MatrixMap<T> map(Matrix<T>& m) {
+  return MatrixMap<T>(m.data(), m.rows(), m.cols());
+}
+
 /// Dimensions of a tensor as a std::array (for messages and comparisons).
 template <class TensorLike>
 auto dims_of(const TensorLike& t) {
