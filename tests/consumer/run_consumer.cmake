@@ -3,7 +3,7 @@
 #      find_package(sma CONFIG REQUIRED) through CMAKE_PREFIX_PATH;
 #   2. configure + build + run tests/consumer with add_subdirectory(<sma source>).
 # Inputs (-D): SMA_SOURCE_DIR, SMA_BINARY_DIR, WORK_DIR, GENERATOR, CXX_COMPILER, BUILD_TYPE, ENABLE_CUDA,
-#              CUDA_ARCHITECTURES (optional).
+#              CUDA_ARCHITECTURES, CUDA_TARGET (optional: ON when this build has sma_cuda).
 cmake_minimum_required(VERSION 3.25)
 
 foreach(v SMA_SOURCE_DIR SMA_BINARY_DIR WORK_DIR GENERATOR CXX_COMPILER BUILD_TYPE)
@@ -41,8 +41,11 @@ if(CUDA_ARCHITECTURES)
   list(APPEND common -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES})
 endif()
 
-# 1. installed package
-step("install" ${CMAKE_COMMAND} --install ${SMA_BINARY_DIR} --prefix ${prefix})
+# 1. installed package: the library's install component only (tools and examples may have rules of their own).
+if(CUDA_TARGET)
+  step("build sma_cuda" ${CMAKE_COMMAND} --build ${SMA_BINARY_DIR} --target sma_cuda)  # usually up to date
+endif()
+step("install" ${CMAKE_COMMAND} --install ${SMA_BINARY_DIR} --prefix ${prefix} --component sma)
 foreach(f include/sma/core/layer.hpp)
   if(NOT EXISTS ${prefix}/${f})
     message(FATAL_ERROR "consumer: ${prefix}/${f} was not installed")
