@@ -305,77 +305,79 @@ struct Laplace {
   static constexpr double pdf_scale = 1.0 / (sigma * 2.50662827463100050242);  // 1 / (sigma sqrt(2 pi))
 };
 
+// The per-row work between the GEMMs. A row holds the scores of query i against the block's keys k0..k0+nk-1; the
+// visible ones are [lo, hi). Loops are written over contiguous spans so that they vectorise.
 template <class T, AttentionActivation A, PositionEncoding P>
 struct RowKernel {
+  using Span = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
   static constexpr bool kHasTable = P == PositionEncoding::simple || P == PositionEncoding::local_simple;
+  static constexpr T kInf = std::numeric_limits<T>::infinity();
 
-  static Index bias_index(const RowContext<T>& c, Index i, Index j) {
+  // x[t] += b(i, lo + t), t < n.
+  static void add_bias(const RowContext<T>& c, Index i, Index lo, Index n, T* x) {
     if constexpr (P == PositionEncoding::simple) {
-      return simple_bias_index(c.max_positions, c.pos[i], c.pos[j]);
-    } else {
-      return local_bias_index(c.window, i, j);
+      const std::int64_t base = static_cast<std::int64_t>(c.max_positions) - 1 - c.pos[i];
+      const std::int64_t top = 2 * static_cast<std::int64_t>(c.max_positions) - 2;
+      const std::int64_t* pj = c.pos + lo;
+      for (Index t = 0; t < n; ++t) x[t] += c.table[std::clamp<std::int64_t>(base + pj[t], 0, top)];
+    } else if constexpr (P == PositionEncoding::local_simple) {
+      const T* w = c.table + local_bias_index(c.window, i, lo);
+      for (Index t = 0; t < n; ++t) x[t] += w[t];
     }
   }
 
-  static T bias(const RowContext<T>& c, Index i, Index j) {
-    if constexpr (kHasTable) {
-      return c.table[bias_index(c, i, j)];
-    } else {
-      return T(0);
+  // dbias[index(i, lo + t) - offset] += d[t], t < n.
+  static void add_bias_grad(const RowContext<T>& c, Index i, Index lo, Index n, const T* d, double* dbias,
+                            Index offset) {
+    if constexpr (P == PositionEncoding::simple) {
+      const std::int64_t base = static_cast<std::int64_t>(c.max_positions) - 1 - c.pos[i];
+      const std::int64_t top = 2 * static_cast<std::int64_t>(c.max_positions) - 2;
+      const std::int64_t* pj = c.pos + lo;
+      for (Index t = 0; t < n; ++t) dbias[std::clamp<std::int64_t>(base + pj[t], 0, top) - offset] += d[t];
+    } else if constexpr (P == PositionEncoding::local_simple) {
+      double* db = dbias + (local_bias_index(c.window, i, lo) - offset);
+      for (Index t = 0; t < n; ++t) db[t] += d[t];
     }
   }
 
-  static bool valid(const RowContext<T>& c, Index j) { return !c.key_valid || c.key_valid[j] != 0; }
-
-  // Softmax's log-sum-exp of the scores row[lo-k0, hi-k0) (bias not yet added when add_bias); +inf if no key is
-  // valid. Leaves the biased scores in row (masked keys at -inf).
-  static T biased_max(const RowContext<T>& c, Index i, Index k0, Index lo, Index hi, T* row) {
-    T m = -std::numeric_limits<T>::infinity();
-    for (Index j = lo; j < hi; ++j) {
-      T s = row[j - k0] + bias(c, i, j);
-      if (!valid(c, j)) s = -std::numeric_limits<T>::infinity();
-      row[j - k0] = s;
-      m = std::max(m, s);
-    }
-    return m;
-  }
-
-  // exp(row - shift) over [b, e) (vectorised by Eigen), then masked keys to exactly 0; returns the sum.
-  static T exp_masked(const RowContext<T>& c, Index k0, Index lo, Index hi, T shift, T* row) {
-    Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> seg(row + (lo - k0), hi - lo);
-    seg = (seg - shift).exp();
-    if (c.key_valid)
-      for (Index j = lo; j < hi; ++j)
-        if (!c.key_valid[j]) row[j - k0] = T(0);
-    return seg.sum();
+  // x[t] = value where key lo + t is masked.
+  static void mask_keys(const RowContext<T>& c, Index lo, Index n, T* x, T value) {
+    if (!c.key_valid) return;
+    const std::uint8_t* kv = c.key_valid + lo;
+    for (Index t = 0; t < n; ++t)
+      if (!kv[t]) x[t] = value;
   }
 
   /// Turns the raw scores q'_i.k'_j (row[0..nk), keys k0..) into weights a_ij in place; returns the log-sum-exp
-  /// (softmax) or 0.
+  /// (softmax; +inf when no key is visible) or 0.
   static T forward_row(const RowContext<T>& c, Index i, Index k0, Index nk, Index lo, Index hi, T* row) {
-    for (Index t = 0; t < lo - k0; ++t) row[t] = T(0);
-    for (Index t = hi - k0; t < nk; ++t) row[t] = T(0);
+    std::fill(row, row + (lo - k0), T(0));
+    std::fill(row + (hi - k0), row + nk, T(0));
+    const Index n = hi - lo;
+    T* x = row + (lo - k0);
+    Span seg(x, n);
+    add_bias(c, i, lo, n, x);
     if constexpr (A == AttentionActivation::softmax) {
-      const T m = biased_max(c, i, k0, lo, hi, row);
-      if (m == -std::numeric_limits<T>::infinity()) {
-        for (Index j = lo; j < hi; ++j) row[j - k0] = T(0);
-        return std::numeric_limits<T>::infinity();
+      mask_keys(c, lo, n, x, -kInf);
+      const T m = seg.maxCoeff();
+      if (m == -kInf) {
+        seg.setZero();
+        return kInf;
       }
-      const T sum = exp_masked(c, k0, lo, hi, m, row);
-      Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>(row + (lo - k0), hi - lo) *= T(1) / sum;
+      // Eigen's exp maps -inf to a tiny positive number, hence the second masking.
+      seg = (seg - m).exp();
+      mask_keys(c, lo, n, x, T(0));
+      const T sum = seg.sum();
+      seg *= T(1) / sum;
       return m + std::log(sum);
+    } else if constexpr (A == AttentionActivation::relu2) {
+      seg = seg.max(T(0)).square();
+      mask_keys(c, lo, n, x, T(0));
+      return T(0);
     } else {
-      for (Index j = lo; j < hi; ++j) {
-        const T s = row[j - k0] + bias(c, i, j);
-        T a;
-        if constexpr (A == AttentionActivation::relu2) {
-          const T r = s > T(0) ? s : T(0);
-          a = r * r;
-        } else {
-          a = T(0.5) * (T(1) + std::erf((s - T(Laplace<T>::mu)) * T(Laplace<T>::inv_sigma_sqrt2)));
-        }
-        row[j - k0] = valid(c, j) ? a : T(0);
-      }
+      for (Index t = 0; t < n; ++t)
+        x[t] = T(0.5) * (T(1) + std::erf((x[t] - T(Laplace<T>::mu)) * T(Laplace<T>::inv_sigma_sqrt2)));
+      mask_keys(c, lo, n, x, T(0));
       return T(0);
     }
   }
@@ -384,47 +386,51 @@ struct RowKernel {
   /// into dbias[index - dbias_offset] when dbias is given. `lse` is used when have_lse (softmax only).
   static void backward_row(const RowContext<T>& c, Index i, Index k0, Index nk, Index lo, Index hi, T lse,
                            bool have_lse, T* row_s, T* row_d, double* dbias, Index dbias_offset) {
-    for (Index t = 0; t < lo - k0; ++t) row_s[t] = row_d[t] = T(0);
-    for (Index t = hi - k0; t < nk; ++t) row_s[t] = row_d[t] = T(0);
+    std::fill(row_s, row_s + (lo - k0), T(0));
+    std::fill(row_s + (hi - k0), row_s + nk, T(0));
+    std::fill(row_d, row_d + (lo - k0), T(0));
+    std::fill(row_d + (hi - k0), row_d + nk, T(0));
+    const Index n = hi - lo;
+    T* x = row_s + (lo - k0);
+    T* d = row_d + (lo - k0);
+    Span seg(x, n), dseg(d, n);
+    add_bias(c, i, lo, n, x);
     if constexpr (A == AttentionActivation::softmax) {
-      const T m = biased_max(c, i, k0, lo, hi, row_s);
+      mask_keys(c, lo, n, x, -kInf);
       if (!have_lse) {
-        lse = std::numeric_limits<T>::infinity();
-        if (m != -std::numeric_limits<T>::infinity()) {
+        const T m = seg.maxCoeff();
+        lse = kInf;
+        if (m != -kInf) {
           T sum = 0;
-          for (Index j = lo; j < hi; ++j) sum += std::exp(row_s[j - k0] - m);
+          for (Index t = 0; t < n; ++t) sum += std::exp(x[t] - m);
           lse = m + std::log(sum);
         }
       }
-      if (m == -std::numeric_limits<T>::infinity() || lse == std::numeric_limits<T>::infinity()) {
-        for (Index j = lo; j < hi; ++j) row_s[j - k0] = row_d[j - k0] = T(0);
+      if (lse == kInf) {
+        seg.setZero();
+        dseg.setZero();
         return;
       }
-      exp_masked(c, k0, lo, hi, lse, row_s);
-      T dot = 0;
-      for (Index j = lo; j < hi; ++j) dot += row_s[j - k0] * row_d[j - k0];
-      for (Index j = lo; j < hi; ++j) row_d[j - k0] = row_s[j - k0] * (row_d[j - k0] - dot);
+      seg = (seg - lse).exp();
+      mask_keys(c, lo, n, x, T(0));
+      const T dot = (seg * dseg).sum();
+      dseg = seg * (dseg - dot);
+    } else if constexpr (A == AttentionActivation::relu2) {
+      mask_keys(c, lo, n, x, T(0));
+      seg = seg.max(T(0));
+      dseg *= T(2) * seg;
+      seg = seg.square();
     } else {
-      for (Index j = lo; j < hi; ++j) {
-        const T s = row_s[j - k0] + bias(c, i, j);
-        T a, g;
-        if constexpr (A == AttentionActivation::relu2) {
-          const T r = s > T(0) ? s : T(0);
-          a = r * r;
-          g = T(2) * r;
-        } else {
-          const T x = (s - T(Laplace<T>::mu)) * T(Laplace<T>::inv_sigma_sqrt2);
-          a = T(0.5) * (T(1) + std::erf(x));
-          g = T(Laplace<T>::pdf_scale) * std::exp(-x * x);
-        }
-        if (!valid(c, j)) a = g = T(0);
-        row_s[j - k0] = a;
-        row_d[j - k0] *= g;
+      for (Index t = 0; t < n; ++t) {
+        const T z = (x[t] - T(Laplace<T>::mu)) * T(Laplace<T>::inv_sigma_sqrt2);
+        x[t] = T(0.5) * (T(1) + std::erf(z));
+        d[t] *= T(Laplace<T>::pdf_scale) * std::exp(-z * z);
       }
+      mask_keys(c, lo, n, x, T(0));
+      mask_keys(c, lo, n, d, T(0));
     }
     if constexpr (kHasTable) {
-      if (dbias)
-        for (Index j = lo; j < hi; ++j) dbias[bias_index(c, i, j) - dbias_offset] += row_d[j - k0];
+      if (dbias) add_bias_grad(c, i, lo, n, d, dbias, dbias_offset);
     }
   }
 };
