@@ -1,6 +1,7 @@
 // Tests of the multi-head damped EMA: ops/ema.hpp and layers/ema.hpp (docs/maths/ema.md).
 #include <catch2/catch.hpp>
 
+#include <sma/io/safetensors.hpp>
 #include <sma/layers/ema.hpp>
 #include <sma/testing/gradcheck.hpp>
 #include <sma/testing/random.hpp>
@@ -10,7 +11,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <map>
 #include <string>
@@ -460,61 +460,9 @@ TEST_CASE("EMA initialisation follows reset_parameters_trunc", "[ema][init]") {
     }
 }
 
-// ---- golden parity with the official PyTorch MultiHeadEMA ----
+// ---- golden parity with the official PyTorch MultiHeadEMA (files read with io::SafetensorsFile) ----
 
 namespace {
-
-/// A minimal safetensors reader (u64 LE header length, JSON header, raw LE data), enough for the golden files.
-struct GoldenTensor {
-  std::string dtype;
-  std::vector<Index> shape;
-  std::vector<unsigned char> bytes;
-  std::vector<double> f64() const {
-    REQUIRE(dtype == "F64");
-    std::vector<double> v(bytes.size() / 8);
-    std::memcpy(v.data(), bytes.data(), bytes.size());
-    return v;
-  }
-};
-
-struct GoldenFile {
-  nlohmann::json meta;
-  std::map<std::string, GoldenTensor> tensors;
-  const GoldenTensor& at(const std::string& name) const {
-    auto it = tensors.find(name);
-    if (it == tensors.end()) FAIL("golden file has no tensor '" << name << "'");
-    return it->second;
-  }
-};
-
-GoldenFile read_golden(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  REQUIRE(f.good());
-  unsigned char len8[8];
-  f.read(reinterpret_cast<char*>(len8), 8);
-  std::uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | len8[i];
-  std::string header(n, '\0');
-  f.read(&header[0], static_cast<std::streamsize>(n));
-  std::vector<unsigned char> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  GoldenFile g;
-  const auto h = nlohmann::json::parse(header);
-  for (auto it = h.begin(); it != h.end(); ++it) {
-    if (it.key() == "__metadata__") {
-      g.meta = it.value();
-      continue;
-    }
-    GoldenTensor t;
-    t.dtype = it.value().at("dtype").get<std::string>();
-    for (auto d : it.value().at("shape")) t.shape.push_back(d.get<Index>());
-    const auto b = it.value().at("data_offsets")[0].get<std::size_t>();
-    const auto e = it.value().at("data_offsets")[1].get<std::size_t>();
-    REQUIRE(e <= data.size());
-    t.bytes.assign(data.begin() + static_cast<std::ptrdiff_t>(b), data.begin() + static_cast<std::ptrdiff_t>(e));
-    g.tensors[it.key()] = std::move(t);
-  }
-  return g;
-}
 
 std::string golden_dir() {
   if (const char* env = std::getenv("SMA_GOLDEN_DIR")) return env;
@@ -522,9 +470,11 @@ std::string golden_dir() {
 }
 
 /// [T, B, C] time-major -> (B, T, C).
-Tensor3<double> from_time_major(const GoldenTensor& t) {
-  const auto v = t.f64();
-  const Index T = t.shape[0], B = t.shape[1], C = t.shape[2];
+Tensor3<double> from_time_major(const io::SafetensorsFile& f, const std::string& name) {
+  const auto v = f.values<double>(name);
+  const auto& shape = f.info(name).shape;
+  REQUIRE(shape.size() == 3);
+  const Index T = shape[0], B = shape[1], C = shape[2];
   Tensor3<double> out(B, T, C);
   for (Index s = 0; s < T; ++s)
     for (Index b = 0; b < B; ++b)
@@ -551,36 +501,29 @@ TEST_CASE("EMA matches the official MultiHeadEMA on the golden cases", "[ema][go
     return;
   }
   for (const char* name : {"ema_bidir", "ema_causal", "ema_bidir_trunc_pad", "ema_causal_trunc_pad"}) {
-    const GoldenFile g = read_golden(dir + "/" + name + ".safetensors");
-    const auto cfg_json = nlohmann::json::parse(g.meta.at("config").get<std::string>());
+    const io::SafetensorsFile g(dir + "/" + name + ".safetensors");
+    const auto cfg_json = nlohmann::json::parse(g.metadata_value("config"));
     MultiHeadEma<double>::Config cfg;
     cfg.dim = cfg_json.at("embed_dim").get<Index>();
     cfg.ndim = cfg_json.at("ndim").get<Index>();
     cfg.direction = cfg_json.at("bidirectional").get<bool>() ? Direction::bidirectional : Direction::causal;
     cfg.truncation = cfg_json.at("truncation").is_null() ? 0 : cfg_json.at("truncation").get<Index>();
 
-    const Tensor3<double> x = from_time_major(g.at("input"));
-    const Tensor3<double> dy = from_time_major(g.at("grad_output"));
-    Mask pad;
-    const bool padded = g.tensors.count("padding_mask") > 0;
-    if (padded) {
-      const auto& m = g.at("padding_mask");
-      REQUIRE(m.dtype == "U8");
-      pad = Mask(m.shape[0], m.shape[1]);
-      std::memcpy(pad.data(), m.bytes.data(), m.bytes.size());
-    }
+    const Tensor3<double> x = from_time_major(g, "input");
+    const Tensor3<double> dy = from_time_major(g, "grad_output");
+    const bool padded = g.contains("padding_mask");
+    const Mask pad = padded ? g.tensor<std::uint8_t, 2>("padding_mask") : Mask();
     for (EmaAlgo algo : kAlgos) {
       cfg.algo = algo;
       MultiHeadEma<double> layer(cfg, 0);
       for_each_param(layer, [&](const std::string& pname, Param<double>& p) {
-        const auto& t = g.at(pname);
-        REQUIRE(t.shape == p.shape());
-        const auto v = t.f64();
+        REQUIRE(g.info(pname).shape == p.shape());
+        const auto v = g.values<double>(pname);
         std::copy(v.begin(), v.end(), p.data());
       });
       INFO(name << " algo " << to_string(algo));
       const Tensor2<double> k = layer.kernel(x.dimension(1));
-      const auto kexp = g.at("inter.kernel").f64();
+      const auto kexp = g.values<double>("inter.kernel");
       REQUIRE(Index(kexp.size()) == k.size());
       CHECK(rel_err(k.data(), kexp.data(), k.size()) < 1e-9);
 
@@ -589,16 +532,16 @@ TEST_CASE("EMA matches the official MultiHeadEMA on the golden cases", "[ema][go
       MultiHeadEma<double>::Cache cache;
       zero_grad(layer);
       const Tensor3<double> y = layer.forward(ctx, x, cache);
-      const auto yexp = g.at("output").f64();
+      const auto yexp = g.values<double>("output");
       const auto ytm = to_time_major(y);
       CHECK(rel_err(ytm.data(), yexp.data(), Index(ytm.size())) < 1e-9);
 
       const Tensor3<double> dx = layer.backward(ctx, dy, cache);
       const auto dxtm = to_time_major(dx);
-      const auto dxexp = g.at("grad.input").f64();
+      const auto dxexp = g.values<double>("grad.input");
       CHECK(rel_err(dxtm.data(), dxexp.data(), Index(dxtm.size())) < 1e-9);
       for_each_param(layer, [&](const std::string& pname, Param<double>& p) {
-        const auto want = g.at("grad." + pname).f64();
+        const auto want = g.values<double>("grad." + pname);
         INFO("grad." << pname);
         CHECK(rel_err(p.grad(), want.data(), p.size()) < 1e-9);
       });
