@@ -1,5 +1,7 @@
 // sma/layers/dropout.hpp: inverted dropout (PyTorch's nn.Dropout) as a layer and as matrix helpers for layers that
 // drop elements of packed matrices (attention weights, v, the hidden units of a feed-forward block).
+//
+// Maths and the mask's draw order: docs/maths/linear_activation.md#dropout.
 #pragma once
 
 #include <sma/core/context.hpp>

@@ -1,5 +1,6 @@
 // sma/layers/ffn.hpp: the official LM's NormalizedFeedForwardNetwork (fairseq module of the SeqBoat repository):
-// a two-layer MLP with a residual connection and a pre- or post-norm.
+// a two-layer MLP with a residual connection and a pre- or post-norm. Its backward chains those of Linear, the
+// activations and the norms: docs/maths/linear_activation.md, docs/maths/norms.md.
 #pragma once
 
 #include <sma/core/layer.hpp>
