@@ -48,3 +48,31 @@ TEST_CASE("golden cases pass in float32", "[golden][float32]") {
     CHECK(r.ok);
   }
 }
+
+TEST_CASE("a case file missing a weight or an output fails with a message naming it", "[golden][errors]") {
+  const fs::path src = golden_dir() / "layer_causal_relu2.safetensors";
+  if (!fs::exists(src)) {
+    WARN("golden case " << src << " not found");
+    return;
+  }
+  const sma::io::SafetensorsFile f(src.string());
+  auto without = [&](const std::string& dropped) {
+    sma::io::SafetensorsWriter w;
+    for (const auto& name : f.names()) {
+      if (name == dropped) continue;
+      const auto& info = f.info(name);
+      const auto raw = f.raw(name);
+      w.add_raw(name, info.dtype, info.shape, raw.data, raw.size);
+    }
+    for (const auto& kv : f.metadata()) w.set_metadata(kv.first, kv.second);
+    const fs::path out = fs::temp_directory_path() / ("sma_golden_without_" + dropped + ".safetensors");
+    w.save(out.string());
+    return out.string();
+  };
+  const auto no_weight = sma::golden::run_case<double>(without("mx_proj.weight"));
+  CHECK_FALSE(no_weight.ok);
+  CHECK_THAT(no_weight.failure, Catch::Matchers::Contains("'mx_proj.weight' is missing"));
+  const auto extra_param = sma::golden::run_case<double>(without("grad_output"));
+  CHECK_FALSE(extra_param.ok);
+  CHECK_THAT(extra_param.failure, Catch::Matchers::Contains("grad_output"));
+}

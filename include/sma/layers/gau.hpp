@@ -17,6 +17,7 @@
 #include <sma/core/init.hpp>
 #include <sma/core/param.hpp>
 #include <sma/layers/activation.hpp>
+#include <sma/layers/dropout.hpp>
 #include <sma/layers/linear.hpp>
 #include <sma/ops/compress.hpp>
 #include <sma/ops/local_attention.hpp>
@@ -69,6 +70,7 @@ class Gau {
 
   const Config& config() const { return cfg_; }
   Config& config() { return cfg_; }
+  Index out_dim() const { return cfg_.dim; }
   bool has_bias_table() const { return rel_pos_bias_.size() > 0; }
 
   /// The reference's initialisation: projections and gamma ~ truncated N(0, 0.02), zero biases and beta.
@@ -107,11 +109,7 @@ class Gau {
     cache.k = (act.leftCols(Z).array().rowwise() * g.row(1).array()).rowwise() + bt.row(1).array();
     cache.r = act.middleCols(Z, H);
     cache.v = act.rightCols(H);
-    cache.v_mask.resize(0, 0);
-    if (ctx.training() && cfg_.hidden_dropout > 0) {
-      cache.v_mask = bernoulli_scale(ctx, S, H, cfg_.hidden_dropout);
-      cache.v.array() *= cache.v_mask.array();
-    }
+    dropout_inplace(ctx, cfg_.hidden_dropout, cache.v, cache.v_mask);
     const auto in = attention_input(comp, cache);
     cache.att = ops::local_attention_forward<T>(cfg_.attention, in, bias_data(), &cache.saved);
     cache.hr = cache.att.cwiseProduct(cache.r);
@@ -131,7 +129,7 @@ class Gau {
     const auto in = attention_input(comp, cache);
     ops::local_attention_backward<T>(cfg_.attention, in, bias_data(), cache.saved, cmap(datt), dq, dk, dv,
                                      has_bias_table() ? rel_pos_bias_.grad() : nullptr);
-    if (cache.v_mask.size() > 0) dv.array() *= cache.v_mask.array();
+    dropout_backward_inplace(cache.v_mask, dv);
     dact.rightCols(H) = dv;
     // z feeds q and k through the per-column affine maps.
     const Matrix<T> z = silu(cmap(cache.base)).leftCols(Z);
@@ -154,14 +152,6 @@ class Gau {
   static ops::LocalAttentionInput<T> attention_input(const Compression& comp, const Cache& cache) {
     return ops::LocalAttentionInput<T>{cmap(cache.q), cmap(cache.k), cmap(cache.v), &comp.offsets, &comp.positions,
                                        comp.compressed ? nullptr : &comp.key_valid};
-  }
-
-  static Matrix<T> bernoulli_scale(Context& ctx, Index rows, Index cols, double p) {
-    std::bernoulli_distribution keep(1.0 - p);
-    Matrix<T> m(rows, cols);
-    const T scale = static_cast<T>(1.0 / (1.0 - p));
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = keep(ctx.rng) ? scale : T(0);
-    return m;
   }
 
   Config cfg_;

@@ -7,6 +7,7 @@
 #include <sma/core/context.hpp>
 #include <sma/core/layer.hpp>
 #include <sma/layers/activation.hpp>
+#include <sma/layers/dropout.hpp>
 #include <sma/layers/ema.hpp>
 #include <sma/layers/gau.hpp>
 #include <sma/layers/linear.hpp>
@@ -209,8 +210,7 @@ class SeqBoatLayer {
     }
     c.ema_out = ssm_.forward(ctx, *xin, c.ssm);
     c.mx = silu(as_matrix(c.ema_out));
-    c.mx_mask = dropout_scale(ctx, N, D, cfg_.dropout);
-    if (c.mx_mask.size()) c.mx.array() *= c.mx_mask.array();
+    dropout_inplace(ctx, cfg_.dropout, c.mx, c.mx_mask);
     c.hu = hx_proj_.forward_rows(cmap(c.mx));
     c.u = c.hu.leftCols(kOptions);
     q_router_.forward(ctx, cmap(c.u), B, L, c.router);
@@ -223,15 +223,13 @@ class SeqBoatLayer {
       const Matrix<T> xc = compress<T>(cmap(c.mx), c.comp);
       c.hc = gau_.forward(ctx, cmap(xc), c.comp, c.gau);
       if (cfg_.direction == Direction::bidirectional) {
-        c.hc_mask = dropout_scale(ctx, c.hc.rows(), D, cfg_.dropout);
-        if (c.hc_mask.size()) c.hc.array() *= c.hc_mask.array();
+        dropout_inplace(ctx, cfg_.dropout, c.hc, c.hc_mask);
       }
       extract_add<T>(cmap(c.hc), c.comp, c.router.gate.data(), map(sum));
     }
     c.sum_mask.resize(0, 0);
     if (cfg_.direction == Direction::causal) {
-      c.sum_mask = dropout_scale(ctx, N, D, cfg_.dropout);
-      if (c.sum_mask.size()) sum.array() *= c.sum_mask.array();
+      dropout_inplace(ctx, cfg_.dropout, sum, c.sum_mask);
     }
     c.pre = Tensor3<T>(B, L, D);
     as_matrix(c.pre) = sum + as_matrix(x);
@@ -255,14 +253,14 @@ class SeqBoatLayer {
       as_matrix(dpre) = silu_backward(as_matrix(c.pre), as_matrix(dy));
     }
     Matrix<T> dsum = as_matrix(dpre);  // gradient of hx + h (before the causal dropout)
-    if (c.sum_mask.size()) dsum.array() *= c.sum_mask.array();
+    dropout_backward_inplace(c.sum_mask, dsum);
 
     Matrix<T> dmx = Matrix<T>::Zero(N, D);
     std::vector<T> dgate(static_cast<std::size_t>(N), T(0));
     if (!c.comp.empty()) {
       Matrix<T> dhc;
       extract_backward<T>(cmap(c.hc), c.comp, c.router.gate.data(), cmap(dsum), dhc, dgate.data());
-      if (c.hc_mask.size()) dhc.array() *= c.hc_mask.array();
+      dropout_backward_inplace(c.hc_mask, dhc);
       const Matrix<T> dxc = gau_.backward(ctx, cmap(dhc), c.comp, c.gau);
       compress_backward<T>(cmap(dxc), c.comp, map(dmx));
     }
@@ -270,7 +268,7 @@ class SeqBoatLayer {
     dhu.leftCols(kOptions) = q_router_.backward(cmap(c.u), dgate, c.router);
     dhu.rightCols(D) = dsum;
     dmx += hx_proj_.backward_rows(cmap(c.mx), cmap(dhu));
-    if (c.mx_mask.size()) dmx.array() *= c.mx_mask.array();
+    dropout_backward_inplace(c.mx_mask, dmx);
     Tensor3<T> de(B, L, D);
     as_matrix(de) = silu_backward(as_matrix(c.ema_out), cmap(dmx));
     Tensor3<T> dx = ssm_.backward(ctx, de, c.ssm);
@@ -286,15 +284,6 @@ class SeqBoatLayer {
   Gau<T>& gau() { return gau_; }
 
  private:
-  static Matrix<T> dropout_scale(Context& ctx, Index rows, Index cols, double p) {
-    if (!ctx.training() || p <= 0) return Matrix<T>();
-    std::bernoulli_distribution keep(1.0 - p);
-    Matrix<T> m(rows, cols);
-    const T scale = static_cast<T>(1.0 / (1.0 - p));
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = keep(ctx.rng) ? scale : T(0);
-    return m;
-  }
-
   Config cfg_;
   SequenceNorm<T> norm_;
   MultiHeadEma<T> ssm_;
