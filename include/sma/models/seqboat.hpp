@@ -43,6 +43,10 @@ struct SeqBoatLayerConfig {
   double init_temp_scale = 1.0;
   RoutingSemantics routing = RoutingSemantics::reference;
   EmaAlgo ema_algo = EmaAlgo::automatic;
+  /// Added to the "activate" router logit and subtracted from the "skip" one (half each), before the softmax.
+  /// 0 in normal use; benchmarks and the demo's dense baseline steer the activation density with it (a large
+  /// positive value activates every token), as the reference benchmark script does with hx_proj.bias.
+  double router_shift = 0.0;
 
   /// The reference's keyword arguments as JSON (the golden files' `config`), e.g.
   /// {"embed_dim":16,"zdim":8,"hdim":32,"ndim":2,"bidirectional":true,"rel_pos_bias":"simple","local_pos":false,...}.
@@ -213,6 +217,10 @@ class SeqBoatLayer {
     dropout_inplace(ctx, cfg_.dropout, c.mx, c.mx_mask);
     c.hu = hx_proj_.forward_rows(cmap(c.mx));
     c.u = c.hu.leftCols(kOptions);
+    if (cfg_.router_shift != 0) {
+      c.u.col(1).array() += T(cfg_.router_shift / 2);
+      c.u.col(0).array() -= T(cfg_.router_shift / 2);
+    }
     q_router_.forward(ctx, cmap(c.u), B, L, c.router);
     c.comp = plan_compression(c.router.active, cfg_.routing);
 
@@ -315,6 +323,7 @@ struct SeqBoatModelConfig {
   ops::AttentionActivation attention_activation = ops::AttentionActivation::relu2;
   RoutingSemantics routing = RoutingSemantics::reference;
   EmaAlgo ema_algo = EmaAlgo::automatic;
+  double router_shift = 0.0;  ///< see SeqBoatLayerConfig::router_shift
 
   /// The configuration of each layer: zdim = d_qk, hdim = 2 d_model, ndim = d_ema, window = mem_size.
   SeqBoatLayerConfig layer_config() const {
@@ -334,6 +343,7 @@ struct SeqBoatModelConfig {
     c.init_temp_scale = init_temp_scale;
     c.routing = routing;
     c.ema_algo = ema_algo;
+    c.router_shift = router_shift;
     return c;
   }
 
