@@ -72,6 +72,13 @@ class Gau {
   Config& config() { return cfg_; }
   Index out_dim() const { return cfg_.dim; }
   bool has_bias_table() const { return rel_pos_bias_.size() > 0; }
+  // Read-only views of the parameters, for code that runs the GAU's maths token by token (streaming decode).
+  const Linear<T>& mx_proj() const { return mx_proj_; }
+  const Linear<T>& h_proj() const { return h_proj_; }
+  const Param<T>& gamma() const { return gamma_; }
+  const Param<T>& beta() const { return beta_; }
+  /// The position-bias table (bias_table_size() entries; empty when the configuration has none).
+  const Param<T>& rel_pos_bias() const { return rel_pos_bias_; }
 
   /// The reference's initialisation: projections and gamma ~ truncated N(0, 0.02), zero biases and beta.
   void reset_parameters(std::uint64_t seed) {

@@ -290,6 +290,12 @@ class SeqBoatLayer {
   Linear<T>& hx_proj() { return hx_proj_; }
   LatentConfigurator<T>& router() { return q_router_; }
   Gau<T>& gau() { return gau_; }
+  // Read-only access to the sub-layers (streaming decode runs them token by token).
+  const SequenceNorm<T>& norm() const { return norm_; }
+  const MultiHeadEma<T>& ssm() const { return ssm_; }
+  const Linear<T>& hx_proj() const { return hx_proj_; }
+  const LatentConfigurator<T>& router() const { return q_router_; }
+  const Gau<T>& gau() const { return gau_; }
 
  private:
   Config cfg_;
@@ -416,6 +422,10 @@ class SeqBoatModel {
   const Config& config() const { return cfg_; }
   Stack<Layer>& layers() { return layers_; }
   const Stack<Layer>& layers() const { return layers_; }
+  // Read-only access to the other sub-layers (streaming decode). final_norm() is meaningful only with prenorm.
+  const Linear<T>& encoder() const { return encoder_; }
+  const SequenceNorm<T>& final_norm() const { return final_norm_; }
+  const Linear<T>& decoder() const { return decoder_; }
 
   template <class V>
   void visit_params(V&& v) {
