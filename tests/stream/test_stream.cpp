@@ -3,7 +3,7 @@
 // densities none .. all; windows larger and smaller than the sequence; EMA truncation; float and double), chunked
 // feeding against token-by-token, state operations and serialisation, the language model's gradient and sampling.
 #include <catch2/catch.hpp>
-// #include <sma/models/lm.hpp>
+#include <sma/models/lm.hpp>
 #include <sma/models/seqboat_stream.hpp>
 #include <sma/testing/random.hpp>
 
@@ -420,4 +420,291 @@ TEST_CASE("causal SeqBoatModel streams its prefix outputs", "[stream][model]") {
   mc.bidirectional = true;
   SeqBoatModel<double> bi(mc, 3);
   CHECK_THROWS_AS(SeqBoatModelStreamer<double>(bi), ValueError);
+}
+
+// ---- the language model ----
+
+namespace {
+
+SeqBoatLmConfig lm_config(PositionEncoding pos, AttentionActivation act, Index ffn) {
+  SeqBoatLmConfig c;
+  c.vocab_size = 11;
+  c.embed_dim = 8;
+  c.hidden_dim = 10;
+  c.zdim = 4;
+  c.ndim = 2;
+  c.ffn_hidden_dim = ffn;
+  c.layers = 2;
+  c.window_size = 3;
+  c.max_positions = 16;
+  c.rel_pos = pos;
+  c.attention_activation = act;
+  return c;
+}
+
+/// Random weights with large router margins (see randomize).
+template <class T>
+void randomize_lm(SeqBoatLm<T>& lm, std::uint64_t seed) {
+  testing::randomize_params(lm, seed, 0.4);
+  for (Index i = 0; i < lm.num_layers(); ++i) randomize(lm.layer(i), seed + 1 + std::uint64_t(i), 0.0);
+  for_each_param(lm, [&](const std::string& name, Param<T>& p) {
+    if (name.find("norm.norm.weight") != std::string::npos) p.vec().array() = p.vec().array() * T(0.2) + T(1);
+  });
+}
+
+Tensor2<std::int32_t> random_tokens(Index B, Index L, Index V, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  Tensor2<std::int32_t> t(B, L);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<std::int32_t>(rng() % std::uint64_t(V));
+  return t;
+}
+
+/// Re-draws the weights until, on `tok`, every layer routes some tokens but not all, with margins above `margin`.
+template <class T>
+void randomize_lm_mixed(SeqBoatLm<T>& lm, std::uint64_t seed, const Tensor2<std::int32_t>& tok, double margin) {
+  for (std::uint64_t s = seed; s < seed + 200; ++s) {
+    randomize_lm(lm, s);
+    Context ctx(Mode::eval);
+    typename SeqBoatLm<T>::Cache c;
+    lm.forward(ctx, tok, c);
+    bool ok = true;
+    for (const auto& lc : c.layers) {
+      const double d = lc.density();
+      ok = ok && d > 0 && d < 1 && min_margin<T>(lc) > margin;
+    }
+    if (ok) return;
+  }
+  FAIL("no seed gave a mixed routing");
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("LM streaming equals the full forward, token by token and chunked", "[stream][lm]", double, float) {
+  using T = TestType;
+  for (auto pos : {PositionEncoding::simple, PositionEncoding::rotary}) {
+    for (Index ffn : {Index(0), Index(12)}) {
+      SeqBoatLm<T> lm(lm_config(pos, pos == PositionEncoding::simple ? AttentionActivation::softmax
+                                                                     : AttentionActivation::relu2, ffn), 1);
+      const Tensor2<std::int32_t> tok = random_tokens(2, 20, 11, 3);
+      randomize_lm_mixed(lm, 17 + std::uint64_t(ffn), tok, 1e-3);
+      Context ctx(Mode::eval);
+      typename SeqBoatLm<T>::Cache c;
+      const Tensor3<T> full = lm.forward(ctx, tok, c);
+      for (Index i = 0; i < lm.num_layers(); ++i) {
+        INFO("layer " << i);
+        CHECK(min_margin<T>(c.layers[static_cast<std::size_t>(i)]) > 1e-3);
+        const double dens = c.layers[static_cast<std::size_t>(i)].density();
+        CHECK(dens > 0.0);
+        CHECK(dens < 1.0);
+      }
+      SeqBoatLmStreamer<T> streamer(lm);
+      auto st = streamer.make_state(2);
+      Tensor3<T> ys(2, 20, 11);
+      for (Index t = 0; t < 20; ++t) {
+        const Tensor2<T> lt = streamer.step({tok(0, t), tok(1, t)}, st);
+        put_t(ys, t, lt);
+      }
+      CHECK(rel_err(ys, full) < stream_tol<T>());
+      auto st2 = streamer.make_state(2);
+      Tensor3<T> yc(2, 20, 11);
+      for (Index t0 = 0; t0 < 20; t0 += 6) {
+        const Index n = std::min<Index>(6, 20 - t0);
+        Tensor2<std::int32_t> part(2, n);
+        for (Index b = 0; b < 2; ++b)
+          for (Index t = 0; t < n; ++t) part(b, t) = tok(b, t0 + t);
+        put_range(yc, t0, streamer.step_chunk(part, st2));
+      }
+      CHECK(rel_err(yc, ys) < (std::is_same<T, double>::value ? 1e-13 : 1e-5));
+      CHECK(st2.position == std::vector<std::int64_t>{20, 20});
+    }
+  }
+}
+
+TEST_CASE("LM gradient: finite differences along random directions", "[stream][lm][grad]") {
+  SeqBoatLm<double> lm(lm_config(PositionEncoding::simple, AttentionActivation::softmax, 12), 2);
+  randomize_lm(lm, 5);
+  const Tensor2<std::int32_t> tok = random_tokens(2, 9, 11, 8);
+  std::vector<std::int64_t> targets(18);
+  for (std::size_t i = 0; i < targets.size(); ++i) targets[i] = static_cast<std::int64_t>((i * 7 + 3) % 11);
+  targets[4] = -100;  // ignored
+  Mask pad(2, 9);
+  pad.setZero();
+  pad(1, 7) = pad(1, 8) = 1;  // trailing padding in row 1
+  targets[16] = targets[17] = -100;
+  Context ctx(Mode::eval);
+  ctx.padding = &pad;
+  SeqBoatLm<double>::Cache c;
+  zero_grad(lm);
+  lm.loss(ctx, tok, targets, c, true);
+  std::vector<Param<double>*> ps;
+  for_each_param(lm, [&](const std::string&, Param<double>& p) {
+    if (p.trainable()) ps.push_back(&p);
+  });
+  std::mt19937_64 rng(11);
+  std::normal_distribution<double> nd;
+  for (int trial = 0; trial < 3; ++trial) {
+    std::vector<std::vector<double>> dir;
+    double analytic = 0;
+    for (auto* p : ps) {
+      dir.emplace_back(static_cast<std::size_t>(p->size()));
+      for (Index i = 0; i < p->size(); ++i) {
+        dir.back()[static_cast<std::size_t>(i)] = nd(rng);
+        analytic += dir.back()[static_cast<std::size_t>(i)] * p->grad()[i];
+      }
+    }
+    auto loss_at = [&](double eps) {
+      for (std::size_t k = 0; k < ps.size(); ++k)
+        for (Index i = 0; i < ps[k]->size(); ++i) ps[k]->data()[i] += eps * dir[k][static_cast<std::size_t>(i)];
+      SeqBoatLm<double>::Cache cc;
+      const double l = lm.loss(ctx, tok, targets, cc, false).loss;
+      for (std::size_t k = 0; k < ps.size(); ++k)
+        for (Index i = 0; i < ps[k]->size(); ++i) ps[k]->data()[i] -= eps * dir[k][static_cast<std::size_t>(i)];
+      return l;
+    };
+    const double h = 1e-5;
+    const double numeric = (8 * (loss_at(h) - loss_at(-h)) - (loss_at(2 * h) - loss_at(-2 * h))) / (12 * h);
+    INFO("analytic " << analytic << " numeric " << numeric);
+    CHECK(std::abs(analytic - numeric) < 1e-6 * std::max(1.0, std::abs(numeric)));
+  }
+}
+
+TEST_CASE("LM: padded positions do not change the real tokens' logits", "[stream][lm]") {
+  SeqBoatLm<double> lm(lm_config(PositionEncoding::rotary, AttentionActivation::relu2, 12), 2);
+  randomize_lm(lm, 6);
+  Tensor2<std::int32_t> tok = random_tokens(2, 10, 11, 9);
+  Mask pad(2, 10);
+  pad.setZero();
+  for (Index t = 6; t < 10; ++t) pad(0, t) = 1;
+  Context ctx(Mode::eval);
+  ctx.padding = &pad;
+  SeqBoatLm<double>::Cache c1, c2;
+  const Tensor3<double> a = lm.forward(ctx, tok, c1);
+  tok(0, 8) = (tok(0, 8) + 1) % 11;
+  const Tensor3<double> b = lm.forward(ctx, tok, c2);
+  double d = 0;
+  for (Index t = 0; t < 6; ++t)
+    for (Index v = 0; v < 11; ++v) d = std::max(d, std::abs(a(0, t, v) - b(0, t, v)));
+  CHECK(d == 0.0);
+  tok(0, 3) = 11;
+  CHECK_THROWS_WITH(lm.forward(ctx, tok, c2), Catch::Contains("outside [0, 11)"));
+}
+
+TEST_CASE("sampling: greedy, top-k, temperature, seeds", "[stream][sample]") {
+  const std::vector<double> logits = {0.1, 2.0, -1.0, 2.0, 0.5};
+  std::mt19937_64 rng(1);
+  SamplingOptions greedy;
+  greedy.temperature = 0;
+  CHECK(sample_token(logits.data(), 5, greedy, rng) == 1);  // ties -> lower id
+  SamplingOptions k1;
+  k1.top_k = 1;
+  CHECK(sample_token(logits.data(), 5, k1, rng) == 1);
+  SamplingOptions k2;
+  k2.top_k = 2;
+  k2.temperature = 0.7;
+  std::vector<int> counts(5, 0);
+  for (int i = 0; i < 4000; ++i) ++counts[static_cast<std::size_t>(sample_token(logits.data(), 5, k2, rng))];
+  CHECK(counts[0] + counts[2] + counts[4] == 0);
+  CHECK(std::abs(counts[1] - 2000) < 200);
+  SamplingOptions all;
+  all.temperature = 1.0;
+  std::fill(counts.begin(), counts.end(), 0);
+  const int n = 40000;
+  for (int i = 0; i < n; ++i) ++counts[static_cast<std::size_t>(sample_token(logits.data(), 5, all, rng))];
+  double z = 0;
+  for (double l : logits) z += std::exp(l);
+  for (std::size_t v = 0; v < 5; ++v) CHECK(std::abs(counts[v] / double(n) - std::exp(logits[v]) / z) < 0.01);
+  std::mt19937_64 r1(42), r2(42);
+  for (int i = 0; i < 50; ++i) CHECK(sample_token(logits.data(), 5, all, r1) == sample_token(logits.data(), 5, all, r2));
+  SamplingOptions bad;
+  bad.temperature = -1;
+  CHECK_THROWS_AS(sample_token(logits.data(), 5, bad, rng), ValueError);
+  const std::vector<double> nan = {0.0, std::nan("")};
+  CHECK_THROWS_AS(sample_token(nan.data(), 2, all, rng), NumericError);
+}
+
+TEST_CASE("LM generation continues the state; batches equal single streams", "[stream][generate]") {
+  SeqBoatLm<double> lm(lm_config(PositionEncoding::simple, AttentionActivation::softmax, 12), 3);
+  randomize_lm(lm, 21);
+  SeqBoatLmStreamer<double> streamer(lm);
+  SamplingOptions greedy;
+  greedy.temperature = 0;
+  const std::vector<std::int32_t> prompt = {1, 4, 2, 7};
+  auto st = streamer.make_state(1);
+  const auto out = generate(streamer, st, prompt, 12, greedy);
+  REQUIRE(out.size() == 12);
+  CHECK(st.position[0] == 16);
+  // Each greedy token is the argmax of the full forward over everything before it.
+  std::vector<std::int32_t> seq = prompt;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    Tensor2<std::int32_t> t(1, static_cast<Index>(seq.size()));
+    std::copy(seq.begin(), seq.end(), t.data());
+    Context ctx(Mode::eval);
+    SeqBoatLm<double>::Cache c;
+    const Tensor3<double> l = lm.forward(ctx, t, c);
+    Index best = 0;
+    for (Index v = 1; v < 11; ++v)
+      if (l(0, t.dimension(1) - 1, v) > l(0, t.dimension(1) - 1, best)) best = v;
+    CHECK(out[i] == best);
+    seq.push_back(out[i]);
+  }
+  // Going on from the returned state equals generating from the whole sequence.
+  auto st_more = st;
+  const auto more = generate(streamer, st_more, {out.back()}, 3, greedy);
+  // (out.back() was consumed already; feeding it again is a new token of the stream.)
+  CHECK(st_more.position[0] == 20);
+  // Batches with prompts of different lengths, sampled: equal to each prompt alone with seed + b.
+  SamplingOptions samp;
+  samp.temperature = 0.9;
+  samp.top_k = 5;
+  samp.seed = 77;
+  const std::vector<std::vector<std::int32_t>> prompts = {{3}, {1, 2, 3, 4, 5, 6}, {9, 9}};
+  auto bst = streamer.make_state(3);
+  const auto outs = generate_batch(streamer, bst, prompts, 7, samp);
+  for (std::size_t b = 0; b < prompts.size(); ++b) {
+    auto one = streamer.make_state(1);
+    SamplingOptions sb = samp;
+    sb.seed = samp.seed + b;
+    CHECK(generate(streamer, one, prompts[b], 7, sb) == outs[b]);
+    CHECK(bst.position[b] == static_cast<std::int64_t>(prompts[b].size() + 7));
+  }
+  CHECK_THROWS_AS(generate(streamer, st, {}, 3, greedy), ValueError);
+}
+
+TEST_CASE("LM state serialisation and checkpoints", "[stream][lm][io]") {
+  SeqBoatLm<float> lm(lm_config(PositionEncoding::rotary, AttentionActivation::softmax, 12), 4);
+  randomize_lm(lm, 31);
+  SeqBoatLmStreamer<float> streamer(lm);
+  auto st = streamer.make_state(2);
+  streamer.step_chunk(random_tokens(2, 13, 11, 1), st);
+  const std::size_t bytes = st.bytes();
+  const auto parked = streamer.save_state(st);
+  const Tensor2<std::int32_t> more = random_tokens(2, 5, 11, 2);
+  const Tensor3<float> y1 = streamer.step_chunk(more, st);
+  CHECK(st.bytes() == bytes);
+  auto back = streamer.load_state(parked);
+  CHECK(rel_err(streamer.step_chunk(more, back), y1) == 0.0);
+
+  // Checkpoint round trip through a file.
+  const std::string path = "/tmp/sma_test_stream_lm.safetensors";
+  save_lm_checkpoint(lm, path, {{"vocab", "abcdefghijk"}});
+  auto ck = load_lm_checkpoint<float>(path);
+  CHECK(ck.metadata.at("vocab") == "abcdefghijk");
+  SeqBoatLmStreamer<float> s2(ck.model);
+  auto back2 = s2.load_state(parked);  // same weights: the fingerprint matches
+  CHECK(rel_err(s2.step_chunk(more, back2), y1) == 0.0);
+  std::remove(path.c_str());
+
+  // Another model's configuration is refused by name.
+  SeqBoatLmConfig other = lm_config(PositionEncoding::rotary, AttentionActivation::softmax, 12);
+  other.layers = 3;
+  SeqBoatLm<float> lm3(other, 4);
+  SeqBoatLmStreamer<float> s3(lm3);
+  CHECK_THROWS_WITH(s3.load_state(parked), Catch::Contains("layers"));
+  // Rows move between states of the same model.
+  auto four = streamer.make_state(4);
+  four.set_row(3, streamer.load_state(parked), 1);
+  CHECK(four.position[3] == 13);
+  CHECK_THROWS_AS(four.set_row(0, s3.make_state(1)), ShapeError);
+  CHECK_THROWS_WITH(SeqBoatLmConfig::from_json(nlohmann::json{{"vocab_size", 3}, {"embed_dimm", 4}}),
+                    Catch::Contains("embed_dimm"));
 }
