@@ -7,6 +7,7 @@
 #include <sma/io/state_dict.hpp>
 #include <sma/layers/ema.hpp>
 #include <sma/models/seqboat.hpp>
+#include <sma/models/seqboat_stream.hpp>
 #include <sma/ops/rel_pos.hpp>
 
 #include <nlohmann/json.hpp>
@@ -33,6 +34,8 @@ struct CaseResult {
   double max_rel_err = 0;
   std::vector<Comparison> comparisons;
   std::string failure;  ///< first failing tensor and its error, or an exception message
+  bool skipped = false;  ///< run_case_stream: the case cannot be streamed (reason in `note`)
+  std::string note;      ///< run_case_stream: what was compared against what, when it is not the plain case
 };
 
 struct RunOptions {
@@ -303,6 +306,202 @@ CaseResult run_case(const std::string& path, const RunOptions& opt = {}) {
       const Tensor3<T> dx = model.backward(ctx, g, cache);
       check.compare("grad.input", detail::flat(dx));
       detail::compare_grads<T>(model, check);
+    } else {
+      throw ValueError(str_cat("unknown case kind '", res.kind, "' (expected ema, relpos, layer or model)"));
+    }
+    if (res.comparisons.empty()) {
+      res.ok = false;
+      res.failure = "nothing was compared (no output tensor in the file?)";
+    }
+  } catch (const std::exception& e) {
+    res.ok = false;
+    res.failure = str_cat("error: ", e.what());
+  }
+  return res;
+}
+
+namespace detail {
+
+/// The real length of each row, for padding that sits at the end of rows (the golden cases' layout); throws when a
+/// row has a real token after a padded one (a stream would then see other positions than the full forward).
+inline std::vector<Index> trailing_lengths(const Mask& pad, Index B, Index L) {
+  std::vector<Index> len(static_cast<std::size_t>(B), L);
+  if (!pad.size()) return len;
+  for (Index b = 0; b < B; ++b) {
+    Index n = 0;
+    while (n < L && !pad(b, n)) ++n;
+    for (Index t = n; t < L; ++t)
+      if (!pad(b, t)) throw ValueError(str_cat("padding row ", b, " has a real token at ", t, " after padding"));
+    len[static_cast<std::size_t>(b)] = n;
+  }
+  return len;
+}
+
+/// Rows (t * B + b) of a time-major (T, B, X) tensor at real positions.
+inline std::vector<Index> real_rows_time_major(const std::vector<Index>& len, Index B, Index L) {
+  std::vector<Index> rows;
+  for (Index t = 0; t < L; ++t)
+    for (Index b = 0; b < B; ++b)
+      if (t < len[static_cast<std::size_t>(b)]) rows.push_back(t * B + b);
+  return rows;
+}
+
+/// True when the reference ran this layer uncompressed (one row fully activated) while another row was not fully
+/// activated: its attention windows then count original positions, which a stream (per-row compression) does not.
+inline bool reference_fallback_differs(const io::SafetensorsFile& f, const std::string& prefix,
+                                       const std::vector<Index>& len) {
+  if (!f.contains(prefix + "compress") || f.values_as_double(prefix + "compress").at(0) != 0) return false;
+  if (!f.contains(prefix + "num_active")) return false;
+  const auto num = f.values_as_double(prefix + "num_active");
+  for (std::size_t b = 0; b < num.size(); ++b)
+    if (num[b] != double(len[b])) return true;
+  return false;
+}
+
+}  // namespace detail
+
+/// Streams one causal case token by token (SeqBoatLayerStreamer / SeqBoatModelStreamer / MultiHeadEma::step) and
+/// compares every position's output, and the router's decisions, with the stored full-sequence results, within the
+/// same tolerances as run_case. Bidirectional cases and relpos are skipped (`skipped`, reason in `note`). Padding
+/// must sit at the end of rows (the golden layout): every stream takes all T tokens, and only real positions are
+/// compared (a stream's padded tail never reaches its earlier outputs). Where the reference's batch-wide
+/// uncompressed fallback changed a layer's attention windows (see docs/routing.md), the stream is compared with the
+/// library's own full forward under RoutingSemantics::per_row instead, and `note` says so.
+template <class T>
+CaseResult run_case_stream(const std::string& path, const RunOptions& opt = {}) {
+  CaseResult res;
+  res.name = path;
+  try {
+    io::SafetensorsFile f(path);
+    res.name = f.metadata().count("case") ? f.metadata_value("case") : path;
+    res.kind = f.metadata_value("kind");
+    const nlohmann::json cfg = nlohmann::json::parse(f.metadata_value("config"));
+    detail::Checker check(f, res, opt);
+    io::LoadOptions lo;
+    lo.ignore = detail::is_case_tensor;
+    const bool bidir = cfg.value("bidirectional", false);
+    if (res.kind == "relpos" || bidir) {
+      res.skipped = true;
+      res.note = bidir ? "bidirectional" : "not a sequence model";
+      return res;
+    }
+    Mask pad = detail::load_padding<T>(f);
+
+    if (res.kind == "ema") {
+      typename MultiHeadEma<T>::Config ec;
+      ec.dim = cfg.at("embed_dim").get<Index>();
+      ec.ndim = cfg.at("ndim").get<Index>();
+      ec.direction = Direction::causal;
+      ec.truncation = cfg.contains("truncation") && !cfg["truncation"].is_null() ? cfg["truncation"].get<Index>() : 0;
+      MultiHeadEma<T> ema(ec);
+      io::load_state_dict(ema, f, lo);
+      const Tensor3<T> x = detail::to_batch_first(f.tensor<T, 3>("input"));
+      const Index B = x.dimension(0), L = x.dimension(1), D = x.dimension(2);
+      const auto len = detail::trailing_lengths(pad, B, L);
+      auto st = ema.make_state(B);
+      Tensor3<T> y(B, L, D);
+      for (Index t = 0; t < L; ++t) {
+        Tensor2<T> xt(B, D);
+        for (Index b = 0; b < B; ++b)
+          for (Index d = 0; d < D; ++d) xt(b, d) = x(b, t, d);
+        const Tensor2<T> yt = ema.step(xt, st);
+        for (Index b = 0; b < B; ++b)
+          for (Index d = 0; d < D; ++d) y(b, t, d) = yt(b, d);
+      }
+      const auto rows = detail::real_rows_time_major(len, B, L);
+      check.compare("output", detail::flat_time_major(y), &rows);
+    } else if (res.kind == "layer") {
+      SeqBoatLayerConfig lc = SeqBoatLayerConfig::from_reference_json(cfg);
+      SeqBoatLayer<T> layer(lc);
+      io::load_state_dict(layer, f, lo);
+      const Tensor3<T> x = detail::to_batch_first(f.tensor<T, 3>("input"));
+      const Index B = x.dimension(0), L = x.dimension(1), D = x.dimension(2);
+      const auto len = detail::trailing_lengths(pad, B, L);
+      SeqBoatLayerStreamer<T> streamer(layer);
+      auto st = streamer.make_state(B);
+      Tensor3<T> y(B, L, D);
+      std::vector<double> active(static_cast<std::size_t>(B * L), 0.0);
+      for (Index t = 0; t < L; ++t) {
+        Tensor2<T> xt(B, D);
+        for (Index b = 0; b < B; ++b)
+          for (Index d = 0; d < D; ++d) xt(b, d) = x(b, t, d);
+        StreamTrace tr;
+        const Tensor2<T> yt = streamer.step(xt, st, &tr);
+        for (Index b = 0; b < B; ++b) {
+          for (Index d = 0; d < D; ++d) y(b, t, d) = yt(b, d);
+          if (t < len[static_cast<std::size_t>(b)]) active[static_cast<std::size_t>(b * L + t)] = tr.active(b, 0);
+        }
+      }
+      const auto rows = detail::real_rows_time_major(len, B, L);
+      if (detail::reference_fallback_differs(f, "inter.", len)) {
+        // The stored numbers come from the batch-wide uncompressed path; streams are per row by design.
+        res.note = "reference fell back to the uncompressed path: compared with sma's full forward under per_row";
+        layer.config().routing = RoutingSemantics::per_row;
+        Context ctx(Mode::eval);
+        if (pad.size()) ctx.padding = &pad;
+        typename SeqBoatLayer<T>::Cache c;
+        const Tensor3<T> full = layer.forward(ctx, x, c);
+        const auto got = detail::flat_time_major(y), want = detail::flat_time_major(full);
+        double dmax = 0, emax = 0;
+        for (Index r : rows)
+          for (Index d = 0; d < D; ++d) {
+            const auto i = static_cast<std::size_t>(r * D + d);
+            dmax = std::max(dmax, std::abs(got[i] - want[i]));
+            emax = std::max(emax, std::abs(want[i]));
+          }
+        Comparison cmp;
+        cmp.tensor = "output (per_row full forward)";
+        cmp.error = emax > 0 ? dmax / emax : dmax;
+        cmp.ok = cmp.error < opt.tolerance;
+        res.max_rel_err = std::max(res.max_rel_err, cmp.error);
+        if (!cmp.ok) {
+          res.ok = false;
+          res.failure = str_cat("tensor=", cmp.tensor, " err=", cmp.error);
+        }
+        res.comparisons.push_back(cmp);
+      } else {
+        check.compare("output", detail::flat_time_major(y), &rows);
+        check.compare_exact("inter.activation_mask", active);
+      }
+    } else if (res.kind == "model") {
+      SeqBoatModel<T> model(SeqBoatModelConfig::from_reference_json(cfg));
+      io::load_state_dict(model, f, lo);
+      const Tensor3<T> x = f.tensor<T, 3>("input");  // (B, T, d_input), batch-first
+      const Index B = x.dimension(0), L = x.dimension(1), Din = x.dimension(2), D = model.config().d_model;
+      const auto len = detail::trailing_lengths(pad, B, L);
+      if (pad.size()) throw ValueError("model cases take no padding mask");
+      for (Index i = 0; i < model.layers().size(); ++i)
+        if (detail::reference_fallback_differs(f, str_cat("inter.seq_layers.", i, "."), len))
+          throw ValueError(str_cat("layer ", i, ": the reference's uncompressed fallback changed the windows; "
+                                   "a model case like this cannot be stream-compared"));
+      SeqBoatModelStreamer<T> streamer(model);
+      auto st = streamer.make_state(B);
+      const std::size_t NL = static_cast<std::size_t>(model.layers().size());
+      std::vector<Tensor3<T>> layer_y(NL, Tensor3<T>(B, L, D));
+      std::vector<std::vector<double>> active(NL, std::vector<double>(static_cast<std::size_t>(B * L), 0.0));
+      Tensor3<T> logits;
+      for (Index t = 0; t < L; ++t) {
+        Tensor3<T> xt(B, 1, Din);
+        for (Index b = 0; b < B; ++b)
+          for (Index d = 0; d < Din; ++d) xt(b, 0, d) = x(b, t, d);
+        std::vector<Tensor3<T>> outs;
+        std::vector<StreamTrace> traces;
+        logits = streamer.step_chunk(xt, st, &outs, &traces);
+        for (std::size_t i = 0; i < NL; ++i)
+          for (Index b = 0; b < B; ++b) {
+            for (Index d = 0; d < D; ++d) layer_y[i](b, t, d) = outs[i](b, 0, d);
+            active[i][static_cast<std::size_t>(b * L + t)] = traces[i].active(b, 0);
+          }
+      }
+      for (std::size_t i = 0; i < NL; ++i) {
+        const std::string prefix = str_cat("inter.seq_layers.", i, ".");
+        check.compare(prefix + "output", detail::flat_time_major(layer_y[i]));
+        check.compare_exact(prefix + "activation_mask", active[i]);
+      }
+      Tensor2<T> last(B, model.config().d_output);
+      for (Index b = 0; b < B; ++b)
+        for (Index o = 0; o < last.dimension(1); ++o) last(b, o) = logits(b, 0, o);
+      check.compare("output", detail::flat(last));
     } else {
       throw ValueError(str_cat("unknown case kind '", res.kind, "' (expected ema, relpos, layer or model)"));
     }
