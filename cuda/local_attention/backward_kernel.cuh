@@ -1,0 +1,384 @@
+// cuda/local_attention/backward_kernel.cuh: the fused backward, FlashAttention style (scores recomputed per tile,
+// nothing of size S x W stored), as three band kernels that never write the same element twice, so every result is
+// deterministic without atomics:
+//   dq kernel   64 queries per CTA: S, dA = dout V^T (over H), dS, dq = scale dS K'; and the bias gradient of its
+//               tiles (each table entry summed over the tile's pairs in a fixed order, in double, into a per-CTA
+//               partial that bias_reduce_kernel adds up in CTA order). An entry's partial may be updated by
+//               different threads in different tiles; the barriers between tiles order those updates.
+//   dk kernel   64 keys per CTA: S^T, dA^T, dS^T, dk = dS^T Q'.
+//   dv kernel   64 keys x kBlockN columns per CTA: S^T, A^T, dv = A^T dout.
+// dS_ij = relu2: 2 relu(s) dA; laplace: phi'(s) dA; softmax: a (dA - delta_i), delta_i = dout_i . out_i.
+#pragma once
+
+#include "tile.cuh"
+
+namespace sma::cuda::attn {
+
+/// d loss / d score of one visible pair from its score x (bias included) and dA; lse and delta: the query's.
+__device__ __forceinline__ float score_grad(int act, float x, float da, float lse, float delta) {
+  if (act == kSoftmax) return expf(x - lse) * (da - delta);
+  return activate_grad(act, x) * da;
+}
+
+/// Attention weight of one visible pair (softmax from the saved log-sum-exp).
+__device__ __forceinline__ float pair_weight(int act, float x, float lse) {
+  return act == kSoftmax ? expf(x - lse) : activate(act, x);
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attention_dq_kernel(const LocalAttentionBackwardParams p) {
+  constexpr int M = Tr::kBlockM, C = Tr::kChunk, NS = Tr::kNsZ;
+  __shared__ __align__(16) float stage[Tr::kStageFloats];
+  __shared__ __align__(16) float dst[Tr::kTileFloats];  // dS, key-major: dst[c * kLd + r]
+  __shared__ int q_rb[M], q_re[M], q_pos[M], k_pos[C], k_ok[C];
+  __shared__ float q_lse[M], q_delta[M];
+  __shared__ int r_first[M], r_end[M], r_ufirst[M], r_ulast[M];  // per query: visible keys of the chunk, indices
+  __shared__ int s_lo, s_hi;
+
+  const bool has_table = p.table_size > 0;
+  const int S = p.offsets[p.batch];
+  const int q0 = blockIdx.x * M;
+  const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
+  if (q0 >= S) {
+    if (has_table && tid == 0) {
+      p.dbias_range[2 * blockIdx.x] = 0;
+      p.dbias_range[2 * blockIdx.x + 1] = 0;
+    }
+    return;
+  }
+  const int nq = min(M, S - q0);
+  const int W = p.window;
+
+  if (tid < M) {
+    const int i = q0 + tid;
+    int rb = 0, re = 0, pos = 0;
+    float lse = 0.f, delta = 0.f;
+    if (tid < nq) {
+      const int b = find_row(p.offsets, p.batch, i);
+      rb = p.offsets[b];
+      re = p.offsets[b + 1];
+      pos = p.positions ? p.positions[i] : 0;
+      if (p.activation == kSoftmax) {
+        lse = p.lse[i];
+        delta = p.delta[i];
+      }
+    }
+    q_rb[tid] = rb;
+    q_re[tid] = re;
+    q_pos[tid] = pos;
+    q_lse[tid] = lse;
+    q_delta[tid] = delta;
+  }
+  if (tid == 0) {
+    s_lo = 0x7fffffff;
+    s_hi = -0x7fffffff;
+  }
+  __syncthreads();
+  const int k_begin = max(q_rb[0], q0 - W);
+  const int k_end = p.causal ? q0 + nq : min(q_re[nq - 1], q0 + nq + W);
+
+  // The table entries this CTA can touch, [lo, hi): a superset from position extremes (min/max are order-free).
+  if (has_table) {
+    if (p.position == kPosSimple) {
+      int kmin = 0x7fffffff, kmax = -0x7fffffff;
+      for (int j = k_begin + tid; j < k_end; j += Tr::kThreads) {
+        kmin = min(kmin, p.positions[j]);
+        kmax = max(kmax, p.positions[j]);
+      }
+      int lo = 0x7fffffff, hi = -0x7fffffff;
+      if (kmin <= kmax)
+        for (int r = 0; r < nq; ++r) {
+          lo = min(lo, p.max_positions - 1 + kmin - q_pos[r]);
+          hi = max(hi, p.max_positions - 1 + kmax - q_pos[r]);
+        }
+      if (lo <= hi) {
+        atomicMin(&s_lo, max(lo, 0));
+        atomicMax(&s_hi, min(hi, 2 * p.max_positions - 2) + 1);
+      }
+    } else if (tid == 0) {
+      s_lo = max(4 * W - 1 + k_begin - (q0 + nq - 1), 3 * W - 1);
+      s_hi = min(4 * W - 1 + (k_end - 1) - q0, 5 * W - 1) + 1;
+    }
+    __syncthreads();
+  }
+  const int e_lo = has_table ? s_lo : 0, e_hi = has_table ? max(s_hi, s_lo) : 0;
+  if (has_table) {
+    if (tid == 0) {
+      p.dbias_range[2 * blockIdx.x] = e_lo;
+      p.dbias_range[2 * blockIdx.x + 1] = e_hi;
+    }
+    // Entry e belongs to thread (e - e_lo) % kThreads here and in every tile below, so no barrier is needed.
+    double* part = p.dbias_partial + static_cast<long long>(blockIdx.x) * p.table_size;
+    for (int e = e_lo + tid; e < e_hi; e += Tr::kThreads) part[e] = 0.0;
+  }
+
+  float acc[4][4 * NS];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4 * NS; ++j) acc[i][j] = 0.f;
+
+  for (int kc = k_begin; kc < k_end; kc += C) {
+    const int nk = min(C, k_end - kc);
+    __syncthreads();
+    if (tid < C) {
+      const int j = kc + tid;
+      const bool in = tid < nk;
+      k_pos[tid] = in && p.positions ? p.positions[j] : 0;
+      k_ok[tid] = in && (!p.key_valid || p.key_valid[j]) ? 1 : 0;
+    }
+    float s[4][4], da[4][4];
+    tile_dot<Tr>(s, stage, p.q, q0, nq, p.scale, p.k, kc, nk, 1.f, p.z, p.vec_z, tm, tn);
+    tile_dot<Tr>(da, stage, p.dout, q0, nq, 1.f, p.v, kc, nk, 1.f, p.h, p.vec_h, tm, tn);
+    float g[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 4 * tm + i, qi = q0 + r;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = 4 * tn + j, kj = kc + c;
+        const bool vis = r < nq && k_ok[c] && in_window(p, qi, q_rb[r], q_re[r], kj);
+        g[i][j] = vis ? score_grad(p.activation, s[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]), da[i][j],
+                                   q_lse[r], q_delta[r])
+                      : 0.f;
+      }
+    }
+    store_transposed<Tr>(dst, g, tm, tn);
+    __syncthreads();
+
+    if (has_table) {
+      // Bias gradient of this tile, deterministic: each entry e is summed by one thread, row by row, and within a
+      // row over the keys whose index is e (a contiguous run: the index is nondecreasing along a row's visible
+      // keys). The two clamped ends of the simple table can collect most of a row, so a warp takes each of them.
+      if (tid < M) {
+        int a0 = 0, b0 = 0, uf = 0x7fffffff, ul = -0x7fffffff;
+        if (tid < nq) {
+          const int qi = q0 + tid;
+          const int vlo = max(q_rb[tid], qi - W), vhi = p.causal ? qi + 1 : min(q_re[tid], qi + W + 1);
+          a0 = max(vlo, kc) - kc;
+          b0 = min(vhi, kc + nk) - kc;
+          if (a0 < b0) {
+            uf = bias_index(p, qi, kc + a0, q_pos[tid], k_pos[a0]);
+            ul = bias_index(p, qi, kc + b0 - 1, q_pos[tid], k_pos[b0 - 1]);
+          }
+        }
+        r_first[tid] = a0;
+        r_end[tid] = b0;
+        r_ufirst[tid] = uf;
+        r_ulast[tid] = ul;
+      }
+      __syncthreads();
+      int t_lo = 0x7fffffff, t_hi = -0x7fffffff;
+      for (int r = 0; r < nq; ++r) {
+        t_lo = min(t_lo, r_ufirst[r]);
+        t_hi = max(t_hi, r_ulast[r]);
+      }
+      const int top = 2 * p.max_positions - 2;
+      const bool clamp_lo = p.position == kPosSimple && t_lo == 0;
+      const bool clamp_hi = p.position == kPosSimple && t_hi == top && top > 0;
+      const auto row_sum = [&](int r, int e) {
+        const int qi = q0 + r, a0 = r_first[r], b0 = r_end[r];
+        const auto u = [&](int c) { return bias_index(p, qi, kc + c, q_pos[r], k_pos[c]); };
+        int lo = a0 + (e - r_ufirst[r]);  // exact when positions are consecutive
+        if (!(lo < b0 && u(lo) == e && (lo == a0 || u(lo - 1) < e))) {
+          lo = a0;
+          int hi = b0;
+          while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (u(mid) < e) lo = mid + 1;
+            else hi = mid;
+          }
+        }
+        double sum = 0.0;
+        for (int c = lo; c < b0 && u(c) == e; ++c) sum += static_cast<double>(dst[c * Tr::kLd + r]);
+        return sum;
+      };
+      double* part = p.dbias_partial + static_cast<long long>(blockIdx.x) * p.table_size;
+      for (int e = t_lo + tid; e <= t_hi; e += Tr::kThreads) {
+        if ((clamp_lo && e == 0) || (clamp_hi && e == top)) continue;
+        double sum = 0.0;
+        for (int r = 0; r < nq; ++r)
+          if (e >= r_ufirst[r] && e <= r_ulast[r]) sum += row_sum(r, e);
+        part[e] += sum;
+      }
+      const int warp = tid / 32, lane = tid % 32;
+      if ((warp == 0 && clamp_lo) || (warp == 1 && clamp_hi)) {
+        const int e = warp == 0 ? 0 : top;
+        double sum = 0.0;
+        for (int r = lane; r < nq; r += 32)
+          if (e >= r_ufirst[r] && e <= r_ulast[r]) sum += row_sum(r, e);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) part[e] += sum;
+      }
+    }
+
+    tile_stream<Tr, Tr::kMaxZ>(acc, dst, stage, p.k, p.z, kc, nk, 0, 1.f, p.vec_z, tm, tn);
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = 4 * tm + i;
+    if (r >= nq) continue;
+    const long long qi = q0 + r;
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = 64 * s + 4 * tn + j;
+        if (col < p.z) p.dq[qi * p.z + col] = p.scale * acc[i][4 * s + j];
+      }
+  }
+}
+
+/// Key-major kernels: 64 keys per CTA, walking the queries that can see them. kDv: dv over kBlockN columns of H
+/// (gridDim.y splits H); otherwise dk over all of Z.
+template <class Tr, bool kDv>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attention_dkv_kernel(const LocalAttentionBackwardParams p) {
+  constexpr int M = Tr::kBlockM, C = Tr::kChunk, NS = kDv ? Tr::kNsH : Tr::kNsZ;
+  __shared__ __align__(16) float stage[Tr::kStageFloats];
+  __shared__ __align__(16) float tile[Tr::kTileFloats];  // A or dS, query-major: tile[r * kLd + c]
+  __shared__ int k_rb[M], k_re[M], k_pos[M], k_ok[M], q_rb[C], q_re[C], q_pos[C];
+  __shared__ float q_lse[C], q_delta[C];
+
+  const int S = p.offsets[p.batch];
+  const int j0 = blockIdx.x * M, h0 = blockIdx.y * Tr::kBlockN;
+  if (j0 >= S || (kDv && h0 >= p.h)) return;
+  const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
+  const int nkeys = min(M, S - j0);
+  const int W = p.window;
+  const bool softmax = p.activation == kSoftmax;
+
+  if (tid < M) {
+    const int j = j0 + tid;
+    int rb = 0, re = 0, pos = 0, ok = 0;
+    if (tid < nkeys) {
+      const int b = find_row(p.offsets, p.batch, j);
+      rb = p.offsets[b];
+      re = p.offsets[b + 1];
+      pos = p.positions ? p.positions[j] : 0;
+      ok = !p.key_valid || p.key_valid[j] ? 1 : 0;
+    }
+    k_rb[tid] = rb;
+    k_re[tid] = re;
+    k_pos[tid] = pos;
+    k_ok[tid] = ok;
+  }
+  __syncthreads();
+  const int i_begin = p.causal ? j0 : max(k_rb[0], j0 - W);
+  const int i_end = min(k_re[nkeys - 1], j0 + nkeys + W);
+
+  float acc[4][4 * NS];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4 * NS; ++j) acc[i][j] = 0.f;
+
+  for (int qc = i_begin; qc < i_end; qc += C) {
+    const int nqc = min(C, i_end - qc);
+    __syncthreads();
+    if (tid < C) {
+      const int i = qc + tid;
+      int rb = 0, re = 0, pos = 0;
+      float lse = 0.f, delta = 0.f;
+      if (tid < nqc) {
+        const int b = find_row(p.offsets, p.batch, i);
+        rb = p.offsets[b];
+        re = p.offsets[b + 1];
+        pos = p.positions ? p.positions[i] : 0;
+        if (softmax) {
+          lse = p.lse[i];
+          delta = p.delta[i];
+        }
+      }
+      q_rb[tid] = rb;
+      q_re[tid] = re;
+      q_pos[tid] = pos;
+      q_lse[tid] = lse;
+      q_delta[tid] = delta;
+    }
+    // st[i][j]: key 4tm+i, query 4tn+j.
+    float st[4][4];
+    tile_dot<Tr>(st, stage, p.k, j0, nkeys, 1.f, p.q, qc, nqc, p.scale, p.z, p.vec_z, tm, tn);
+    float g[4][4];
+    if (kDv) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = 4 * tm + i, kj = j0 + c;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = 4 * tn + j, qi = qc + r;
+          const bool vis = c < nkeys && r < nqc && k_ok[c] && in_window(p, qi, q_rb[r], q_re[r], kj);
+          g[i][j] = vis ? pair_weight(p.activation, st[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]), q_lse[r])
+                        : 0.f;
+        }
+      }
+    } else {
+      float dat[4][4];
+      tile_dot<Tr>(dat, stage, p.v, j0, nkeys, 1.f, p.dout, qc, nqc, 1.f, p.h, p.vec_h, tm, tn);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = 4 * tm + i, kj = j0 + c;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = 4 * tn + j, qi = qc + r;
+          const bool vis = c < nkeys && r < nqc && k_ok[c] && in_window(p, qi, q_rb[r], q_re[r], kj);
+          g[i][j] = vis ? score_grad(p.activation, st[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]), dat[i][j],
+                                     q_lse[r], q_delta[r])
+                        : 0.f;
+        }
+      }
+    }
+    store_transposed<Tr>(tile, g, tm, tn);  // tile[r * kLd + c]: query-major, the A operand over queries
+
+    if constexpr (kDv)
+      tile_stream<Tr, Tr::kBlockN>(acc, tile, stage, p.dout, p.h, qc, nqc, h0, 1.f, p.vec_h, tm, tn);
+    else
+      tile_stream<Tr, Tr::kMaxZ>(acc, tile, stage, p.q, p.z, qc, nqc, 0, p.scale, p.vec_z, tm, tn);
+  }
+
+  const int width = kDv ? p.h : p.z;
+  float* dst = kDv ? p.dv : p.dk;
+  const int col0 = kDv ? h0 : 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = 4 * tm + i;
+    if (c >= nkeys) continue;
+    const long long kj = j0 + c;
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = col0 + 64 * s + 4 * tn + j;
+        if (col < width) dst[kj * width + col] = acc[i][4 * s + j];
+      }
+  }
+}
+
+/// dbias[e] += sum over CTAs b (in order) of partial[b, e], for the CTAs whose range holds e.
+__global__ void bias_reduce_kernel(const double* __restrict__ partial, const int* __restrict__ range, int n_ctas,
+                                   int table_size, float* __restrict__ dbias) {
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < table_size; e += gridDim.x * blockDim.x) {
+    double acc = 0.0;
+    for (int b = 0; b < n_ctas; ++b)
+      if (e >= range[2 * b] && e < range[2 * b + 1]) acc += partial[static_cast<long long>(b) * table_size + e];
+    dbias[e] += static_cast<float>(acc);
+  }
+}
+
+/// delta[i] = dout_i . out_i (softmax), one warp per row in a fixed order.
+__global__ void row_delta_kernel(const float* __restrict__ dout, const float* __restrict__ out, int h,
+                                 const int* __restrict__ offsets, int batch, float* __restrict__ delta) {
+  const int S = offsets[batch];
+  const int lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
+  for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < S; i += warps) {
+    float acc = 0.f;
+    for (int c = lane; c < h; c += 32)
+      acc = fmaf(dout[static_cast<long long>(i) * h + c], out[static_cast<long long>(i) * h + c], acc);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) delta[i] = acc;
+  }
+}
+
+}  // namespace sma::cuda::attn

@@ -1,0 +1,156 @@
+// cuda/local_attention/launch.cuh: host-side checks, parameter blocks, stream-ordered workspace and the rotary
+// kernel shared by the forward and backward launchers.
+#pragma once
+
+#include <sma/core/error.hpp>
+#include <sma/cuda/local_attention.hpp>
+
+#include "../common/check.cuh"
+#include "kernel_traits.cuh"
+#include "params.cuh"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace sma::cuda::attn {
+
+inline const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::relu2: return "relu2";
+    case Activation::softmax: return "softmax";
+    case Activation::laplace: return "laplace";
+  }
+  return "?";
+}
+
+inline const char* position_name(Position p) {
+  switch (p) {
+    case Position::none: return "none";
+    case Position::simple: return "simple";
+    case Position::local_simple: return "local_simple";
+    case Position::rotary: return "rotary";
+  }
+  return "?";
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+/// Throws ValueError naming the first problem of the configuration or the inputs.
+inline void validate(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in, const float* bias_table,
+                     const char* where) {
+  const int a = static_cast<int>(cfg.activation), ps = static_cast<int>(cfg.position);
+  if (a < 0 || a > 2) throw ValueError(str_cat(where, ": unknown activation ", a));
+  if (ps < 0 || ps > 3) throw ValueError(str_cat(where, ": unknown position encoding ", ps));
+  if (cfg.window < 1) throw ValueError(str_cat(where, ": window must be >= 1, got ", cfg.window));
+  if (cfg.position == Position::simple && cfg.max_positions < 1)
+    throw ValueError(str_cat(where, ": max_positions must be >= 1 for simple positions, got ", cfg.max_positions));
+  if (cfg.position == Position::rotary && !(cfg.rotary_theta > 0))
+    throw ValueError(str_cat(where, ": rotary_theta must be > 0, got ", cfg.rotary_theta));
+  if (in.batch < 0) throw ValueError(str_cat(where, ": batch must be >= 0, got ", in.batch));
+  if (in.capacity < 0) throw ValueError(str_cat(where, ": capacity must be >= 0, got ", in.capacity));
+  if (in.z < 1 || in.h < 1)
+    throw ValueError(str_cat(where, ": widths must be >= 1, got Z = ", in.z, ", H = ", in.h));
+  if (in.z > DefaultTraits::kMaxZ)
+    throw ValueError(str_cat(where, ": Z = ", in.z, " is not supported on the device yet (at most ",
+                             DefaultTraits::kMaxZ, ")"));
+  if (cfg.position == Position::rotary && in.z % 2 != 0)
+    throw ValueError(str_cat(where, ": rotary positions need an even width Z, got ", in.z));
+  if (!in.offsets) throw ValueError(str_cat(where, ": offsets is nullptr (expected B+1 device ints)"));
+  if (in.capacity > 0 && (!in.q || !in.k || !in.v)) throw ValueError(str_cat(where, ": q, k or v is nullptr"));
+  if ((cfg.position == Position::simple || cfg.position == Position::rotary) && in.capacity > 0 && !in.positions)
+    throw ValueError(str_cat(where, ": positions is nullptr but ", position_name(cfg.position), " positions need them"));
+  if (cfg.bias_table_size() > 0 && !bias_table)
+    throw ValueError(str_cat(where, ": bias_table is nullptr but ", position_name(cfg.position), " positions need ",
+                             cfg.bias_table_size(), " entries"));
+}
+
+inline LocalAttentionParams make_params(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
+                                        const float* bias_table) {
+  LocalAttentionParams p{};
+  p.batch = in.batch;
+  p.capacity = in.capacity;
+  p.z = in.z;
+  p.h = in.h;
+  p.window = cfg.window;
+  p.causal = cfg.causal ? 1 : 0;
+  p.activation = static_cast<int>(cfg.activation);
+  p.position = static_cast<int>(cfg.position);
+  p.max_positions = cfg.max_positions;
+  p.table_size = cfg.bias_table_size();
+  p.scale = static_cast<float>(cfg.activation == Activation::softmax ? 1.0 / std::sqrt(static_cast<double>(in.z))
+                                                                     : 1.0 / (cfg.causal ? cfg.window : 2.0 * cfg.window));
+  p.vec_z = in.z % 4 == 0 && aligned16(in.q) && aligned16(in.k);
+  p.vec_h = in.h % 4 == 0 && aligned16(in.v);
+  p.offsets = in.offsets;
+  p.positions = in.positions;
+  p.key_valid = in.key_valid;
+  p.q = in.q;
+  p.k = in.k;
+  p.v = in.v;
+  p.bias_table = p.table_size > 0 ? bias_table : nullptr;
+  return p;
+}
+
+/// Device memory taken with cudaMallocAsync on one stream and given back (cudaFreeAsync, stream-ordered) by the
+/// destructor, also when a later launch throws.
+class AsyncWorkspace {
+ public:
+  explicit AsyncWorkspace(cudaStream_t s) : s_(s) {}
+  ~AsyncWorkspace() {
+    for (void* p : ptrs_) cudaFreeAsync(p, s_);
+  }
+  AsyncWorkspace(const AsyncWorkspace&) = delete;
+  AsyncWorkspace& operator=(const AsyncWorkspace&) = delete;
+
+  template <class T>
+  T* alloc(long long n) {
+    void* p = nullptr;
+    SMA_CUDA_CHECK(cudaMallocAsync(&p, static_cast<std::size_t>(n > 0 ? n : 1) * sizeof(T), s_));
+    ptrs_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+ private:
+  cudaStream_t s_;
+  std::vector<void*> ptrs_;
+};
+
+namespace {
+
+// dst row s = R(sign * positions[s]) src row s for s < S (dst may be src). Angles and the rotation in double.
+__global__ void rotary_kernel(const float* src, float* dst, int z, const int* __restrict__ offsets, int batch,
+                              const int* __restrict__ positions, double theta, double sign) {
+  const int half = z / 2;
+  const long long n = static_cast<long long>(offsets[batch]) * half;
+  for (long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long s = idx / half;
+    const int m = static_cast<int>(idx - s * half);
+    const double inv = 1.0 / pow(theta, static_cast<double>(2 * m) / static_cast<double>(z));
+    double sn, cs;
+    sincos(sign * static_cast<double>(positions[s]) * inv, &sn, &cs);
+    const long long o = s * z + 2 * m;
+    const double x0 = src[o], x1 = src[o + 1];
+    dst[o] = static_cast<float>(x0 * cs - x1 * sn);
+    dst[o + 1] = static_cast<float>(x0 * sn + x1 * cs);
+  }
+}
+
+}  // namespace
+
+inline void launch_rotary(const float* src, float* dst, const LocalAttentionInputs& in, double theta, double sign,
+                          cudaStream_t s) {
+  const long long n = static_cast<long long>(in.capacity) * (in.z / 2);
+  const int blocks = static_cast<int>(std::min<long long>(std::max<long long>((n + 255) / 256, 1), 132LL * 16));
+  rotary_kernel<<<blocks, 256, 0, s>>>(src, dst, in.z, in.offsets, in.batch, in.positions, theta, sign);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+inline int row_blocks(int capacity) { return (capacity + DefaultTraits::kBlockM - 1) / DefaultTraits::kBlockM; }
+inline int col_blocks(int h) { return (h + DefaultTraits::kBlockN - 1) / DefaultTraits::kBlockN; }
+
+}  // namespace sma::cuda::attn

@@ -1,0 +1,74 @@
+// sma::cuda::local_attention_backward: the launchers of the three backward kernels (dq + bias gradient, dk, dv), the
+// softmax row deltas, the bias-gradient reduction and the rotary transforms. One instantiation: DefaultTraits.
+#include <sma/cuda/local_attention.hpp>
+
+#include "backward_kernel.cuh"
+#include "launch.cuh"
+
+namespace sma::cuda {
+
+void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
+                              const float* bias_table, const float* out, const float* row_stat, const float* dout,
+                              float* dq, float* dk, float* dv, float* dbias_table, void* stream) {
+  using Tr = attn::DefaultTraits;
+  const char* where = "cuda::local_attention_backward";
+  attn::validate(cfg, in, bias_table, where);
+  const bool softmax = cfg.activation == Activation::softmax;
+  const int table_size = cfg.bias_table_size();
+  if (table_size > 0 && !dbias_table)
+    throw ValueError(str_cat(where, ": dbias_table is nullptr but ", attn::position_name(cfg.position),
+                             " positions have a ", table_size, "-entry table"));
+  if (in.capacity == 0) return;
+  if (!dout || !dq || !dk || !dv) throw ValueError(str_cat(where, ": dout, dq, dk or dv is nullptr"));
+  if (softmax && (!out || !row_stat))
+    throw ValueError(str_cat(where, ": the softmax backward needs the forward's out and row_stat"));
+
+  const auto s = static_cast<cudaStream_t>(stream);
+  attn::AsyncWorkspace ws(s);
+  attn::LocalAttentionBackwardParams p{};
+  static_cast<attn::LocalAttentionParams&>(p) = attn::make_params(cfg, in, bias_table);
+  p.vec_h = p.vec_h && attn::aligned16(dout);
+  if (cfg.position == Position::rotary) {
+    float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+    float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+    attn::launch_rotary(in.q, qr, in, cfg.rotary_theta, 1.0, s);
+    attn::launch_rotary(in.k, kr, in, cfg.rotary_theta, 1.0, s);
+    p.q = qr;
+    p.k = kr;
+    p.vec_z = in.z % 4 == 0;
+  }
+  p.dout = dout;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  if (softmax) {
+    float* delta = ws.alloc<float>(in.capacity);
+    const int blocks = static_cast<int>(std::min<long long>((in.capacity + 7) / 8, 132LL * 32));
+    attn::row_delta_kernel<<<blocks, 256, 0, s>>>(dout, out, in.h, in.offsets, in.batch, delta);
+    SMA_CUDA_CHECK_LAUNCH();
+    p.lse = row_stat;
+    p.delta = delta;
+  }
+  const int rows = attn::row_blocks(in.capacity);
+  if (table_size > 0) {
+    p.dbias_partial = ws.alloc<double>(static_cast<long long>(rows) * table_size);
+    p.dbias_range = ws.alloc<int>(2LL * rows);
+  }
+  attn::local_attention_dq_kernel<Tr><<<rows, Tr::kThreads, 0, s>>>(p);
+  SMA_CUDA_CHECK_LAUNCH();
+  attn::local_attention_dkv_kernel<Tr, false><<<rows, Tr::kThreads, 0, s>>>(p);
+  SMA_CUDA_CHECK_LAUNCH();
+  attn::local_attention_dkv_kernel<Tr, true><<<dim3(rows, attn::col_blocks(in.h)), Tr::kThreads, 0, s>>>(p);
+  SMA_CUDA_CHECK_LAUNCH();
+  if (table_size > 0) {
+    attn::bias_reduce_kernel<<<(table_size + 255) / 256, 256, 0, s>>>(p.dbias_partial, p.dbias_range, rows,
+                                                                      table_size, dbias_table);
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  if (cfg.position == Position::rotary) {
+    attn::launch_rotary(dq, dq, in, cfg.rotary_theta, -1.0, s);
+    attn::launch_rotary(dk, dk, in, cfg.rotary_theta, -1.0, s);
+  }
+}
+
+}  // namespace sma::cuda

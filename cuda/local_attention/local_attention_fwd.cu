@@ -1,0 +1,34 @@
+// sma::cuda::local_attention_forward: the launcher of the fused forward kernel (one instantiation: DefaultTraits).
+#include <sma/cuda/local_attention.hpp>
+
+#include "forward_kernel.cuh"
+#include "launch.cuh"
+
+namespace sma::cuda {
+
+void local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in, const float* bias_table,
+                             float* out, float* row_stat, void* stream) {
+  const char* where = "cuda::local_attention_forward";
+  attn::validate(cfg, in, bias_table, where);
+  if (in.capacity == 0) return;
+  if (!out) throw ValueError(str_cat(where, ": out is nullptr"));
+  const auto s = static_cast<cudaStream_t>(stream);
+  attn::AsyncWorkspace ws(s);
+  attn::LocalAttentionParams p = attn::make_params(cfg, in, bias_table);
+  if (cfg.position == Position::rotary) {
+    float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+    float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+    attn::launch_rotary(in.q, qr, in, cfg.rotary_theta, 1.0, s);
+    attn::launch_rotary(in.k, kr, in, cfg.rotary_theta, 1.0, s);
+    p.q = qr;
+    p.k = kr;
+    p.vec_z = in.z % 4 == 0;
+  }
+  p.out = out;
+  p.row_stat = cfg.activation == Activation::softmax ? row_stat : nullptr;
+  const dim3 grid(attn::row_blocks(in.capacity), attn::col_blocks(in.h));
+  attn::local_attention_forward_kernel<attn::DefaultTraits><<<grid, attn::DefaultTraits::kThreads, 0, s>>>(p);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace sma::cuda

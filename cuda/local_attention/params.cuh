@@ -1,0 +1,39 @@
+// cuda/local_attention/params.cuh: the POD parameter blocks shared by the launchers (host) and the kernels (device).
+// Flags are ints (not bools or enums) so the layout is the same whichever compiler reads it.
+#pragma once
+
+#include <cstdint>
+
+namespace sma::cuda::attn {
+
+enum : int { kRelu2 = 0, kSoftmax = 1, kLaplace = 2 };             // sma::cuda::Activation
+enum : int { kPosNone = 0, kPosSimple = 1, kPosLocal = 2, kPosRotary = 3 };  // sma::cuda::Position
+
+struct LocalAttentionParams {
+  int batch, capacity, z, h;
+  int window, causal, activation, position, max_positions, table_size;
+  float scale;                       // 1/W, 1/(2W) or Z^-1/2, applied to q when it is staged
+  int vec_z, vec_h;                  // rows of q/k (resp. v/dout) may be read as float4
+  const int* offsets;                // (B+1)
+  const int* positions;              // (capacity) or nullptr
+  const std::uint8_t* key_valid;     // (capacity) or nullptr
+  const float* q;                    // (capacity, Z): rotated copy for rotary
+  const float* k;                    // (capacity, Z): rotated copy for rotary
+  const float* v;                    // (capacity, H)
+  const float* bias_table;           // table_size or nullptr
+  float* out;                        // (capacity, H)
+  float* row_stat;                   // (capacity) softmax log-sum-exp, or nullptr
+};
+
+struct LocalAttentionBackwardParams : LocalAttentionParams {
+  const float* dout;                 // (capacity, H)
+  const float* lse;                  // (capacity) softmax: the forward's row_stat
+  const float* delta;                // (capacity) softmax: dout_i . out_i
+  float* dq;                         // (capacity, Z)
+  float* dk;                         // (capacity, Z)
+  float* dv;                         // (capacity, H)
+  double* dbias_partial;             // (grid.x of the dq kernel, table_size): per-tile bias gradient partials
+  int* dbias_range;                  // (2 * grid.x): the entries [lo, hi) each tile wrote
+};
+
+}  // namespace sma::cuda::attn

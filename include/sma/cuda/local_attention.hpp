@@ -1,0 +1,77 @@
+// sma/cuda/local_attention.hpp: the working-memory local attention over compressed tokens on the device, fp32,
+// forward and backward (the CUDA counterpart of sma/ops/local_attention.hpp; definitions in cuda/local_attention/).
+// No CUDA header is included: tensors are plain device pointers, the stream an opaque `void*` (a cudaStream_t).
+//
+// WHAT (identical maths to sma::ops::local_attention_{forward,backward}; docs/maths/local_attention.md)
+//   Row b of the packed batch owns slots [offsets[b], offsets[b+1]); S = offsets[B] is READ ON THE DEVICE. The
+//   kernels are launched for `capacity` >= S rows (an upper bound, e.g. B*L straight after cuda::plan_compression),
+//   so nothing waits for the host. Rows >= S of any tensor are neither read nor written.
+//     visible(i, j)  causal: i-W <= j <= i; bidirectional: |i-j| <= W; same row; key_valid[j] != 0 (if given)
+//     s_ij = scale * rot(q_i) . rot(k_j) + bias_ij       (bias: none | simple (original positions) | local_simple)
+//     a_ij = relu(s)^2 | softmax over visible j | laplace;  out_i = sum_j a_ij v_j
+//   A softmax query with no visible key gets out_i = 0 and row_stat = +inf, as on the CPU.
+//   Nothing of size S x W is stored: scores are recomputed tile by tile (FlashAttention style) in the backward.
+// SHAPES (row-major float32, device memory, `capacity` rows allocated)
+//   q, k (capacity, Z); v, out, dout (capacity, H); dq, dk (capacity, Z); dv (capacity, H);
+//   offsets (B+1) int32; positions (capacity) int32, nondecreasing within each row (true for every compression
+//   plan); key_valid (capacity) uint8 or nullptr; row_stat (capacity) float (softmax only);
+//   bias_table / dbias_table: bias_table_size() floats (2P-1 simple, 6W-1 local_simple).
+// LIMITS of this first version: Z <= 128 (any H); fp32 only.
+// GRADIENTS: backward ASSIGNS dq, dk, dv (rows < S) and ADDS into dbias_table, deterministically (the bias
+//   gradient is reduced per tile in a fixed order, in double, then over tiles in a fixed order). The softmax
+//   backward needs the forward's `out` and `row_stat`; relu2 and laplace need neither (pass nullptr).
+// ERRORS: ValueError (bad configuration, Z > 128, missing pointers), CudaError (a failed CUDA call).
+#pragma once
+
+#include <cstdint>
+
+namespace sma::cuda {
+
+/// Same order as sma::ops::AttentionActivation.
+enum class Activation : int { relu2, softmax, laplace };
+/// Same order as sma::ops::PositionEncoding.
+enum class Position : int { none, simple, local_simple, rotary };
+
+struct LocalAttentionConfig {
+  int window = 0;                            ///< W >= 1, counted in compressed slots
+  bool causal = true;                        ///< false: bidirectional
+  Activation activation = Activation::relu2;
+  Position position = Position::simple;
+  int max_positions = 1024;                  ///< P of the simple table (2P-1 entries)
+  double rotary_theta = 10000.0;
+
+  /// 2P-1 (simple), 6W-1 (local_simple), else 0.
+  int bias_table_size() const {
+    if (position == Position::simple) return 2 * max_positions - 1;
+    if (position == Position::local_simple) return 6 * window - 1;
+    return 0;
+  }
+};
+
+/// The packed inputs (device pointers). `capacity` is the number of rows the arrays hold and the launch bound.
+struct LocalAttentionInputs {
+  int batch = 0;                             ///< B: offsets has B+1 entries
+  int capacity = 0;                          ///< >= S = offsets[B]
+  int z = 0, h = 0;                          ///< widths of q/k and v
+  const int* offsets = nullptr;              ///< (B+1)
+  const int* positions = nullptr;            ///< (capacity); required for simple and rotary
+  const std::uint8_t* key_valid = nullptr;   ///< (capacity) or nullptr = every key valid
+  const float* q = nullptr;                  ///< (capacity, Z)
+  const float* k = nullptr;                  ///< (capacity, Z)
+  const float* v = nullptr;                  ///< (capacity, H)
+};
+
+/// out (capacity, H) rows < S; row_stat (softmax: the log-sum-exp of each query, +inf without a visible key; may be
+/// nullptr when no backward follows; ignored for relu2/laplace).
+void local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in, const float* bias_table,
+                             float* out, float* row_stat, void* stream = nullptr);
+
+/// dq, dk (capacity, Z), dv (capacity, H): assigned for rows < S. dbias_table: ADDED into (required when the
+/// configuration has a table). `out` and `row_stat` are the forward's (softmax only; nullptr otherwise).
+/// Temporary device memory (rotated copies for rotary, per-tile bias partials) is taken with cudaMallocAsync on
+/// `stream` and given back before returning.
+void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
+                              const float* bias_table, const float* out, const float* row_stat, const float* dout,
+                              float* dq, float* dk, float* dv, float* dbias_table, void* stream = nullptr);
+
+}  // namespace sma::cuda

@@ -1,0 +1,168 @@
+// sma_bench_cuda: times the device ops at the shape (65,536 tokens = B 16 x L 4096, Z 128, H 1024, W 256,
+// D 512) for activation densities 0.1 / 0.5 / 1.0, with CUDA events (median of the repetitions). Everything is
+// launched for the B*L upper bound straight after plan_compression, as a model would (S never reaches the host).
+// Output: one line per measurement on stdout, and JSON lines in the file given as the first argument (optional).
+// Not a test: run it by hand on a GPU machine (docs/cuda.md), next to tests/cuda/bench_flex.py for the baseline.
+#include <sma/cuda/buffer.hpp>
+#include <sma/cuda/compress.hpp>
+#include <sma/cuda/device.hpp>
+#include <sma/cuda/local_attention.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace sma;
+
+namespace {
+
+struct Shape {
+  int B = 16, L = 4096, D = 512, Z = 128, H = 1024, W = 256;
+};
+
+float median_ms(const std::function<void()>& fn, void* stream, int reps) {
+  cuda::EventTimer timer;
+  fn();
+  fn();
+  cuda::device_synchronize();
+  std::vector<float> t;
+  for (int r = 0; r < reps; ++r) {
+    timer.start(stream);
+    fn();
+    t.push_back(timer.stop(stream));
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+std::vector<float> random_vector(std::size_t n, float scale, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-scale, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (cuda::device_count() == 0) {
+    std::printf("no CUDA device: nothing to time\n");
+    return 0;
+  }
+  const std::string device = cuda::device_description(0);
+  std::FILE* json = argc > 1 ? std::fopen(argv[1], "w") : nullptr;
+  const int reps = argc > 2 ? std::atoi(argv[2]) : 10;
+  const Shape sh;
+  const int N = sh.B * sh.L;
+  std::printf("device: %s\nshape: B=%d L=%d (tokens %d) D=%d Z=%d H=%d W=%d, fp32, median of %d\n", device.c_str(),
+              sh.B, sh.L, N, sh.D, sh.Z, sh.H, sh.W, reps);
+
+  cuda::Stream stream;
+  void* s = stream.handle();
+  // Inputs over all B*L tokens; the compressed tensors are allocated for the B*L bound.
+  cuda::DeviceArray<float> x(random_vector(static_cast<std::size_t>(N) * sh.D, 1.f, 1));
+  cuda::DeviceArray<float> xq(random_vector(static_cast<std::size_t>(N) * sh.Z, 1.f, 2));
+  cuda::DeviceArray<float> xk(random_vector(static_cast<std::size_t>(N) * sh.Z, 1.f, 3));
+  cuda::DeviceArray<float> xv(random_vector(static_cast<std::size_t>(N) * sh.H, 1.f, 4));
+  cuda::DeviceArray<float> gate(random_vector(static_cast<std::size_t>(N), 1.f, 5));
+  cuda::DeviceArray<float> xc(static_cast<std::size_t>(N) * sh.D), y(static_cast<std::size_t>(N) * sh.D);
+  cuda::DeviceArray<float> q(static_cast<std::size_t>(N) * sh.Z), k(static_cast<std::size_t>(N) * sh.Z),
+      v(static_cast<std::size_t>(N) * sh.H), out(static_cast<std::size_t>(N) * sh.H),
+      dout(random_vector(static_cast<std::size_t>(N) * sh.H, 1.f, 6)), dq(static_cast<std::size_t>(N) * sh.Z),
+      dk(static_cast<std::size_t>(N) * sh.Z), dv(static_cast<std::size_t>(N) * sh.H), stat(static_cast<std::size_t>(N));
+  cuda::DeviceArray<float> table(random_vector(2 * 1024 - 1, 0.1f, 7)), dtable(2 * 1024 - 1);
+  cuda::DeviceCompression plan(sh.B, sh.L);
+
+  for (double density : {0.1, 0.5, 1.0}) {
+    std::mt19937 rng(11);
+    std::bernoulli_distribution on(density);
+    std::vector<std::uint8_t> mask(static_cast<std::size_t>(N));
+    for (auto& m : mask) m = on(rng) ? 1 : 0;
+    cuda::DeviceArray<std::uint8_t> active(mask);
+    cuda::plan_compression(active.data(), cuda::CompressionSemantics::per_row, plan.view(), s);
+    stream.synchronize();
+    const int S = plan.offsets().back();
+    const auto pv = plan.view();
+    cuda::compress(xq.data(), sh.Z, pv, q.data(), s);
+    cuda::compress(xk.data(), sh.Z, pv, k.data(), s);
+    cuda::compress(xv.data(), sh.H, pv, v.data(), s);
+
+    const auto report = [&](const char* what, const char* cfg, double ms, double gflop) {
+      std::printf("density %.1f S %6d | %-28s | %-34s | %9.3f ms", density, S, what, cfg, ms);
+      if (gflop > 0) std::printf(" | %6.2f TFLOP/s (visible pairs)", gflop / ms);
+      std::printf("\n");
+      if (json)
+        std::fprintf(json,
+                     "{\"device\": \"%s\", \"density\": %.2f, \"S\": %d, \"what\": \"%s\", \"config\": \"%s\", "
+                     "\"ms\": %.5f, \"gflop_visible\": %.3f}\n",
+                     device.c_str(), density, S, what, cfg, ms, gflop);
+    };
+
+    report("plan_compression", "B=16 L=4096", median_ms([&] {
+             cuda::plan_compression(active.data(), cuda::CompressionSemantics::per_row, plan.view(), s);
+           }, s, reps), 0);
+    report("compress x", "D=512", median_ms([&] { cuda::compress(x.data(), sh.D, pv, xc.data(), s); }, s, reps), 0);
+    report("extract_add", "D=512", median_ms([&] { cuda::extract_add(xc.data(), sh.D, pv, gate.data(), y.data(), s); },
+                                             s, reps), 0);
+
+    struct Cfg {
+      const char* name;
+      cuda::Activation act;
+      cuda::Position pos;
+      bool causal;
+    };
+    const Cfg cfgs[] = {{"relu2 rotary causal", cuda::Activation::relu2, cuda::Position::rotary, true},
+                        {"relu2 rotary bidirectional", cuda::Activation::relu2, cuda::Position::rotary, false},
+                        {"relu2 simple(P=1024) causal", cuda::Activation::relu2, cuda::Position::simple, true},
+                        {"softmax rotary causal", cuda::Activation::softmax, cuda::Position::rotary, true}};
+    for (const Cfg& c : cfgs) {
+      cuda::LocalAttentionConfig cfg;
+      cfg.window = sh.W;
+      cfg.causal = c.causal;
+      cfg.activation = c.act;
+      cfg.position = c.pos;
+      cfg.max_positions = 1024;
+      cuda::LocalAttentionInputs in;
+      in.batch = sh.B;
+      in.capacity = N;
+      in.z = sh.Z;
+      in.h = sh.H;
+      in.offsets = pv.offsets;
+      in.positions = pv.positions;
+      in.q = q.data();
+      in.k = k.data();
+      in.v = v.data();
+      // Visible pairs per query ~ min(W, row length) + 1 causal (2W + 1 bidirectional), counted on the host plan.
+      const std::vector<int> off = plan.offsets();
+      double pairs = 0;
+      for (int b = 0; b < sh.B; ++b) {
+        const long long len = off[b + 1] - off[b];
+        for (long long i = 0; i < len; ++i) {
+          const long long lo = std::max(0LL, i - sh.W), hi = c.causal ? i + 1 : std::min(len, i + sh.W + 1);
+          pairs += static_cast<double>(hi - lo);
+        }
+      }
+      const double fwd_gflop = 2.0 * pairs * (sh.Z + sh.H) * 1e-9;
+      // Backward as counted for FlashAttention: the recomputed scores, dA, dV, dQ, dK (5 products).
+      const double bwd_gflop = 2.0 * pairs * (3.0 * sh.Z + 2.0 * sh.H) * 1e-9;
+      const float ms_f = median_ms([&] {
+        cuda::local_attention_forward(cfg, in, table.data(), out.data(), stat.data(), s);
+      }, s, reps);
+      report("attention forward", c.name, ms_f, fwd_gflop);
+      const float ms_fb = median_ms([&] {
+        cuda::local_attention_forward(cfg, in, table.data(), out.data(), stat.data(), s);
+        cuda::local_attention_backward(cfg, in, table.data(), out.data(), stat.data(), dout.data(), dq.data(),
+                                       dk.data(), dv.data(), dtable.data(), s);
+      }, s, reps);
+      report("attention forward+backward", c.name, ms_fb, fwd_gflop + bwd_gflop);
+    }
+  }
+  if (json) std::fclose(json);
+  return 0;
+}

@@ -1,0 +1,437 @@
+// sma::cuda::local_attention_{forward,backward} against the CPU op sma::ops::local_attention_{forward,backward}:
+// every output and gradient, on random ragged batches (an empty row, rows shorter than the window, windows longer
+// than the compressed length, masked keys and queries that see no key), with the FlashAttention accuracy rule
+// (device error <= 2x the float CPU error against the double CPU path + a small floor). Also: launches for a
+// capacity larger than S (rows past S neither read, they hold NaN, nor written), bitwise determinism of the
+// backward, the compress -> attention pipeline with S left on the device, and the error messages.
+#include "cuda_test_support.hpp"
+
+#include <sma/cuda/compress.hpp>
+#include <sma/cuda/local_attention.hpp>
+#include <sma/ops/compress.hpp>
+#include <sma/ops/local_attention.hpp>
+
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace sma;
+using cuda_test::accuracy;
+
+namespace {
+
+using AA = ops::AttentionActivation;
+using PE = ops::PositionEncoding;
+
+static_assert(static_cast<int>(cuda::Activation::softmax) == static_cast<int>(AA::softmax) &&
+                  static_cast<int>(cuda::Activation::laplace) == static_cast<int>(AA::laplace),
+              "sma::cuda::Activation must follow sma::ops::AttentionActivation");
+static_assert(static_cast<int>(cuda::Position::rotary) == static_cast<int>(PE::rotary) &&
+                  static_cast<int>(cuda::Position::local_simple) == static_cast<int>(PE::local_simple),
+              "sma::cuda::Position must follow sma::ops::PositionEncoding");
+
+struct Case {
+  std::vector<Index> lengths;
+  Index Z, H, W;
+  Direction dir;
+  AA act;
+  PE pos;
+  Index P = 16;
+  double valid_prob = 1.0;  // < 1: random key_valid mask
+  Index extra = 5;          // capacity - S
+  unsigned seed = 1;
+};
+
+std::string describe(const Case& c) {
+  std::string lens;
+  for (Index l : c.lengths) lens += str_cat(l, ",");
+  return str_cat(ops::to_string(c.act), " ", ops::to_string(c.pos), " ", to_string(c.dir), " Z=", c.Z, " H=", c.H,
+                 " W=", c.W, " P=", c.P, " rows=", lens, " valid_prob=", c.valid_prob);
+}
+
+ops::LocalAttentionConfig cpu_config(const Case& c) {
+  ops::LocalAttentionConfig cfg;
+  cfg.window = c.W;
+  cfg.direction = c.dir;
+  cfg.activation = c.act;
+  cfg.position = c.pos;
+  cfg.max_positions = c.P;
+  return cfg;
+}
+
+cuda::LocalAttentionConfig gpu_config(const Case& c) {
+  cuda::LocalAttentionConfig cfg;
+  cfg.window = static_cast<int>(c.W);
+  cfg.causal = c.dir == Direction::causal;
+  cfg.activation = static_cast<cuda::Activation>(static_cast<int>(c.act));
+  cfg.position = static_cast<cuda::Position>(static_cast<int>(c.pos));
+  cfg.max_positions = static_cast<int>(c.P);
+  return cfg;
+}
+
+// The problem in double (the reference) and its float copy.
+struct Problem {
+  std::vector<Index> offsets;
+  Index S = 0;
+  std::vector<std::int64_t> pos;
+  std::vector<std::uint8_t> valid;
+  bool use_valid = false;
+  Matrix<double> q, k, v, dout;
+  std::vector<double> table;
+  Matrix<float> qf, kf, vf, doutf;
+  std::vector<float> tablef;
+
+  template <class T>
+  ops::LocalAttentionInput<T> input(const Matrix<T>& q_, const Matrix<T>& k_, const Matrix<T>& v_) const {
+    return {CMatrixMap<T>(q_.data(), S, q_.cols()), CMatrixMap<T>(k_.data(), S, k_.cols()),
+            CMatrixMap<T>(v_.data(), S, v_.cols()), &offsets, &pos, use_valid ? &valid : nullptr};
+  }
+};
+
+Problem make_problem(const Case& c) {
+  std::mt19937 rng(c.seed);
+  std::uniform_real_distribution<double> u(-1.0, 1.0), u01(0.0, 1.0);
+  std::uniform_int_distribution<int> gap(1, 3);
+  Problem p;
+  p.offsets.assign(1, 0);
+  for (Index l : c.lengths) p.offsets.push_back(p.offsets.back() + l);
+  p.S = p.offsets.back();
+  for (std::size_t b = 0; b + 1 < p.offsets.size(); ++b) {
+    std::int64_t t = gap(rng) - 1;
+    for (Index s = p.offsets[b]; s < p.offsets[b + 1]; ++s, t += gap(rng)) p.pos.push_back(t);
+  }
+  p.use_valid = c.valid_prob < 1.0;
+  for (Index s = 0; s < p.S; ++s) p.valid.push_back(u01(rng) < c.valid_prob ? 1 : 0);
+  // Scores of order one whatever the activation's scale: relu2/laplace scale by 1/W or 1/(2W).
+  const double qa = c.act == AA::softmax ? 1.5 : 1.5 * (c.dir == Direction::causal ? c.W : 2 * c.W) / std::sqrt(c.Z);
+  p.q.resize(p.S, c.Z);
+  p.k.resize(p.S, c.Z);
+  p.v.resize(p.S, c.H);
+  p.dout.resize(p.S, c.H);
+  for (Index i = 0; i < p.q.size(); ++i) p.q.data()[i] = qa * u(rng);
+  for (Index i = 0; i < p.k.size(); ++i) p.k.data()[i] = u(rng);
+  for (Index i = 0; i < p.v.size(); ++i) p.v.data()[i] = u(rng);
+  for (Index i = 0; i < p.dout.size(); ++i) p.dout.data()[i] = u(rng);
+  const Index ts = cpu_config(c).bias_table_size();
+  for (Index e = 0; e < ts; ++e) p.table.push_back(0.5 * u(rng));
+  // The reference is the double problem rounded to float, so both paths see the same numbers.
+  p.qf = p.q.cast<float>();
+  p.kf = p.k.cast<float>();
+  p.vf = p.v.cast<float>();
+  p.doutf = p.dout.cast<float>();
+  p.q = p.qf.cast<double>();
+  p.k = p.kf.cast<double>();
+  p.v = p.vf.cast<double>();
+  p.dout = p.doutf.cast<double>();
+  for (double& t : p.table) t = static_cast<float>(t);
+  p.tablef.assign(p.table.begin(), p.table.end());
+  return p;
+}
+
+struct GpuResult {
+  std::vector<float> out, row_stat, dq, dk, dv, dbias;
+};
+
+// Runs forward + backward on the device with `capacity` = S + c.extra rows (NaN past S), checks that no row past S
+// was written, and returns the first S rows.
+GpuResult run_gpu(const Case& c, const Problem& p, float dbias_init) {
+  const Index cap = p.S + c.extra;
+  std::vector<int> off(p.offsets.begin(), p.offsets.end());
+  std::vector<int> pos(static_cast<std::size_t>(cap), -7);
+  std::copy(p.pos.begin(), p.pos.end(), pos.begin());
+  std::vector<std::uint8_t> valid(static_cast<std::size_t>(cap), 1);
+  std::copy(p.valid.begin(), p.valid.end(), valid.begin());
+  cuda::DeviceArray<int> d_off(off), d_pos(pos);
+  cuda::DeviceArray<std::uint8_t> d_valid(valid);
+  auto d_q = cuda_test::upload_rows(p.qf, cap), d_k = cuda_test::upload_rows(p.kf, cap),
+       d_v = cuda_test::upload_rows(p.vf, cap), d_dout = cuda_test::upload_rows(p.doutf, cap);
+  const float sen = cuda_test::sentinel();
+  cuda::DeviceArray<float> d_out(std::vector<float>(static_cast<std::size_t>(cap * c.H), sen));
+  cuda::DeviceArray<float> d_stat(std::vector<float>(static_cast<std::size_t>(cap), sen));
+  cuda::DeviceArray<float> d_dq(std::vector<float>(static_cast<std::size_t>(cap * c.Z), sen));
+  cuda::DeviceArray<float> d_dk(std::vector<float>(static_cast<std::size_t>(cap * c.Z), sen));
+  cuda::DeviceArray<float> d_dv(std::vector<float>(static_cast<std::size_t>(cap * c.H), sen));
+  const std::size_t ts = p.tablef.size();
+  cuda::DeviceArray<float> d_table(p.tablef.empty() ? std::vector<float>{0.f} : p.tablef);
+  cuda::DeviceArray<float> d_dtable(std::vector<float>(std::max<std::size_t>(ts, 1), dbias_init));
+
+  cuda::LocalAttentionInputs in;
+  in.batch = static_cast<int>(c.lengths.size());
+  in.capacity = static_cast<int>(cap);
+  in.z = static_cast<int>(c.Z);
+  in.h = static_cast<int>(c.H);
+  in.offsets = d_off.data();
+  in.positions = d_pos.data();
+  in.key_valid = p.use_valid ? d_valid.data() : nullptr;
+  in.q = d_q.data();
+  in.k = d_k.data();
+  in.v = d_v.data();
+  const cuda::LocalAttentionConfig cfg = gpu_config(c);
+  cuda::Stream stream;
+  cuda::local_attention_forward(cfg, in, d_table.data(), d_out.data(), d_stat.data(), stream.handle());
+  cuda::local_attention_backward(cfg, in, d_table.data(), d_out.data(), d_stat.data(), d_dout.data(), d_dq.data(),
+                                 d_dk.data(), d_dv.data(), ts ? d_dtable.data() : nullptr, stream.handle());
+  stream.synchronize();
+
+  GpuResult r;
+  r.out = d_out.download();
+  r.row_stat = d_stat.download();
+  r.dq = d_dq.download();
+  r.dk = d_dk.download();
+  r.dv = d_dv.download();
+  r.dbias = d_dtable.download();
+  const auto S = static_cast<std::size_t>(p.S);
+  CHECK(cuda_test::all_sentinel(r.out, S * c.H));
+  CHECK(cuda_test::all_sentinel(r.dq, S * c.Z));
+  CHECK(cuda_test::all_sentinel(r.dk, S * c.Z));
+  CHECK(cuda_test::all_sentinel(r.dv, S * c.H));
+  if (c.act == AA::softmax) CHECK(cuda_test::all_sentinel(r.row_stat, S));
+  r.out.resize(S * c.H);
+  r.row_stat.resize(S);
+  r.dq.resize(S * c.Z);
+  r.dk.resize(S * c.Z);
+  r.dv.resize(S * c.H);
+  r.dbias.resize(ts);
+  return r;
+}
+
+void check_case(const Case& c) {
+  INFO(describe(c));
+  const Problem p = make_problem(c);
+  const ops::LocalAttentionConfig cfg = cpu_config(c);
+  const std::size_t S = static_cast<std::size_t>(p.S);
+
+  ops::LocalAttentionSaved<double> saved_d;
+  ops::LocalAttentionSaved<float> saved_f;
+  const Matrix<double> out_d =
+      ops::local_attention_forward(cfg, p.input(p.q, p.k, p.v), p.table.empty() ? nullptr : p.table.data(), &saved_d);
+  const Matrix<float> out_f = ops::local_attention_forward(cfg, p.input(p.qf, p.kf, p.vf),
+                                                           p.tablef.empty() ? nullptr : p.tablef.data(), &saved_f);
+  Matrix<double> dq_d, dk_d, dv_d;
+  Matrix<float> dq_f, dk_f, dv_f;
+  const float init = 0.25f;
+  std::vector<double> dtab_d(p.table.size(), init);
+  std::vector<float> dtab_f(p.table.size(), init);
+  ops::local_attention_backward(cfg, p.input(p.q, p.k, p.v), p.table.empty() ? nullptr : p.table.data(), saved_d,
+                                CMatrixMap<double>(p.dout.data(), p.S, c.H), dq_d, dk_d, dv_d,
+                                dtab_d.empty() ? nullptr : dtab_d.data());
+  ops::local_attention_backward(cfg, p.input(p.qf, p.kf, p.vf), p.tablef.empty() ? nullptr : p.tablef.data(),
+                                saved_f, CMatrixMap<float>(p.doutf.data(), p.S, c.H), dq_f, dk_f, dv_f,
+                                dtab_f.empty() ? nullptr : dtab_f.data());
+
+  GpuResult g = run_gpu(c, p, init);
+  CHECK(cuda_test::all_finite(g.out, g.out.size()));
+  CHECK(cuda_test::all_finite(g.dq, g.dq.size()));
+  CHECK(cuda_test::all_finite(g.dk, g.dk.size()));
+  CHECK(cuda_test::all_finite(g.dv, g.dv.size()));
+  const auto a_out = accuracy(g.out.data(), out_f.data(), out_d.data(), S * c.H);
+  const auto a_dq = accuracy(g.dq.data(), dq_f.data(), dq_d.data(), S * c.Z);
+  const auto a_dk = accuracy(g.dk.data(), dk_f.data(), dk_d.data(), S * c.Z);
+  const auto a_dv = accuracy(g.dv.data(), dv_f.data(), dv_d.data(), S * c.H);
+  INFO("out: " << a_out);
+  INFO("dq: " << a_dq);
+  INFO("dk: " << a_dk);
+  INFO("dv: " << a_dv);
+  CHECK(a_out.ok());
+  CHECK(a_dq.ok());
+  CHECK(a_dk.ok());
+  CHECK(a_dv.ok());
+  if (!p.table.empty()) {
+    const auto a_db = accuracy(g.dbias.data(), dtab_f.data(), dtab_d.data(), p.table.size());
+    INFO("dbias: " << a_db);
+    CHECK(a_db.ok());
+  }
+  if (c.act == AA::softmax) {
+    // +inf where a query sees no key, as on the CPU; elsewhere the log-sum-exp.
+    std::vector<float> lse_f(saved_f.row_stat.data(), saved_f.row_stat.data() + S);
+    std::vector<double> lse_d(saved_d.row_stat.data(), saved_d.row_stat.data() + S);
+    std::size_t mismatched_inf = 0;
+    for (std::size_t i = 0; i < S; ++i) {
+      if (std::isinf(lse_d[i]) != std::isinf(g.row_stat[i])) ++mismatched_inf;
+      if (std::isinf(lse_d[i])) lse_f[i] = g.row_stat[i] = 0, lse_d[i] = 0;
+    }
+    CHECK(mismatched_inf == 0);
+    const auto a_lse = accuracy(g.row_stat.data(), lse_f.data(), lse_d.data(), S);
+    INFO("row_stat: " << a_lse);
+    CHECK(a_lse.ok());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda local attention matches the CPU op (forward and backward)", "[cuda][attention][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  const Direction C = Direction::causal, Bi = Direction::bidirectional;
+  const std::vector<Case> cases = {
+      {{37, 0, 150, 5, 70}, 16, 24, 8, C, AA::relu2, PE::simple, 16, 1.0, 5, 1},
+      {{100, 3, 0, 64, 129}, 32, 40, 40, Bi, AA::relu2, PE::simple, 64, 0.8, 9, 2},
+      {{65, 64, 1, 200}, 64, 72, 16, C, AA::softmax, PE::rotary, 16, 0.6, 3, 3},
+      {{33, 17, 0, 90}, 8, 300, 5, Bi, AA::softmax, PE::simple, 8, 1.0, 64, 4},
+      {{50, 0, 77}, 10, 19, 7, C, AA::laplace, PE::local_simple, 16, 1.0, 1, 5},
+      {{300, 150}, 128, 256, 64, Bi, AA::relu2, PE::none, 16, 1.0, 0, 6},
+      {{250, 0, 40}, 128, 130, 100, Bi, AA::softmax, PE::local_simple, 16, 0.9, 70, 7},
+      {{1, 2, 3, 4, 5, 50}, 6, 8, 3, Bi, AA::relu2, PE::rotary, 16, 1.0, 2, 8},
+      {{20, 30, 9}, 4, 4, 600, C, AA::softmax, PE::none, 16, 0.15, 4, 9},
+      {{129, 1, 128}, 20, 64, 1, C, AA::relu2, PE::local_simple, 16, 0.7, 63, 10},
+      {{200}, 36, 48, 33, C, AA::laplace, PE::rotary, 16, 1.0, 200, 11},
+      {{45, 70}, 64, 100, 12, Bi, AA::laplace, PE::simple, 4, 0.5, 1, 12},
+      {{300, 41}, 16, 16, 70, Bi, AA::relu2, PE::simple, 20, 1.0, 3, 13},  // most pairs hit the clamped ends
+      {{200, 5}, 8, 8, 90, C, AA::softmax, PE::simple, 1, 0.7, 3, 14},     // a one-entry table
+  };
+  for (const Case& c : cases) check_case(c);
+}
+
+TEST_CASE("cuda local attention: every activation x position x direction", "[cuda][attention]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  unsigned seed = 100;
+  for (AA act : {AA::relu2, AA::softmax, AA::laplace})
+    for (PE pos : {PE::none, PE::simple, PE::local_simple, PE::rotary})
+      for (Direction dir : {Direction::causal, Direction::bidirectional})
+        check_case({{90, 0, 13, 161}, 24, 36, 20, dir, act, pos, 32, 0.85, 7, seed++});
+}
+
+TEST_CASE("cuda local attention: nothing to do when S = 0", "[cuda][attention][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  for (Index extra : {0, 7}) {
+    Case c{{0, 0}, 8, 8, 4, Direction::causal, AA::softmax, PE::simple, 8, 1.0, extra, 1};
+    const Problem p = make_problem(c);
+    const GpuResult g = run_gpu(c, p, 0.5f);
+    for (float d : g.dbias) CHECK(d == 0.5f);
+  }
+}
+
+TEST_CASE("cuda local attention backward is deterministic", "[cuda][attention][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  for (AA act : {AA::relu2, AA::softmax}) {
+    Case c{{400, 77, 300}, 64, 96, 48, Direction::bidirectional, act, PE::simple, 64, 0.9, 11, 21};
+    INFO(describe(c));
+    const Problem p = make_problem(c);
+    const GpuResult a = run_gpu(c, p, 0.f), b = run_gpu(c, p, 0.f);
+    CHECK(cuda_test::bitwise_equal(a.out, b.out));
+    CHECK(cuda_test::bitwise_equal(a.dq, b.dq));
+    CHECK(cuda_test::bitwise_equal(a.dk, b.dk));
+    CHECK(cuda_test::bitwise_equal(a.dv, b.dv));
+    CHECK(cuda_test::bitwise_equal(a.dbias, b.dbias));
+  }
+}
+
+TEST_CASE("cuda compress -> local attention with S left on the device", "[cuda][attention][compress][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  const int B = 4, L = 300, D = 32, H = 40, W = 24;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  Tensor2<std::uint8_t> active(B, L);
+  std::vector<std::uint8_t> active_flat(static_cast<std::size_t>(B * L));
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < L; ++t) {
+      const bool on = b != 2 && std::uniform_int_distribution<int>(0, 99)(rng) < (b == 0 ? 10 : 55);
+      active(b, t) = on;
+      active_flat[static_cast<std::size_t>(b * L + t)] = on;
+    }
+  Matrix<float> xq(B * L, D), xk(B * L, D), xv(B * L, H);
+  for (Index i = 0; i < xq.size(); ++i) xq.data()[i] = u(rng) * 2;
+  for (Index i = 0; i < xk.size(); ++i) xk.data()[i] = u(rng);
+  for (Index i = 0; i < xv.size(); ++i) xv.data()[i] = u(rng);
+  std::vector<float> table(2 * 64 - 1);
+  for (float& t : table) t = 0.5f * u(rng);
+
+  // CPU: plan, compress, attend (double reference and float).
+  const Compression plan = plan_compression(active, RoutingSemantics::reference);
+  REQUIRE(plan.compressed);
+  const Matrix<float> qc = compress<float>(CMatrixMap<float>(xq.data(), B * L, D), plan);
+  const Matrix<float> kc = compress<float>(CMatrixMap<float>(xk.data(), B * L, D), plan);
+  const Matrix<float> vc = compress<float>(CMatrixMap<float>(xv.data(), B * L, H), plan);
+  ops::LocalAttentionConfig cfg;
+  cfg.window = W;
+  cfg.max_positions = 64;
+  const Index S = plan.slots();
+  const Matrix<double> qd = qc.cast<double>(), kd = kc.cast<double>(), vd = vc.cast<double>();
+  const std::vector<double> tabled(table.begin(), table.end());
+  const ops::LocalAttentionInput<double> ind{CMatrixMap<double>(qd.data(), S, D), CMatrixMap<double>(kd.data(), S, D),
+                                             CMatrixMap<double>(vd.data(), S, H), &plan.offsets, &plan.positions,
+                                             nullptr};
+  const ops::LocalAttentionInput<float> inf{CMatrixMap<float>(qc.data(), S, D), CMatrixMap<float>(kc.data(), S, D),
+                                            CMatrixMap<float>(vc.data(), S, H), &plan.offsets, &plan.positions,
+                                            nullptr};
+  const Matrix<double> out_d = ops::local_attention_forward<double>(cfg, ind, tabled.data(), nullptr);
+  const Matrix<float> out_f = ops::local_attention_forward<float>(cfg, inf, table.data(), nullptr);
+
+  // Device: the plan's S is never copied to the host; everything runs for capacity B*L.
+  cuda::Stream stream;
+  cuda::DeviceArray<std::uint8_t> d_active(active_flat);
+  cuda::DeviceCompression dplan(B, L);
+  cuda::plan_compression(d_active.data(), cuda::CompressionSemantics::reference, dplan.view(), stream.handle());
+  cuda::DeviceArray<float> d_xq(std::vector<float>(xq.data(), xq.data() + xq.size()));
+  cuda::DeviceArray<float> d_xk(std::vector<float>(xk.data(), xk.data() + xk.size()));
+  cuda::DeviceArray<float> d_xv(std::vector<float>(xv.data(), xv.data() + xv.size()));
+  cuda::DeviceArray<float> d_q(B * L * D), d_k(B * L * D), d_v(B * L * H), d_out(B * L * H), d_table(table);
+  cuda::compress(d_xq.data(), D, dplan.view(), d_q.data(), stream.handle());
+  cuda::compress(d_xk.data(), D, dplan.view(), d_k.data(), stream.handle());
+  cuda::compress(d_xv.data(), H, dplan.view(), d_v.data(), stream.handle());
+  cuda::LocalAttentionInputs in;
+  in.batch = B;
+  in.capacity = B * L;
+  in.z = D;
+  in.h = H;
+  in.offsets = dplan.view().offsets;
+  in.positions = dplan.view().positions;
+  in.q = d_q.data();
+  in.k = d_k.data();
+  in.v = d_v.data();
+  cuda::LocalAttentionConfig gcfg;
+  gcfg.window = W;
+  gcfg.max_positions = 64;
+  cuda::local_attention_forward(gcfg, in, d_table.data(), d_out.data(), nullptr, stream.handle());
+  stream.synchronize();
+  std::vector<float> out = d_out.download();
+  REQUIRE(dplan.offsets().back() == S);
+  const auto a = accuracy(out.data(), out_f.data(), out_d.data(), static_cast<std::size_t>(S * H));
+  INFO("out: " << a);
+  CHECK(a.ok());
+}
+
+TEST_CASE("cuda local attention: errors name the problem", "[cuda][attention][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  cuda::DeviceArray<int> off(std::vector<int>{0, 4});
+  cuda::DeviceArray<int> pos(std::vector<int>{0, 1, 2, 3});
+  cuda::DeviceArray<float> x(4 * 200), out(4 * 200), table(64);
+  cuda::LocalAttentionInputs in;
+  in.batch = 1;
+  in.capacity = 4;
+  in.z = 129;
+  in.h = 8;
+  in.offsets = off.data();
+  in.positions = pos.data();
+  in.q = in.k = in.v = x.data();
+  cuda::LocalAttentionConfig cfg;
+  cfg.window = 2;
+  cfg.max_positions = 8;
+  CHECK_THROWS_WITH(cuda::local_attention_forward(cfg, in, table.data(), out.data(), nullptr),
+                    Catch::Contains("Z = 129 is not supported on the device"));
+  in.z = 8;
+  cfg.window = 0;
+  CHECK_THROWS_AS(cuda::local_attention_forward(cfg, in, table.data(), out.data(), nullptr), ValueError);
+  cfg.window = 2;
+  CHECK_THROWS_WITH(cuda::local_attention_forward(cfg, in, nullptr, out.data(), nullptr),
+                    Catch::Contains("bias_table is nullptr but simple positions need 15 entries"));
+  cfg.activation = cuda::Activation::softmax;
+  CHECK_THROWS_WITH(cuda::local_attention_backward(cfg, in, table.data(), nullptr, nullptr, x.data(), x.data(),
+                                                   x.data(), x.data(), table.data()),
+                    Catch::Contains("needs the forward's out and row_stat"));
+  // A CUDA failure becomes CudaError naming the call.
+  try {
+    cuda::DeviceBuffer huge(std::size_t(1) << 52);
+    FAIL("allocating 4 PiB succeeded");
+  } catch (const cuda::CudaError& e) {
+    CHECK(e.call().find("cudaMalloc") != std::string::npos);
+    CHECK(std::string(e.what()).find("cudaErrorMemoryAllocation") != std::string::npos);
+  }
+}
+
+TEST_CASE("cuda local attention: small cases for the race checker", "[cuda][attention][race]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  check_case({{70, 0, 9}, 8, 12, 6, Direction::causal, AA::relu2, PE::simple, 8, 0.8, 3, 31});
+  check_case({{66, 5}, 12, 20, 4, Direction::bidirectional, AA::softmax, PE::local_simple, 8, 1.0, 60, 32});
+}
