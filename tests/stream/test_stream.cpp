@@ -632,7 +632,7 @@ TEST_CASE("LM generation continues the state; batches equal single streams", "[s
   auto st = streamer.make_state(1);
   const auto out = generate(streamer, st, prompt, 12, greedy);
   REQUIRE(out.size() == 12);
-  CHECK(st.position[0] == 16);
+  CHECK(st.position[0] == 15);  // everything but the last generated token
   // Each greedy token is the argmax of the full forward over everything before it.
   std::vector<std::int32_t> seq = prompt;
   for (std::size_t i = 0; i < out.size(); ++i) {
@@ -647,11 +647,18 @@ TEST_CASE("LM generation continues the state; batches equal single streams", "[s
     CHECK(out[i] == best);
     seq.push_back(out[i]);
   }
-  // Going on from the returned state equals generating from the whole sequence.
-  auto st_more = st;
-  const auto more = generate(streamer, st_more, {out.back()}, 3, greedy);
-  // (out.back() was consumed already; feeding it again is a new token of the stream.)
-  CHECK(st_more.position[0] == 20);
+  // Going on from the returned state (last token first) equals generating everything at once.
+  const auto more = generate(streamer, st, {out.back()}, 5, greedy);
+  CHECK(st.position[0] == 20);
+  auto fresh = streamer.make_state(1);
+  const auto all = generate(streamer, fresh, prompt, 17, greedy);
+  std::vector<std::int32_t> joined = out;
+  joined.insert(joined.end(), more.begin(), more.end());
+  CHECK(all == joined);
+  // n = 0 consumes the prompt but its last token.
+  auto zero = streamer.make_state(1);
+  CHECK(generate(streamer, zero, prompt, 0, greedy).empty());
+  CHECK(zero.position[0] == 3);
   // Batches with prompts of different lengths, sampled: equal to each prompt alone with seed + b.
   SamplingOptions samp;
   samp.temperature = 0.9;
@@ -665,7 +672,8 @@ TEST_CASE("LM generation continues the state; batches equal single streams", "[s
     SamplingOptions sb = samp;
     sb.seed = samp.seed + b;
     CHECK(generate(streamer, one, prompts[b], 7, sb) == outs[b]);
-    CHECK(bst.position[b] == static_cast<std::int64_t>(prompts[b].size() + 7));
+    CHECK(bst.position[b] == static_cast<std::int64_t>(prompts[b].size() + 6));
+    CHECK(bst.position[b] == one.position[0]);
   }
   CHECK_THROWS_AS(generate(streamer, st, {}, 3, greedy), ValueError);
 }

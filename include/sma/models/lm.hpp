@@ -358,21 +358,29 @@ struct LmCheckpoint {
   std::map<std::string, std::string> metadata;
 };
 
-/// Builds the model from the file's "sma_lm_config" (or `config` when the file has none, e.g. an imported fairseq
-/// state_dict) and loads every parameter strictly (a tied `decoder.output_projection.weight` is ignored).
+/// Builds the model from the file's configuration and loads every parameter strictly. The configuration comes from
+/// the metadata "sma_lm_config" (save_lm_checkpoint) or "model_config" (sma::train checkpoints, e.g. sma-demo's
+/// kjv-lm run), else from `config` (e.g. an imported fairseq state_dict). Ignored tensors: a tied
+/// `decoder.output_projection.weight`, fairseq's `decoder.version`, and a training checkpoint's optimizer.* and
+/// trainer.* state.
 template <class T>
 LmCheckpoint<T> load_lm_checkpoint(const std::string& path, const SeqBoatLmConfig* config = nullptr) {
   const io::SafetensorsFile f(path);
   SeqBoatLmConfig cfg;
   if (f.has_metadata("sma_lm_config"))
     cfg = SeqBoatLmConfig::from_json(nlohmann::json::parse(f.metadata_value("sma_lm_config")));
+  else if (f.has_metadata("model_config"))
+    cfg = SeqBoatLmConfig::from_json(nlohmann::json::parse(f.metadata_value("model_config")));
   else if (config)
     cfg = *config;
   else
-    throw ValueError(str_cat(path, ": no 'sma_lm_config' metadata; pass the model's configuration"));
+    throw ValueError(str_cat(path, ": no 'sma_lm_config' or 'model_config' metadata; pass the model's configuration"));
   LmCheckpoint<T> ck{SeqBoatLm<T>(cfg), f.metadata()};
   io::LoadOptions lo;
-  lo.ignore = [](const std::string& n) { return n == "decoder.output_projection.weight" || n == "decoder.version"; };
+  lo.ignore = [](const std::string& n) {
+    return n == "decoder.output_projection.weight" || n == "decoder.version" || n.rfind("optimizer.", 0) == 0 ||
+           n.rfind("trainer.", 0) == 0;
+  };
   io::load_state_dict(ck.model, f, lo);
   return ck;
 }
@@ -576,7 +584,11 @@ std::int32_t sample_token(const T* logits, Index V, const SamplingOptions& opt, 
 
 /// Batched generation: stream b continues with prompts[b] (lengths may differ) and gets n new tokens. All streams
 /// step together; a stream whose prompt is shorter starts sampling earlier. Stream b samples with its own generator
-/// seeded opt.seed + b. Every stream's state ends having consumed its prompt and its n tokens.
+/// seeded opt.seed + b.
+/// STATE  Every stream's state ends having consumed its prompt and its new tokens EXCEPT the last one (the last token
+///        of prompt + output when n = 0): a sampled token only enters the model when the next one is wanted. To go on
+///        later, pass that last token first: generate(..., {out.back(), further tokens...}, ...). Nothing is computed
+///        twice and nothing is computed in vain.
 template <class T>
 std::vector<std::vector<std::int32_t>> generate_batch(SeqBoatLmStreamer<T>& streamer, SeqBoatLmState<T>& st,
                                                       const std::vector<std::vector<std::int32_t>>& prompts, Index n,
@@ -596,23 +608,24 @@ std::vector<std::vector<std::int32_t>> generate_batch(SeqBoatLmStreamer<T>& stre
   std::vector<std::mt19937_64> rngs;
   for (Index b = 0; b < B; ++b) rngs.emplace_back(opt.seed + static_cast<std::uint64_t>(b));
   std::vector<std::vector<std::int32_t>> out(static_cast<std::size_t>(B));
-  if (n == 0 && B > 0) {
-    // Consume the prompts only, each stream its own length: one stream at a time.
+  if (n == 0) {
+    // Consume each prompt but its last token, each stream its own length: one stream at a time.
     for (Index b = 0; b < B; ++b) {
-      SeqBoatLmState<T> one = st.row(b);
       const auto& p = prompts[static_cast<std::size_t>(b)];
-      Tensor2<std::int32_t> t(1, static_cast<Index>(p.size()));
-      std::copy(p.begin(), p.end(), t.data());
+      if (p.size() < 2) continue;
+      SeqBoatLmState<T> one = st.row(b);
+      Tensor2<std::int32_t> t(1, static_cast<Index>(p.size()) - 1);
+      std::copy(p.begin(), p.end() - 1, t.data());
       streamer.step_chunk(t, one);
       st.set_row(b, one);
     }
     return out;
   }
-  // Stream b feeds prompt[b][t] while t < len_b, then its own samples; it samples from step len_b - 1 on.
+  // Stream b feeds prompt[b][t] while t < len_b, then its own samples; it samples from step len_b - 1 on and is done
+  // at step len_b + n - 2. A stream done before the last step keeps a copy of its state from that moment.
   const Index steps = longest + n - 1;
   std::vector<std::int32_t> next(static_cast<std::size_t>(B));
   std::vector<SeqBoatLmState<T>> finished(static_cast<std::size_t>(B));
-  std::vector<std::uint8_t> is_done(static_cast<std::size_t>(B), 0);
   for (Index t = 0; t < steps; ++t) {
     for (Index b = 0; b < B; ++b) {
       const auto& p = prompts[static_cast<std::size_t>(b)];
@@ -623,31 +636,19 @@ std::vector<std::vector<std::int32_t>> generate_batch(SeqBoatLmStreamer<T>& stre
     for (Index b = 0; b < B; ++b) {
       const auto bi = static_cast<std::size_t>(b);
       const Index len = static_cast<Index>(prompts[bi].size());
-      if (is_done[bi] || t < len - 1) continue;
+      if (t < len - 1 || static_cast<Index>(out[bi].size()) == n) continue;
       out[bi].push_back(sample_token(logits.data() + b * V, V, opt, rngs[bi]));
-      if (static_cast<Index>(out[bi].size()) == n) {
-        // Feed the last sample too, so the state has consumed everything returned; keep this stream's state.
-        SeqBoatLmState<T> one = st.row(b);
-        streamer.step({out[bi].back()}, one);
-        finished[bi] = std::move(one);
-        is_done[bi] = 1;
-      }
+      if (static_cast<Index>(out[bi].size()) == n && t + 1 < steps) finished[bi] = st.row(b);
     }
   }
-  for (Index b = 0; b < B; ++b) {
-    const auto bi = static_cast<std::size_t>(b);
-    if (!is_done[bi]) {  // n new tokens from the very last step (longest prompt)
-      SeqBoatLmState<T> one = st.row(b);
-      streamer.step({out[bi].back()}, one);
-      finished[bi] = std::move(one);
-    }
-    st.set_row(b, finished[bi]);
-  }
+  for (Index b = 0; b < B; ++b)
+    if (finished[static_cast<std::size_t>(b)].batch() == 1) st.set_row(b, finished[static_cast<std::size_t>(b)]);
   return out;
 }
 
 /// Continues stream `st` (a one-stream state) with `prompt` (at least one token) and returns `n` new tokens. The state
-/// ends having consumed the prompt and the n tokens, so the conversation can go on from it.
+/// ends having consumed everything but the last returned token (see generate_batch): continue with
+/// generate(streamer, st, {out.back(), ...}, ...).
 template <class T>
 std::vector<std::int32_t> generate(SeqBoatLmStreamer<T>& streamer, SeqBoatLmState<T>& st,
                                    const std::vector<std::int32_t>& prompt, Index n, const SamplingOptions& opt) {
