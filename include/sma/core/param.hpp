@@ -196,7 +196,7 @@ class ParamBuffer {
       entries_.push_back({name, &p, total});
       total += p.size();
     });
-    std::vector<T> values(static_cast<std::size_t>(total)), grads(static_cast<std::size_t>(total));
+    Storage values(static_cast<std::size_t>(total)), grads(static_cast<std::size_t>(total));
     for (auto& e : entries_) e.param->rebind(values.data() + e.offset, grads.data() + e.offset);
     values_ = std::move(values);  // vector move keeps the data pointer, so the rebinding stays valid
     grads_ = std::move(grads);
@@ -218,8 +218,12 @@ class ParamBuffer {
   }
 
  private:
+  // Aligned to Eigen's largest packet: each parameter then sits at the same alignment in every buffer bound to the
+  // same model, and Eigen's vectorised reductions (whose association depends on where a vector starts) round the
+  // same way in every run, in every data-parallel replica and after a resume.
+  using Storage = std::vector<T, Eigen::aligned_allocator<T>>;
   std::vector<Entry> entries_;
-  std::vector<T> values_, grads_;
+  Storage values_, grads_;
 };
 
 }  // namespace sma
