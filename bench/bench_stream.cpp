@@ -11,6 +11,8 @@
 // step costs the norm, EMA, hx_proj and router only) or left alone ("routed": the layer's own decisions).
 // The baseline BM_FullForwardPerToken is what decoding costs without a state: the full forward over the last L
 // tokens for each new token.
+// Run: OPENBLAS_NUM_THREADS=1 sma_bench_stream (the timed steps are single-threaded; Eigen may hand large products
+// to OpenBLAS, whose own threads would otherwise spin next to them).
 #include <sma/models/seqboat_stream.hpp>
 #include <sma/testing/random.hpp>
 
@@ -52,20 +54,30 @@ SeqBoatLayerConfig stream_config() {
   return c;
 }
 
+/// The benchmarked layer: the reference initialisation (seed 7) with the router's weights widened (its logits are
+/// near 0 at initialisation; this makes routing a real decision, about 2/3 of the tokens activated).
+SeqBoatLayer<T> make_layer() {
+  SeqBoatLayer<T> layer(stream_config(), 7);
+  auto& w = layer.hx_proj().weight();
+  for (Index j = 0; j < 2 * kDim; ++j) w.data()[j] *= T(50);
+  return layer;
+}
+
+void single_threaded() {
+#ifdef _OPENMP
+  omp_set_num_threads(1);
+#endif
+}
+
 struct Fixture {
-  SeqBoatLayer<T> layer{stream_config(), 7};
+  SeqBoatLayer<T> layer = make_layer();
   std::map<Index, SeqBoatLayerState<T>> states;  // position -> state of one stream
   Tensor3<T> tokens;                              // (1, 64, D) inputs cycled through by the timed steps
   double seconds_to_fill = 0;
   double density = 0;
 
   Fixture() {
-#ifdef _OPENMP
-    omp_set_num_threads(1);
-#endif
-    // Router logits of the reference initialisation are near 0; widen them so that routing is a real decision.
-    auto& w = layer.hx_proj().weight();
-    for (Index j = 0; j < 2 * kDim; ++j) w.data()[j] *= T(50);
+    single_threaded();
     tokens = testing::random_tensor<T>(1, 64, kDim, 99);
     SeqBoatLayerStreamer<T> s(layer);
     auto st = s.make_state(1);
@@ -116,14 +128,15 @@ void BM_StreamStep(benchmark::State& bs) {
 
 // Without a state: the next token's output from the full forward over the last L tokens.
 void BM_FullForwardPerToken(benchmark::State& bs) {
-  Fixture& f = fixture();
+  single_threaded();
+  static const SeqBoatLayer<T> layer = make_layer();
   const Index L = bs.range(0);
   const Tensor3<T> x = testing::random_tensor<T>(1, L, kDim, 5);
   Context ctx(Mode::eval);
   ctx.threads = 1;
   for (auto _ : bs) {
     SeqBoatLayer<T>::Cache c;
-    benchmark::DoNotOptimize(f.layer.forward(ctx, x, c));
+    benchmark::DoNotOptimize(layer.forward(ctx, x, c));
   }
   bs.counters["position"] = double(L);
 }

@@ -2,14 +2,14 @@
 // fixed-size streaming state (sma/models/lm.hpp, docs/streaming.md).
 //
 //   generate_text --checkpoint sma-demo-kjv-lm.safetensors --prompt "And God said" --length 300 --top-k 8
-//   generate_text --train-steps 400 --save tiny-lm.safetensors     # no checkpoint yet: train a tiny LM first
+//   generate_text --train-steps 300 --save tiny-lm.safetensors     # no checkpoint yet: train a tiny LM first
 //
 // The checkpoint is either the training run's (sma-demo --task kjv-lm writes <out-dir>/sma-demo-kjv-lm.safetensors,
 // with the model configuration in its metadata) or one written by this program (--save). The vocabulary is the King
 // James Bible's characters (sma/data/kjv.hpp), or the checkpoint's "vocab" metadata when it has one. Without a
-// checkpoint the program trains a small LM on the KJV text for --train-steps steps (AdamW, a minute or so on two
-// cores), so that it runs end to end on a fresh machine; --train-steps 0 keeps the random initial weights (the text
-// is then noise, which the program says).
+// checkpoint the program trains a small LM on the KJV text for --train-steps steps (AdamW, batches of 8 windows of
+// 128 characters, about half a CPU-second a step here), so that it runs end to end on a fresh machine;
+// --train-steps 0 keeps the random initial weights (the text is then noise, which the program says).
 //
 // It also parks the conversation halfway (saves the stream state to bytes), resumes it from those bytes, and checks
 // that the continuation is the same as without the pause.
@@ -51,7 +51,7 @@ SeqBoatLm<T> train_tiny_lm(const data::CharCorpus& kjv, Index steps, std::uint64
   ParamBuffer<T> buf(lm);
   optim::Adam<T> opt(buf, optim::Adam<T>::Config{0.9, 0.98, 1e-8, 0.01});
   optim::Schedule sched{3e-3, std::max<Index>(1, steps / 20), steps, optim::Decay::cosine, 0.1};
-  data::LmBatcher batches(kjv.train, 16, 128, seed);
+  data::LmBatcher batches(kjv.train, 8, 128, seed);
   Context ctx(Mode::train, seed);
   const auto t0 = Clock::now();
   double avg = 0;
@@ -82,7 +82,7 @@ std::string printable(const std::string& s) {
 int main(int argc, char** argv) {
   CLI::App app{"Generate text with a causal SeqBoat character LM, streaming one token at a time"};
   std::string checkpoint = "sma-demo-kjv-lm.safetensors", save, prompt = "And God said, ";
-  Index length = 300, top_k = 10, train_steps = 400;
+  Index length = 300, top_k = 10, train_steps = 300;
   double temperature = 0.8;
   std::uint64_t seed = 1;
   bool greedy = false;
