@@ -1,13 +1,20 @@
 // Streaming inference: SeqBoatLayerStreamer / SeqBoatModelStreamer / SeqBoatLmStreamer against the full forward at
 // every position (random causal configurations: relu2, softmax, laplace; none, simple, local_simple, rotary positions;
 // densities none .. all; windows larger and smaller than the sequence; EMA truncation; float and double), chunked
-// feeding against token-by-token, state operations and serialisation, the language model's gradient and sampling.
+// feeding against token-by-token, state operations and serialisation, the language model's gradient and sampling,
+// and run_case_stream (sma-golden --stream) over the golden cases.
+#include "golden/golden_case.hpp"
+
 #include <catch2/catch.hpp>
 #include <sma/models/lm.hpp>
 #include <sma/models/seqboat_stream.hpp>
 #include <sma/testing/random.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -417,6 +424,25 @@ TEST_CASE("causal SeqBoatModel streams its prefix outputs", "[stream][model]") {
   const auto bytes = streamer.save_state(st);
   auto back = streamer.load_state(bytes);
   CHECK(back.position == st.position);
+  CHECK(back.row(0).bytes() * 2 == back.bytes());
+  auto three = streamer.make_state(3);
+  three.set_row(2, back, 1);
+  CHECK(three.position[2] == 15);
+  {  // the moved stream continues like the original
+    const Tensor3<double> nx3 = testing::random_tensor<double>(3, 2, 3, 77);
+    Tensor3<double> nx2(2, 2, 3);
+    nx2.setZero();
+    for (Index t = 0; t < 2; ++t)
+      for (Index d = 0; d < 3; ++d) nx2(1, t, d) = nx3(2, t, d);
+    const Tensor3<double> y3 = streamer.step_chunk(nx3, three);
+    const Tensor3<double> y2 = streamer.step_chunk(nx2, back);
+    double d = 0;
+    for (Index t = 0; t < 2; ++t)
+      for (Index o = 0; o < 4; ++o) d = std::max(d, std::abs(y3(2, t, o) - y2(1, t, o)));
+    CHECK(d < 1e-13);
+  }
+  three.reset_row(2);
+  CHECK(three.position[2] == 0);
   mc.bidirectional = true;
   SeqBoatModel<double> bi(mc, 3);
   CHECK_THROWS_AS(SeqBoatModelStreamer<double>(bi), ValueError);
@@ -715,4 +741,97 @@ TEST_CASE("LM state serialisation and checkpoints", "[stream][lm][io]") {
   CHECK_THROWS_AS(four.set_row(0, s3.make_state(1)), ShapeError);
   CHECK_THROWS_WITH(SeqBoatLmConfig::from_json(nlohmann::json{{"vocab_size", 3}, {"embed_dimm", 4}}),
                     Catch::Contains("embed_dimm"));
+}
+
+// ---- sma-golden --stream ----
+
+namespace {
+
+std::string golden_dir() {
+  if (const char* env = std::getenv("SMA_GOLDEN_DIR")) return env;
+  return SMA_GOLDEN_DIR_DEFAULT;
+}
+
+}  // namespace
+
+TEST_CASE("run_case_stream: every causal golden case streams to the stored outputs", "[stream][golden]") {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(golden_dir())) {
+    WARN("no golden cases in " << golden_dir());
+    return;
+  }
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(golden_dir()))
+    if (e.path().extension() == ".safetensors") files.push_back(e.path().string());
+  std::sort(files.begin(), files.end());
+  int streamed = 0, skipped = 0;
+  for (const auto& f : files) {
+    const auto r = golden::run_case_stream<double>(f);
+    INFO(r.name << ": " << r.failure);
+    if (r.skipped) {
+      ++skipped;
+      CHECK((r.note == "bidirectional" || r.note == "not a sequence model"));
+      continue;
+    }
+    ++streamed;
+    CHECK(r.ok);
+    CHECK(r.note.empty());  // no golden case needs the per_row fallback comparison
+    CHECK(r.max_rel_err < 1e-12);
+    golden::RunOptions o32;
+    o32.tolerance = 1e-4;
+    o32.zero_tolerance = 1e-5;
+    CHECK(golden::run_case_stream<float>(f, o32).ok);
+  }
+  if (!files.empty()) {
+    CHECK(streamed >= 10);
+    CHECK(skipped >= 14);
+  }
+}
+
+TEST_CASE("run_case_stream: after the reference's batch-wide fallback it compares with the per_row forward",
+          "[stream][golden]") {
+  // A causal B = 2 case where row 0 is fully activated and row 1 is not: the reference ran the batch uncompressed.
+  const nlohmann::json cfg = {{"embed_dim", 12}, {"zdim", 6},         {"hdim", 10},          {"ndim", 3},
+                              {"bidirectional", false}, {"window_size", 2}, {"rel_pos_bias", "simple"},
+                              {"max_positions", 16},    {"attention_activation", "relu2"}};
+  const SeqBoatLayerConfig lc = SeqBoatLayerConfig::from_reference_json(cfg);
+  const Index B = 2, L = 9, D = 12;
+  for (std::uint64_t seed = 1; seed < 400; ++seed) {
+    SeqBoatLayer<double> layer(lc, seed);
+    randomize(layer, seed, 2.0 + double(seed % 7));
+    const Tensor3<double> x = testing::random_tensor<double>(B, L, D, seed + 3);
+    Context ctx(Mode::eval);
+    SeqBoatLayer<double>::Cache c;
+    const Tensor3<double> y_ref = layer.forward(ctx, x, c);
+    if (c.comp.compressed || c.comp.num_active[1] == L || min_margin<double>(c) < 1e-6) continue;
+    layer.config().routing = RoutingSemantics::per_row;
+    SeqBoatLayer<double>::Cache c2;
+    const Tensor3<double> y_row = layer.forward(ctx, x, c2);
+    if (rel_err(y_row, y_ref) < 1e-6) continue;  // wanted: a batch on which the two semantics differ
+    io::SafetensorsWriter w;
+    io::add_state_dict(layer, w);
+    Tensor3<double> xt(L, B, D), yt(L, B, D);
+    for (Index b = 0; b < B; ++b)
+      for (Index t = 0; t < L; ++t)
+        for (Index d = 0; d < D; ++d) {
+          xt(t, b, d) = x(b, t, d);
+          yt(t, b, d) = y_ref(b, t, d);
+        }
+    w.add("input", xt).add("output", yt);
+    const std::uint8_t compress = 0;
+    w.add("inter.compress", &compress, {});
+    const std::vector<std::int64_t> num = {c.comp.num_active[0], c.comp.num_active[1]};
+    w.add("inter.num_active", num.data(), {B});
+    w.set_metadata("case", "synthetic_fallback").set_metadata("kind", "layer").set_metadata("config", cfg.dump());
+    const std::string path = "/tmp/sma_test_stream_fallback.safetensors";
+    w.save(path);
+    const auto r = golden::run_case_stream<double>(path);
+    INFO(r.failure);
+    CHECK(r.ok);
+    CHECK_THAT(r.note, Catch::Contains("per_row"));
+    CHECK(r.max_rel_err < 1e-12);
+    std::remove(path.c_str());
+    return;
+  }
+  FAIL("no seed gave a batch with one fully activated row and one not");
 }

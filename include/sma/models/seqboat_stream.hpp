@@ -397,6 +397,33 @@ struct SeqBoatModelState {
     for (const auto& l : layers) n += l.bytes();
     return n;
   }
+  void reset_row(Index b) {
+    for (auto& l : layers) l.reset_row(b);
+    detail::zero_tensor_row(pooled_sum, b);
+    position.at(static_cast<std::size_t>(b)) = 0;
+  }
+  void reset() {
+    for (Index b = 0; b < batch(); ++b) reset_row(b);
+  }
+  /// A one-stream state holding a copy of stream b.
+  SeqBoatModelState row(Index b) const {
+    SeqBoatModelState one;
+    for (const auto& l : layers) one.layers.push_back(l.row(b));
+    one.pooled_sum = Tensor2<T>(1, pooled_sum.dimension(1));
+    detail::copy_tensor_row(pooled_sum, b, one.pooled_sum, 0);
+    one.position.assign(1, position.at(static_cast<std::size_t>(b)));
+    return one;
+  }
+  /// Stream b <- stream src_b of `src` (a state of the same model; ShapeError otherwise).
+  void set_row(Index b, const SeqBoatModelState& src, Index src_b = 0) {
+    if (src.layers.size() != layers.size() || src.pooled_sum.dimension(1) != pooled_sum.dimension(1))
+      throw ShapeError(str_cat("SeqBoatModelState::set_row: the source has ", src.layers.size(), " layers of width ",
+                               src.pooled_sum.dimension(1), ", this state ", layers.size(), " of width ",
+                               pooled_sum.dimension(1)));
+    for (std::size_t i = 0; i < layers.size(); ++i) layers[i].set_row(b, src.layers[i], src_b);
+    detail::copy_tensor_row(src.pooled_sum, src_b, pooled_sum, b);
+    position.at(static_cast<std::size_t>(b)) = src.position.at(static_cast<std::size_t>(src_b));
+  }
 };
 
 /// Runs a causal SeqBoatModel token by token. step_chunk(x (B, C, d_input)) -> (B, C, d_output): entry (b, c) is the
@@ -482,8 +509,14 @@ class SeqBoatModelStreamer {
     w.set_metadata("params_fingerprint", std::to_string(detail::params_fingerprint(*model_)));
     return w.to_bytes();
   }
+  void save_state_file(const State& st, const std::string& path) const { io::write_file_atomic(path, save_state(st)); }
+  State load_state_file(const std::string& path, const StreamLoadOptions& opt = {}) const {
+    return load_state(io::SafetensorsFile(path), opt);
+  }
   State load_state(std::vector<std::uint8_t> bytes, const StreamLoadOptions& opt = {}) const {
-    const io::SafetensorsFile f(std::move(bytes), "stream state");
+    return load_state(io::SafetensorsFile(std::move(bytes), "stream state"), opt);
+  }
+  State load_state(const io::SafetensorsFile& f, const StreamLoadOptions& opt = {}) const {
     SeqBoatLayerStreamer<T>::check_header(f, "seqboat_model", config_json(),
                                           opt.require_same_weights ? detail::params_fingerprint(*model_) : 0,
                                           opt.require_same_weights);
