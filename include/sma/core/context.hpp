@@ -24,6 +24,9 @@ namespace sma {
 /// - `check_finite`: layers check their inputs for NaN/Inf and throw NumericError naming the tensor.
 /// - `update_statistics`: in train mode, layers with running statistics (BatchNorm) update them in forward.
 ///   Gradient checks turn it off so repeated forwards see the same state.
+/// - `save_for_backward`: false promises that backward will not be called with the Caches of this forward
+///   (inference, like torch.no_grad()); layers that honour it keep only what the forward itself needs, so
+///   memory stays small. Calling backward with such a Cache throws ValueError where a layer can tell.
 struct Context {
   Mode mode = Mode::eval;
   std::mt19937_64 rng{0};
@@ -32,6 +35,7 @@ struct Context {
   bool freeze_routing = false;
   bool check_finite = false;
   bool update_statistics = true;
+  bool save_for_backward = true;
 
   Context() = default;
   explicit Context(Mode m, std::uint64_t seed = 0) : mode(m), rng(seed) {}

@@ -147,7 +147,7 @@ void for_row_chunks(Index rows, Index cols, F&& f) {
   }
   const Index chunk = std::max<Index>(1, (Index(1) << 14) / std::max<Index>(1, cols));
   const Index n_chunks = (rows + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (Index c = 0; c < n_chunks; ++c) {
     const Index r0 = c * chunk;
     f(r0, std::min(chunk, rows - r0));

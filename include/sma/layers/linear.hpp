@@ -55,6 +55,36 @@ inline int weight_grad_threads(Index S, Index in, Index out) {
 #endif
 }
 
+/// Rows per task of the row-parallel products. Fixed, so that every row's result (Eigen's blocking, hence its
+/// rounding, depends on the product's size) is the same whatever the number of threads.
+inline constexpr Index kRowBlock = 256;
+
+/// Calls f(first_row, n_rows) on consecutive blocks of kRowBlock rows; in parallel when there are several blocks
+/// and `flops` of work, never inside an enclosing parallel region. Blocks are handed out one at a time, so a
+/// thread that the OS preempts (a shared machine) holds up one block, not a fixed share. Eigen runs each block's
+/// products single-threaded (its own threading would nest and change the blocking).
+template <class F>
+void for_row_blocks(Index rows, double flops, F&& f) {
+  const Index n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+#ifdef _OPENMP
+  const int nt = (n_blocks > 1 && flops > 4e6 && !omp_in_parallel())
+                     ? static_cast<int>(std::min<Index>(omp_get_max_threads(), n_blocks))
+                     : 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (Index blk = 0; blk < n_blocks; ++blk) {
+    omp_set_num_threads(1);  // this task's own copy: Eigen sees one thread
+    const Index r0 = blk * kRowBlock;
+    f(r0, std::min(kRowBlock, rows - r0));
+  }
+#else
+  (void)flops;
+  for (Index blk = 0; blk < n_blocks; ++blk) {
+    const Index r0 = blk * kRowBlock;
+    f(r0, std::min(kRowBlock, rows - r0));
+  }
+#endif
+}
+
 }  // namespace detail
 
 /// Fills `p` with the reference's `Normal(p, 0, std)`: truncated normal on [-2 std, 2 std].
@@ -168,8 +198,13 @@ class Linear {
     check_rows(y, cfg_.out, "Linear::forward_rows: y");
     if (y.rows() != x.rows())
       throw ShapeError(str_cat("Linear::forward_rows: y has ", y.rows(), " rows but x has ", x.rows()));
-    y.noalias() = x * weight_.mat().transpose();
-    if (cfg_.bias) y.rowwise() += bias_.mat().row(0);
+    const auto W = weight_.mat();
+    const auto b = bias_.mat().row(0);
+    detail::for_row_blocks(x.rows(), 2.0 * double(x.rows()) * double(cfg_.in) * double(cfg_.out), [&](Index r0, Index n) {
+      auto yb = y.middleRows(r0, n);
+      yb.noalias() = x.middleRows(r0, n) * W.transpose();
+      if (cfg_.bias) yb.rowwise() += b;
+    });
   }
 
   /// Accumulates dW += dy^T x and db += colsum(dy); returns dx = dy W, (S, in).
@@ -225,7 +260,10 @@ class Linear {
     check_rows(dx, cfg_.in, "Linear::backward_rows: dx");
     if (dx.rows() != dy.rows())
       throw ShapeError(str_cat("Linear::backward_rows: dx has ", dx.rows(), " rows but dy has ", dy.rows()));
-    dx.noalias() = dy * weight_.mat();
+    const auto W = weight_.mat();
+    detail::for_row_blocks(dy.rows(), 2.0 * double(dy.rows()) * double(cfg_.in) * double(cfg_.out), [&](Index r0, Index n) {
+      dx.middleRows(r0, n).noalias() = dy.middleRows(r0, n) * W;
+    });
   }
 
   /// dx = dy W as a fresh matrix.

@@ -148,15 +148,25 @@ class LayerNorm {
   }
 
   Tensor3<T> forward(Context& ctx, const Tensor3<T>& x, Cache& cache) const {
+    Tensor3<T> y;
+    forward_into(ctx, x, cache, y);
+    return y;
+  }
+
+  /// forward writing into `y` (reallocated only when its shape differs) and reusing the cache's storage, so a call
+  /// with the same shapes as the previous one allocates nothing. With ctx.save_for_backward false the cache keeps
+  /// nothing (backward then throws).
+  void forward_into(Context& ctx, const Tensor3<T>& x, Cache& cache, Tensor3<T>& y) const {
     check_shape(x, {-1, -1, cfg_.dim}, "LayerNorm::forward: x");
     detail::require_positive_dim(cfg_.dim, "LayerNorm::forward");
     if (ctx.check_finite) check_finite(x, "LayerNorm::forward: x");
     const Index S = x.dimension(0) * x.dimension(1), Dn = cfg_.dim;
     const CMatrixMap<T> X = as_matrix(x);
-    Tensor3<T> y = uninitialized<T, 3>(x.dimensions());
+    if (y.dimensions() != x.dimensions()) y = uninitialized<T, 3>(x.dimensions());
     MatrixMap<T> Y = as_matrix(y);
-    cache.xhat.resize(S, Dn);
-    cache.rstd.resize(S);
+    const bool save = ctx.save_for_backward;
+    cache.xhat.resize(save ? S : 0, Dn);
+    cache.rstd.resize(save ? S : 0);
     cache.batch = x.dimension(0);
     cache.length = x.dimension(1);
     const T eps = static_cast<T>(cfg_.eps);
@@ -164,25 +174,35 @@ class LayerNorm {
     const auto b = bias_.mat().row(0).array();
     detail::for_row_chunks(S, Dn, [&](Index r0, Index n) {
       for (Index i = r0; i < r0 + n; ++i) {
-        auto xh = cache.xhat.row(i).array();
+        // xhat goes to the cache when saved, else straight into y (and is then scaled in place).
+        Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>> xh(save ? cache.xhat.row(i).data() : Y.row(i).data(), Dn);
         xh = X.row(i).array() - X.row(i).mean();
         const T rstd = T(1) / std::sqrt(xh.square().mean() + eps);
-        cache.rstd(i) = rstd;
+        if (save) cache.rstd(i) = rstd;
         xh *= rstd;
         if (cfg_.affine)
           Y.row(i).array() = xh * w + b;
-        else
+        else if (save)
           Y.row(i).array() = xh;
       }
     });
-    return y;
   }
 
-  Tensor3<T> backward(Context&, const Tensor3<T>& dy, const Cache& cache) {
+  Tensor3<T> backward(Context& ctx, const Tensor3<T>& dy, const Cache& cache) {
+    Tensor3<T> dx;
+    backward_into(ctx, dy, cache, dx);
+    return dx;
+  }
+
+  /// backward writing into `dx` (reallocated only when its shape differs).
+  void backward_into(Context&, const Tensor3<T>& dy, const Cache& cache, Tensor3<T>& dx) {
     check_shape(dy, {cache.batch, cache.length, cfg_.dim}, "LayerNorm::backward: dy");
-    const Index S = cache.xhat.rows(), Dn = cfg_.dim;
+    const Index S = cache.batch * cache.length, Dn = cfg_.dim;
+    if (cache.xhat.rows() != S)
+      throw ValueError("LayerNorm::backward: the cache holds nothing for backward (forward ran with "
+                       "ctx.save_for_backward = false)");
     const CMatrixMap<T> dY = as_matrix(dy);
-    Tensor3<T> dx = uninitialized<T, 3>(dy.dimensions());
+    if (dx.dimensions() != dy.dimensions()) dx = uninitialized<T, 3>(dy.dimensions());
     MatrixMap<T> dX = as_matrix(dx);
     const auto w = weight_.mat().row(0).array();
     detail::for_row_chunks(S, Dn, [&](Index r0, Index n) {
@@ -202,7 +222,6 @@ class LayerNorm {
       weight_.grad_mat().row(0).array() += (dY.array() * cache.xhat.array()).colwise().sum();
       bias_.grad_mat().row(0).noalias() += dY.colwise().sum();
     }
-    return dx;
   }
 
  private:
@@ -571,6 +590,25 @@ class SequenceNorm {
     }
   }
 
+  /// forward writing into `y` (reallocated only when its shape differs), reusing the cache's storage: LayerNorm
+  /// then allocates nothing when called again with the same shapes (the other norms go through forward).
+  void forward_into(Context& ctx, const Tensor3<T>& x, Cache& cache, Tensor3<T>& y) const {
+    if (norm_.index() == 0) {
+      if (cache.inner.index() != 0) cache.inner.template emplace<0>();
+      std::get<0>(norm_).forward_into(ctx, x, std::get<0>(cache.inner), y);
+    } else {
+      y = forward(ctx, x, cache);
+    }
+  }
+
+  /// backward writing into `dx` (reallocated only when its shape differs).
+  void backward_into(Context& ctx, const Tensor3<T>& dy, const Cache& cache, Tensor3<T>& dx) {
+    if (norm_.index() == 0 && cache.inner.index() == 0)
+      std::get<0>(norm_).backward_into(ctx, dy, std::get<0>(cache.inner), dx);
+    else
+      dx = backward(ctx, dy, cache);
+  }
+
   Tensor3<T> backward(Context& ctx, const Tensor3<T>& dy, const Cache& cache) {
     if (cache.inner.index() != norm_.index())
       throw ValueError(str_cat("SequenceNorm::backward: the cache was filled by another norm type (this layer is ",
@@ -586,8 +624,9 @@ class SequenceNorm {
  private:
   template <std::size_t I>
   Tensor3<T> forward_as(Context& ctx, const Tensor3<T>& x, Cache& cache) const {
-    auto& c = cache.inner.template emplace<I>();
-    return std::get<I>(norm_).forward(ctx, x, c);
+    // Keep the cache's storage when it already holds this norm's cache (no reallocation on repeated calls).
+    if (cache.inner.index() != I) cache.inner.template emplace<I>();
+    return std::get<I>(norm_).forward(ctx, x, std::get<I>(cache.inner));
   }
 
   static Variant make(const Config& cfg) {

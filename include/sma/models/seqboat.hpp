@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace sma {
@@ -138,6 +139,18 @@ class SeqBoatLayer {
     Matrix<T> sum_mask;        ///< causal: dropout scale on hx + h (empty: none)
     Tensor3<T> pre;            ///< (B, L, D) argument of the final silu
     Index batch = 0, length = 0;
+    bool fused = false;        ///< filled by the fused path (see forward); else by the step-by-step one
+    bool saved_for_backward = false;
+
+    /// Buffers reused across calls: with a Cache kept from one call to the next, a call with the same shapes
+    /// allocates nothing large. Backward's buffers are mutable because backward takes the Cache as const.
+    struct Workspace {
+      Tensor3<T> xm;                             ///< (B, L, D) EMA input with padded rows zeroed (padding only)
+      Matrix<T> dpre, dhc, dxc, dhu, dmx;        ///< backward: (N, D) (S, D) (S, D) (N, 2+D) (N, D)
+      Tensor3<T> act, dxn;                       ///< backward: (B, L, D) post-norm gradient, EMA input gradient
+      std::vector<T> dgate;                      ///< backward: (N)
+    };
+    mutable Workspace ws;
 
     /// Activated tokens / non-padded tokens of the last forward.
     double density(const Mask* padding = nullptr) const {
@@ -200,11 +213,71 @@ class SeqBoatLayer {
     gau_.visit_params(v);
   }
 
+  /// x (B, L, D) -> (B, L, D); see the class comment. The Cache is also a workspace: reused across calls of the
+  /// same shapes, nothing large is allocated (forward_into avoids the output's allocation as well).
   Tensor3<T> forward(Context& ctx, const Tensor3<T>& x, Cache& c) const {
+    Tensor3<T> out;
+    forward_into(ctx, x, c, out);
+    return out;
+  }
+
+  /// forward writing into `out` (reallocated only when its shape differs).
+  ///
+  /// Two implementations give the same numbers up to rounding. The fused one (everything but dropout in training)
+  /// works on row blocks in parallel: the EMA by a vectorised scan (or FFT, by cost), silu, the router logits and
+  /// hx in one pass, the GAU on gathered rows with its attention, gate and h_proj fused per query block, the
+  /// gated extraction added in place; what it keeps follows ctx.save_for_backward (false: nothing for backward;
+  /// true: what backward needs, plus hx_proj's full output in eval mode for inspection). Dropout in training
+  /// takes the step-by-step path, which draws the masks in the reference's order.
+  void forward_into(Context& ctx, const Tensor3<T>& x, Cache& c, Tensor3<T>& out) const {
     check_shape(x, {-1, -1, cfg_.embed_dim}, "SeqBoatLayer::forward: x (B, L, D)");
     if (ctx.check_finite) check_finite(x, "SeqBoatLayer::forward: x");
-    const Index B = x.dimension(0), L = x.dimension(1), D = cfg_.embed_dim, N = B * L;
-    (void)ctx.padding_for(B, L, "SeqBoatLayer::forward");
+    (void)ctx.padding_for(x.dimension(0), x.dimension(1), "SeqBoatLayer::forward");
+    if (ctx.training() && cfg_.dropout > 0) {
+      out = forward_generic(ctx, x, c);
+      c.fused = false;
+      c.saved_for_backward = ctx.save_for_backward;
+    } else {
+      forward_fused(ctx, x, c, out);
+      c.fused = true;
+      c.saved_for_backward = ctx.save_for_backward;
+    }
+  }
+
+  Tensor3<T> backward(Context& ctx, const Tensor3<T>& dy, const Cache& c) {
+    Tensor3<T> dx;
+    backward_into(ctx, dy, c, dx);
+    return dx;
+  }
+
+  /// backward writing into `dx` (reallocated only when its shape differs); its scratch lives in the Cache.
+  void backward_into(Context& ctx, const Tensor3<T>& dy, const Cache& c, Tensor3<T>& dx) {
+    check_shape(dy, {c.batch, c.length, cfg_.embed_dim}, "SeqBoatLayer::backward: dy");
+    if (!c.saved_for_backward)
+      throw ValueError("SeqBoatLayer::backward: the cache holds nothing for backward (forward ran with "
+                       "ctx.save_for_backward = false)");
+    if (c.fused)
+      backward_fused(ctx, dy, c, dx);
+    else
+      dx = backward_generic(ctx, dy, c);
+  }
+
+  SequenceNorm<T>& norm() { return norm_; }
+  MultiHeadEma<T>& ssm() { return ssm_; }
+  Linear<T>& hx_proj() { return hx_proj_; }
+  LatentConfigurator<T>& router() { return q_router_; }
+  Gau<T>& gau() { return gau_; }
+  // Read-only access to the sub-layers (streaming decode runs them token by token).
+  const SequenceNorm<T>& norm() const { return norm_; }
+  const MultiHeadEma<T>& ssm() const { return ssm_; }
+  const Linear<T>& hx_proj() const { return hx_proj_; }
+  const LatentConfigurator<T>& router() const { return q_router_; }
+  const Gau<T>& gau() const { return gau_; }
+
+ private:
+  // The step-by-step path (dropout in training): each stage through its layer's own forward.
+  Tensor3<T> forward_generic(Context& ctx, const Tensor3<T>& x, Cache& c) const {
+    const Index B = x.dimension(0), L = x.dimension(1), D = cfg_.embed_dim;
     c.batch = B;
     c.length = L;
     const Tensor3<T>* xin = &x;
@@ -250,9 +323,8 @@ class SeqBoatLayer {
     return out;
   }
 
-  Tensor3<T> backward(Context& ctx, const Tensor3<T>& dy, const Cache& c) {
+  Tensor3<T> backward_generic(Context& ctx, const Tensor3<T>& dy, const Cache& c) {
     const Index B = c.batch, L = c.length, D = cfg_.embed_dim, N = B * L;
-    check_shape(dy, {B, L, D}, "SeqBoatLayer::backward: dy");
     Tensor3<T> dpre(B, L, D);
     if (!cfg_.prenorm) {
       const Tensor3<T> dact = norm_.backward(ctx, dy, c.norm);
@@ -285,19 +357,258 @@ class SeqBoatLayer {
     return dx;
   }
 
-  SequenceNorm<T>& norm() { return norm_; }
-  MultiHeadEma<T>& ssm() { return ssm_; }
-  Linear<T>& hx_proj() { return hx_proj_; }
-  LatentConfigurator<T>& router() { return q_router_; }
-  Gau<T>& gau() { return gau_; }
-  // Read-only access to the sub-layers (streaming decode runs them token by token).
-  const SequenceNorm<T>& norm() const { return norm_; }
-  const MultiHeadEma<T>& ssm() const { return ssm_; }
-  const Linear<T>& hx_proj() const { return hx_proj_; }
-  const LatentConfigurator<T>& router() const { return q_router_; }
-  const Gau<T>& gau() const { return gau_; }
 
- private:
+  // ---- the fused path ----
+
+  /// The EMA's parameters, read through visit_params (which does not modify the layer).
+  struct EmaParams {
+    Param<T>* delta = nullptr;
+    Param<T>* alpha = nullptr;
+    Param<T>* beta = nullptr;
+    Param<T>* gamma = nullptr;
+    Param<T>* omega = nullptr;
+    ops::EmaParamsRef<T> ref() const { return {delta->data(), alpha->data(), beta->data(), gamma->data()}; }
+    ops::EmaGradsRef<T> grads() const { return {delta->grad(), alpha->grad(), beta->grad(), gamma->grad()}; }
+  };
+  EmaParams ema_params() const {
+    EmaParams p;
+    const_cast<MultiHeadEma<T>&>(ssm_).visit_params([&](const auto& name, Param<T>& prm) {
+      const std::string_view n(name);
+      if (n == "delta") p.delta = &prm;
+      if (n == "alpha") p.alpha = &prm;
+      if (n == "beta") p.beta = &prm;
+      if (n == "gamma") p.gamma = &prm;
+      if (n == "omega") p.omega = &prm;
+    });
+    return p;
+  }
+
+  ops::EmaShape ema_shape(Index B, Index L) const {
+    ops::EmaShape sh;
+    sh.batch = B;
+    sh.length = L;
+    sh.dim = cfg_.embed_dim;
+    sh.order = ssm_.config().ndim;
+    sh.direction = ssm_.config().direction;
+    sh.truncation = ssm_.config().truncation;
+    return sh;
+  }
+
+  /// The EMA input with padded rows zeroed: xin itself without padding, else a copy in the workspace.
+  static const T* ema_masked_input(const Tensor3<T>& xin, const Mask* pad, Tensor3<T>& store) {
+    if (!pad) return xin.data();
+    if (store.dimensions() != xin.dimensions()) store = Tensor3<T>(xin.dimensions());
+    const Index B = xin.dimension(0), L = xin.dimension(1), D = xin.dimension(2);
+    for (Index b = 0; b < B; ++b)
+      for (Index t = 0; t < L; ++t) {
+        const T* src = xin.data() + (b * L + t) * D;
+        T* dst = store.data() + (b * L + t) * D;
+        if ((*pad)(b, t))
+          std::fill(dst, dst + D, T(0));
+        else
+          std::copy(src, src + D, dst);
+      }
+    return store.data();
+  }
+
+  static void resize_like(Tensor3<T>& t, Index B, Index L, Index D) {
+    if (t.dimension(0) != B || t.dimension(1) != L || t.dimension(2) != D) t = uninitialized<T, 3>({B, L, D});
+  }
+
+  void forward_fused(Context& ctx, const Tensor3<T>& x, Cache& c, Tensor3<T>& out) const {
+    const Index B = x.dimension(0), L = x.dimension(1), D = cfg_.embed_dim, N = B * L;
+    const Mask* pad = ctx.padding_for(B, L, "SeqBoatLayer::forward");
+    const bool save = ctx.save_for_backward;
+    const bool inspect = save && !ctx.training();  // eval forwards keep hx_proj's output for inspection
+    const int threads = ctx.num_threads();
+    c.batch = B;
+    c.length = L;
+    c.mx_mask.resize(0, 0);
+    c.hc_mask.resize(0, 0);
+    c.sum_mask.resize(0, 0);
+
+    // 1-2. norm (pre-norm), EMA + omega x. The EMA's input is kept for backward in norm_io (pre-norm) or ssm.x.
+    const Tensor3<T>* xin = &x;
+    if (cfg_.prenorm) {
+      norm_.forward_into(ctx, x, c.norm, c.norm_io);
+      xin = &c.norm_io;
+    }
+    if (!cfg_.prenorm && save)
+      c.ssm.x = x;
+    else
+      c.ssm.x = Tensor3<T>();
+    c.ssm.has_padding = pad != nullptr;
+    if (pad && save) c.ssm.padding = *pad;
+    const EmaParams ep = ema_params();
+    resize_like(c.ema_out, B, L, D);
+    ops::ema_forward(ssm_.config().algo, ema_shape(B, L), ep.ref(), ema_masked_input(*xin, pad, c.ws.xm),
+                     c.ema_out.data(), threads);
+    {
+      const auto omega = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(ep.omega->data(), D);
+      const CMatrixMap<T> X = as_matrix(*xin);
+      MatrixMap<T> E = as_matrix(c.ema_out);
+      detail::for_row_chunks(N, D, [&](Index r0, Index n) {
+        E.middleRows(r0, n).array() += X.middleRows(r0, n).array().rowwise() * omega;
+      });
+    }
+
+    // 3. per row block: mx = silu(e); router logits u = mx Wu^T + bu (+ shift); pre = mx Wx^T + bx + x.
+    //    Without saving, mx overwrites the norm output (dead after the EMA) and pre the EMA output, row by row.
+    T* mx_ptr;
+    if (!save && cfg_.prenorm) {
+      c.mx.resize(0, D);
+      mx_ptr = c.norm_io.data();
+    } else {
+      c.mx.resize(N, D);
+      mx_ptr = c.mx.data();
+    }
+    T* pre_ptr;
+    if (save) {
+      resize_like(c.pre, B, L, D);
+      pre_ptr = c.pre.data();
+    } else {
+      c.pre = Tensor3<T>();
+      pre_ptr = c.ema_out.data();
+    }
+    c.u.resize(N, kOptions);
+    c.hu.resize(inspect ? N : 0, kOptions + D);
+    {
+      const auto W = hx_proj_.weight().mat();                   // (2+D, D)
+      const auto bias = hx_proj_.bias().mat().row(0);            // (2+D)
+      const T shift = T(cfg_.router_shift / 2);
+      const CMatrixMap<T> X = as_matrix(x);
+      detail::for_row_blocks(N, 2.0 * double(N) * double(D) * double(D + kOptions), [&](Index r0, Index n) {
+        MatrixMap<T> mxb(mx_ptr + r0 * D, n, D);
+        const CMatrixMap<T> eb(c.ema_out.data() + r0 * D, n, D);
+        mxb.array() = eb.array() / (T(1) + (-eb.array()).exp());
+        auto ub = c.u.middleRows(r0, n);
+        ub.noalias() = mxb * W.topRows(kOptions).transpose();
+        ub.rowwise() += bias.head(kOptions);
+        MatrixMap<T> pb(pre_ptr + r0 * D, n, D);
+        pb.noalias() = mxb * W.bottomRows(D).transpose();
+        pb.rowwise() += bias.tail(D);
+        if (inspect) {
+          c.hu.middleRows(r0, n).leftCols(kOptions) = ub;
+          c.hu.middleRows(r0, n).rightCols(D) = pb;
+        }
+        pb += X.middleRows(r0, n);
+        if (cfg_.router_shift != 0) {
+          ub.col(1).array() += shift;
+          ub.col(0).array() -= shift;
+        }
+      });
+    }
+
+    // 4. routing and the compression plan.
+    q_router_.forward(ctx, cmap(c.u), B, L, c.router);
+    plan_compression_into(c.router.active, cfg_.routing, c.comp);
+
+    // 5. the GAU on the activated rows of mx; pre[token] += gate * h.
+    MatrixMap<T> pre_m(pre_ptr, N, D);
+    if (!c.comp.empty())
+      gau_.forward_extract_add(ctx, CMatrixMap<T>(mx_ptr, N, D), c.comp, c.router.gate.data(), c.gau, pre_m, c.hc);
+    else
+      c.hc.resize(0, D);
+
+    // 6. out = silu(pre), then the norm when post-norm.
+    Tensor3<T>& act = cfg_.prenorm ? out : c.norm_io;
+    resize_like(act, B, L, D);
+    MatrixMap<T> A = as_matrix(act);
+    detail::for_row_chunks(N, D, [&](Index r0, Index n) {
+      const auto p = pre_m.middleRows(r0, n).array();
+      A.middleRows(r0, n).array() = p / (T(1) + (-p).exp());
+    });
+    if (!cfg_.prenorm) norm_.forward_into(ctx, c.norm_io, c.norm, out);
+  }
+
+  void backward_fused(Context& ctx, const Tensor3<T>& dy, const Cache& c, Tensor3<T>& dx) {
+    const Index B = c.batch, L = c.length, D = cfg_.embed_dim, N = B * L;
+    auto& w = c.ws;
+    const int threads = ctx.num_threads();
+
+    // d pre = d act * silu'(pre); post-norm: d act from the norm's backward.
+    const Tensor3<T>* g = &dy;
+    if (!cfg_.prenorm) {
+      norm_.backward_into(ctx, dy, c.norm, w.act);
+      g = &w.act;
+    }
+    w.dpre.resize(N, D);
+    {
+      const CMatrixMap<T> G = as_matrix(*g), P = as_matrix(c.pre);
+      detail::for_row_chunks(N, D, [&](Index r0, Index n) {
+        const auto p = P.middleRows(r0, n).array();
+        auto d = w.dpre.middleRows(r0, n).array();
+        d = (T(1) + (-p).exp()).inverse();  // sigmoid(pre), then silu'(pre) * g
+        d = G.middleRows(r0, n).array() * (d * (T(1) + p * (T(1) - d)));
+      });
+    }
+
+    // The GAU branch: dhc = gate * dpre[token], d gate = <dpre[token], hc>, then the GAU's backward.
+    w.dgate.assign(static_cast<std::size_t>(N), T(0));
+    const Index S = c.comp.slots();
+    if (!c.comp.empty()) {
+      w.dhc.resize(S, D);
+      const T* gate = c.router.gate.data();
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && S * D > (1 << 16))
+      for (Index s = 0; s < S; ++s) {
+        if (!c.comp.key_valid[static_cast<std::size_t>(s)]) {
+          w.dhc.row(s).setZero();
+          continue;
+        }
+        const Index tok = c.comp.token[static_cast<std::size_t>(s)];
+        w.dhc.row(s) = gate[tok] * w.dpre.row(tok);
+        w.dgate[static_cast<std::size_t>(tok)] = w.dpre.row(tok).dot(c.hc.row(s));
+      }
+      gau_.backward_into(ctx, cmap(w.dhc), c.comp, c.gau, w.dxc);
+    }
+
+    // hx_proj: d hu = [d logits | dpre]; dmx = d hu W, plus the compressed rows' gradient.
+    w.dhu.resize(N, kOptions + D);
+    w.dhu.leftCols(kOptions) = q_router_.backward(cmap(c.u), w.dgate, c.router);
+    detail::for_row_chunks(N, D, [&](Index r0, Index n) {
+      w.dhu.middleRows(r0, n).rightCols(D) = w.dpre.middleRows(r0, n);
+    });
+    hx_proj_.accumulate_param_grads(c.mx, w.dhu);
+    w.dmx.resize(N, D);
+    hx_proj_.backward_input_into(w.dhu, w.dmx);
+    if (!c.comp.empty()) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && S * D > (1 << 16))
+      for (Index s = 0; s < S; ++s) w.dmx.row(c.comp.token[static_cast<std::size_t>(s)]) += w.dxc.row(s);
+    }
+    // de = dmx * silu'(e), in place.
+    silu_backward_inplace(as_matrix(c.ema_out), w.dmx);
+
+    // The EMA: dxin = (1 - pad) conv^T(de) + omega de; d omega = sum de * xin.
+    const Tensor3<T>& xin = cfg_.prenorm ? c.norm_io : c.ssm.x;
+    const Mask* pad = c.ssm.has_padding ? &c.ssm.padding : nullptr;
+    const EmaParams ep = ema_params();
+    resize_like(w.dxn, B, L, D);
+    ops::ema_backward(ssm_.config().algo, ema_shape(B, L), ep.ref(), ema_masked_input(xin, pad, w.xm), w.dmx.data(),
+                      w.dxn.data(), ep.grads(), threads);
+    {
+      const auto omega = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(ep.omega->data(), D);
+      MatrixMap<T> DX = as_matrix(w.dxn);
+      const CMatrixMap<T> X = as_matrix(xin);
+      detail::for_row_chunks(N, D, [&](Index r0, Index n) {
+        for (Index i = r0; i < r0 + n; ++i)
+          if (pad && (*pad)(i / L, i % L)) DX.row(i).setZero();
+        DX.middleRows(r0, n).array() += w.dmx.middleRows(r0, n).array().rowwise() * omega;
+      });
+      Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(ep.omega->grad(), D) +=
+          (w.dmx.array() * X.array()).colwise().sum();
+    }
+
+    // The norm (pre-norm) and the residual.
+    if (cfg_.prenorm)
+      norm_.backward_into(ctx, w.dxn, c.norm, dx);
+    else
+      std::swap(dx, w.dxn);
+    if (dx.dimension(0) != B || dx.dimension(1) != L || dx.dimension(2) != D)
+      throw ShapeError("SeqBoatLayer::backward: internal shape mismatch");
+    MatrixMap<T> DXo = as_matrix(dx);
+    detail::for_row_chunks(N, D, [&](Index r0, Index n) { DXo.middleRows(r0, n) += w.dpre.middleRows(r0, n); });
+  }
+
   Config cfg_;
   SequenceNorm<T> norm_;
   MultiHeadEma<T> ssm_;

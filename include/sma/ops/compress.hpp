@@ -47,20 +47,31 @@ struct Compression {
   bool empty() const { return slots() == 0 || max_active() == 0; }
 };
 
-/// Plans the compression of a (B, L) activation mask (1 = routed to the sub-module; padding must already be 0).
-inline Compression plan_compression(const Tensor2<std::uint8_t>& active, RoutingSemantics semantics) {
-  Compression c;
+/// Plans the compression of a (B, L) activation mask (1 = routed to the sub-module; padding must already be 0)
+/// into `c`, reusing its vectors' storage (no allocation when a previous plan was at least as large).
+inline void plan_compression_into(const Tensor2<std::uint8_t>& active, RoutingSemantics semantics, Compression& c) {
   c.batch = active.dimension(0);
   c.length = active.dimension(1);
   c.num_active.assign(static_cast<std::size_t>(c.batch), 0);
-  for (Index b = 0; b < c.batch; ++b)
-    for (Index t = 0; t < c.length; ++t) c.num_active[static_cast<std::size_t>(b)] += active(b, t) ? 1 : 0;
+  for (Index b = 0; b < c.batch; ++b) {
+    Index n = 0;
+    for (Index t = 0; t < c.length; ++t) n += active(b, t) ? 1 : 0;
+    c.num_active[static_cast<std::size_t>(b)] = n;
+  }
   c.compressed = semantics == RoutingSemantics::per_row || c.max_active() < c.length;
   c.offsets.assign(1, 0);
+  c.token.clear();
+  c.positions.clear();
+  c.key_valid.clear();
   if (c.max_active() == 0) {
     c.offsets.assign(static_cast<std::size_t>(c.batch) + 1, 0);
-    return c;
+    return;
   }
+  std::size_t total = 0;
+  for (Index b = 0; b < c.batch; ++b) total += static_cast<std::size_t>(c.compressed ? c.num_active[b] : c.length);
+  c.token.reserve(total);
+  c.positions.reserve(total);
+  c.key_valid.reserve(total);
   for (Index b = 0; b < c.batch; ++b) {
     for (Index t = 0; t < c.length; ++t) {
       const bool on = active(b, t) != 0;
@@ -71,6 +82,12 @@ inline Compression plan_compression(const Tensor2<std::uint8_t>& active, Routing
     }
     c.offsets.push_back(static_cast<Index>(c.token.size()));
   }
+}
+
+/// Plans the compression of a (B, L) activation mask (1 = routed to the sub-module; padding must already be 0).
+inline Compression plan_compression(const Tensor2<std::uint8_t>& active, RoutingSemantics semantics) {
+  Compression c;
+  plan_compression_into(active, semantics, c);
   return c;
 }
 

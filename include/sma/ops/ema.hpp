@@ -261,77 +261,264 @@ inline Index fft_good_size(Index n) {
   }
 }
 
-/// Channel blocks for the scans: enough (batch row, block) tasks for every thread, blocks of >= 32 channels.
-inline Index scan_block(Index batch, Index dim, int nt) {
-  const Index want_blocks = std::max<Index>(1, (4 * nt + std::max<Index>(batch, 1) - 1) / std::max<Index>(batch, 1));
-  Index bs = (dim + want_blocks - 1) / want_blocks;
-  bs = std::max<Index>(bs, 32);
-  return std::min(bs, dim);
+/// Lanes of the vectorised scans: one 64-byte vector (16 floats or 8 doubles; two AVX2 registers).
+template <class T>
+inline constexpr int kScanLanes = int(64 / sizeof(T));
+
+template <class T>
+using ScanLane = Eigen::Array<T, kScanLanes<T>, 1>;
+
+/// Grow-only per-thread scratch of the scans (never holds parameter-derived data between calls).
+template <class T>
+T* scan_scratch(std::size_t n) {
+  thread_local std::vector<T, Eigen::aligned_allocator<T>> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
-/// One recurrence pass over a (L, D) slab, channels [d0, d0+nb), kernel rows roff+d0.., forwards or backwards:
+/// Packs the coefficients of one lane group, kernel rows off..off+nv-1, as (N, 4, V): q, cin, cdrop, cout. Lanes
+/// beyond nv get zeros (their state stays 0).
+template <class T>
+void scan_pack(const T* q, const T* cin, const T* cdrop, const T* cout, Index N, Index ld, Index off, Index nv, T* pk) {
+  constexpr Index V = kScanLanes<T>;
+  std::fill(pk, pk + N * 4 * V, T(0));
+  for (Index n = 0; n < N; ++n) {
+    T* p = pk + n * 4 * V;
+    for (Index v = 0; v < nv; ++v) {
+      p[v] = q[n * ld + off + v];
+      p[V + v] = cin[n * ld + off + v];
+      p[2 * V + v] = cdrop ? cdrop[n * ld + off + v] : T(0);
+      p[3 * V + v] = cout[n * ld + off + v];
+    }
+  }
+}
+
+/// Four time steps t0, t0+dir, .. of the scan below, with the state of each order held in registers. With Drop,
+/// the inputs K steps back (`old`) leave the window.
+template <class T, bool Drop>
+inline void scan_step4(const T* in, Index ldi, T* out, Index ldo, Index t0, Index dir, Index K, Index N, const T* pk,
+                       bool accumulate, T* state) {
+  constexpr Index V = kScanLanes<T>;
+  using A = ScanLane<T>;
+  using CM = Eigen::Map<const A>;
+  using M = Eigen::Map<A>;
+  const A x0 = CM(in + t0 * ldi), x1 = CM(in + (t0 + dir) * ldi), x2 = CM(in + (t0 + 2 * dir) * ldi),
+          x3 = CM(in + (t0 + 3 * dir) * ldi);
+  A o0, o1, o2, o3;
+  if (Drop) {
+    const Index t = t0 - dir * K;
+    o0 = CM(in + t * ldi);
+    o1 = CM(in + (t + dir) * ldi);
+    o2 = CM(in + (t + 2 * dir) * ldi);
+    o3 = CM(in + (t + 3 * dir) * ldi);
+  }
+  A y0, y1, y2, y3;
+  if (accumulate) {
+    y0 = CM(out + t0 * ldo);
+    y1 = CM(out + (t0 + dir) * ldo);
+    y2 = CM(out + (t0 + 2 * dir) * ldo);
+    y3 = CM(out + (t0 + 3 * dir) * ldo);
+  } else {
+    y0.setZero();
+    y1.setZero();
+    y2.setZero();
+    y3.setZero();
+  }
+  for (Index n = 0; n < N; ++n) {
+    const T* c = pk + n * 4 * V;
+    const A qn = CM(c), bn = CM(c + V), cn = CM(c + 3 * V);
+    A s = CM(state + n * V);
+    if (Drop) {
+      const A dn = CM(c + 2 * V);
+      s = qn * s + bn * x0 - dn * o0;
+      y0 += cn * s;
+      s = qn * s + bn * x1 - dn * o1;
+      y1 += cn * s;
+      s = qn * s + bn * x2 - dn * o2;
+      y2 += cn * s;
+      s = qn * s + bn * x3 - dn * o3;
+      y3 += cn * s;
+    } else {
+      s = qn * s + bn * x0;
+      y0 += cn * s;
+      s = qn * s + bn * x1;
+      y1 += cn * s;
+      s = qn * s + bn * x2;
+      y2 += cn * s;
+      s = qn * s + bn * x3;
+      y3 += cn * s;
+    }
+    M(state + n * V) = s;
+  }
+  M(out + t0 * ldo) = y0;
+  M(out + (t0 + dir) * ldo) = y1;
+  M(out + (t0 + 2 * dir) * ldo) = y2;
+  M(out + (t0 + 3 * dir) * ldo) = y3;
+}
+
+/// The recurrence over one group of V channels (rows of `in` and `out` are `ldi` / `ldo` apart), forwards or
+/// backwards in time:
 ///   st_n = q_n st_n + cin_n in[t] - cdrop_n in[t -+ K]   (the drop term once K inputs have been absorbed)
 ///   out[t] (+)= sum_n cout_n st_n
-/// Coefficients are (N, ld) row-major. The forward pass uses (cin, cdrop, cout) = (b, b q^K, c); its adjoint runs
-/// the other way with (c, c q^K, b).
+/// Vectorised across the V channels; `pk` holds (q, cin, cdrop, cout) per order (scan_pack); state is (N, V).
 template <class T>
-void scan_apply(const T* in, T* out, Index L, Index D, Index d0, Index nb, Index N, Index K, const T* q, const T* cin,
-                const T* cdrop, const T* cout, Index ld, Index roff, bool reverse, bool accumulate, T* state) {
-  std::fill(state, state + N * nb, T(0));
-  const Index off = roff + d0;
-  for (Index i = 0; i < L; ++i) {
-    const Index t = reverse ? L - 1 - i : i;
-    CArrMap<T> xt(in + t * D + d0, nb);
-    ArrMap<T> yt(out + t * D + d0, nb);
+void scan_lanes(const T* in, Index ldi, T* out, Index ldo, Index L, Index N, Index K, const T* pk, bool reverse,
+                bool accumulate, T* state) {
+  constexpr Index V = kScanLanes<T>;
+  using A = ScanLane<T>;
+  using CM = Eigen::Map<const A>;
+  using M = Eigen::Map<A>;
+  std::fill(state, state + N * V, T(0));
+  const Index dir = reverse ? -1 : 1;
+  const auto row = [&](Index i) { return reverse ? L - 1 - i : i; };
+  const auto single = [&](Index i) {
+    const Index t = row(i);
+    const A x = CM(in + t * ldi);
+    A y = accumulate ? A(CM(out + t * ldo)) : A(A::Zero());
     const bool drop = i >= K;
-    const T* xo_ptr = drop ? in + (reverse ? t + K : t - K) * D + d0 : nullptr;
+    const A xo = drop ? A(CM(in + (t - dir * K) * ldi)) : A(A::Zero());
     for (Index n = 0; n < N; ++n) {
-      ArrMap<T> st(state + n * nb, nb);
-      CArrMap<T> qn(q + n * ld + off, nb), in_n(cin + n * ld + off, nb), out_n(cout + n * ld + off, nb);
-      if (drop) {
-        CArrMap<T> xo(xo_ptr, nb), dr_n(cdrop + n * ld + off, nb);
-        st = qn * st + in_n * xt - dr_n * xo;
-      } else {
-        st = qn * st + in_n * xt;
-      }
-      if (n == 0 && !accumulate)
-        yt = out_n * st;
+      const T* c = pk + n * 4 * V;
+      M st(state + n * V);
+      if (drop)
+        st = CM(c) * st + CM(c + V) * x - CM(c + 2 * V) * xo;
       else
-        yt += out_n * st;
+        st = CM(c) * st + CM(c + V) * x;
+      y += CM(c + 3 * V) * st;
     }
+    M(out + t * ldo) = y;
+  };
+  const Index free_steps = std::min(L, K);  // steps before an input leaves the window
+  Index i = 0;
+  for (; i + 4 <= free_steps; i += 4) scan_step4<T, false>(in, ldi, out, ldo, row(i), dir, K, N, pk, accumulate, state);
+  for (; i < free_steps; ++i) single(i);
+  for (; i + 4 <= L; i += 4) scan_step4<T, true>(in, ldi, out, ldo, row(i), dir, K, N, pk, accumulate, state);
+  for (; i < L; ++i) single(i);
+}
+
+/// Four time steps of the gradient pass below (Drop: the inputs K steps back leave the window).
+template <class T, bool Drop>
+inline void scan_grad_step4(const T* x, Index ldx, const T* dy, Index ldg, Index t0, Index dir, Index K, Index N,
+                            const T* pk, T* v, T* u, T* Acc, T* Qacc) {
+  constexpr Index V = kScanLanes<T>;
+  using A = ScanLane<T>;
+  using CM = Eigen::Map<const A>;
+  using M = Eigen::Map<A>;
+  const A x0 = CM(x + t0 * ldx), x1 = CM(x + (t0 + dir) * ldx), x2 = CM(x + (t0 + 2 * dir) * ldx),
+          x3 = CM(x + (t0 + 3 * dir) * ldx);
+  const A g0 = CM(dy + t0 * ldg), g1 = CM(dy + (t0 + dir) * ldg), g2 = CM(dy + (t0 + 2 * dir) * ldg),
+          g3 = CM(dy + (t0 + 3 * dir) * ldg);
+  A o0, o1, o2, o3;
+  if (Drop) {
+    const Index t = t0 - dir * K;
+    o0 = CM(x + t * ldx);
+    o1 = CM(x + (t + dir) * ldx);
+    o2 = CM(x + (t + 2 * dir) * ldx);
+    o3 = CM(x + (t + 3 * dir) * ldx);
+  }
+  for (Index n = 0; n < N; ++n) {
+    const T* c = pk + n * 4 * V;
+    const A qn = CM(c);
+    A vn = CM(v + n * V), un = CM(u + n * V), an = CM(Acc + n * V), bn = CM(Qacc + n * V);
+    if (Drop) {
+      const A qk = CM(c + V), kq = CM(c + 2 * V);
+      un = qn * un + vn - kq * o0;
+      vn = qn * vn + x0 - qk * o0;
+      an += g0 * vn;
+      bn += g0 * un;
+      un = qn * un + vn - kq * o1;
+      vn = qn * vn + x1 - qk * o1;
+      an += g1 * vn;
+      bn += g1 * un;
+      un = qn * un + vn - kq * o2;
+      vn = qn * vn + x2 - qk * o2;
+      an += g2 * vn;
+      bn += g2 * un;
+      un = qn * un + vn - kq * o3;
+      vn = qn * vn + x3 - qk * o3;
+      an += g3 * vn;
+      bn += g3 * un;
+    } else {
+      un = qn * un + vn;
+      vn = qn * vn + x0;
+      an += g0 * vn;
+      bn += g0 * un;
+      un = qn * un + vn;
+      vn = qn * vn + x1;
+      an += g1 * vn;
+      bn += g1 * un;
+      un = qn * un + vn;
+      vn = qn * vn + x2;
+      an += g2 * vn;
+      bn += g2 * un;
+      un = qn * un + vn;
+      vn = qn * vn + x3;
+      an += g3 * vn;
+      bn += g3 * un;
+    }
+    M(v + n * V) = vn;
+    M(u + n * V) = un;
+    M(Acc + n * V) = an;
+    M(Qacc + n * V) = bn;
   }
 }
 
-/// Gradient pass for kernel rows roff+d0..: with v the unscaled state (s = b v) and u = dv/dq,
+/// Gradient pass of one group of V channels: with v the unscaled state (s = b v) and u = dv/dq,
 ///   u_n = q u_n + v_n - K q^(K-1) x[t -+ K];  v_n = q v_n + x[t] - q^K x[t -+ K]
 ///   A_n += dy[t] v_n  (= dL/dw),   Q_n += dy[t] u_n  (dL/dq = w Q)
-/// A, Q point at the (N, ld) accumulators of this thread.
+/// `pk` packs (q, q^K, K q^(K-1), unused) per order as scan_pack does; A and Q are (N, V), accumulated into.
 template <class T>
-void scan_param_grads(const T* x, const T* dy, Index L, Index D, Index d0, Index nb, Index N, Index K, const T* q,
-                      const T* qk, const T* kqk1, Index ld, Index roff, bool reverse, T* v, T* u, T* A, T* Q) {
-  std::fill(v, v + N * nb, T(0));
-  std::fill(u, u + N * nb, T(0));
-  const Index off = roff + d0;
-  for (Index i = 0; i < L; ++i) {
-    const Index t = reverse ? L - 1 - i : i;
-    CArrMap<T> xt(x + t * D + d0, nb), gt(dy + t * D + d0, nb);
+void scan_grad_lanes(const T* x, Index ldx, const T* dy, Index ldg, Index L, Index N, Index K, const T* pk,
+                     bool reverse, T* v, T* u, T* Acc, T* Qacc) {
+  constexpr Index V = kScanLanes<T>;
+  using A = ScanLane<T>;
+  using CM = Eigen::Map<const A>;
+  using M = Eigen::Map<A>;
+  std::fill(v, v + N * V, T(0));
+  std::fill(u, u + N * V, T(0));
+  const Index dir = reverse ? -1 : 1;
+  const auto row = [&](Index i) { return reverse ? L - 1 - i : i; };
+  const auto single = [&](Index i) {
+    const Index t = row(i);
+    const A xt = CM(x + t * ldx), gt = CM(dy + t * ldg);
     const bool drop = i >= K;
-    const T* xo_ptr = drop ? x + (reverse ? t + K : t - K) * D + d0 : nullptr;
+    const A xo = drop ? A(CM(x + (t - dir * K) * ldx)) : A(A::Zero());
     for (Index n = 0; n < N; ++n) {
-      ArrMap<T> vn(v + n * nb, nb), un(u + n * nb, nb);
-      CArrMap<T> qn(q + n * ld + off, nb);
+      const T* c = pk + n * 4 * V;
+      M vn(v + n * V), un(u + n * V);
       if (drop) {
-        CArrMap<T> xo(xo_ptr, nb), qkn(qk + n * ld + off, nb), kq(kqk1 + n * ld + off, nb);
-        un = qn * un + vn - kq * xo;
-        vn = qn * vn + xt - qkn * xo;
+        un = CM(c) * un + vn - CM(c + 2 * V) * xo;
+        vn = CM(c) * vn + xt - CM(c + V) * xo;
       } else {
-        un = qn * un + vn;
-        vn = qn * vn + xt;
+        un = CM(c) * un + vn;
+        vn = CM(c) * vn + xt;
       }
-      ArrMap<T>(A + n * ld + off, nb) += gt * vn;
-      ArrMap<T>(Q + n * ld + off, nb) += gt * un;
+      M(Acc + n * V) += gt * vn;
+      M(Qacc + n * V) += gt * un;
     }
+  };
+  const Index free_steps = std::min(L, K);
+  Index i = 0;
+  for (; i + 4 <= free_steps; i += 4) scan_grad_step4<T, false>(x, ldx, dy, ldg, row(i), dir, K, N, pk, v, u, Acc, Qacc);
+  for (; i < free_steps; ++i) single(i);
+  for (; i + 4 <= L; i += 4) scan_grad_step4<T, true>(x, ldx, dy, ldg, row(i), dir, K, N, pk, v, u, Acc, Qacc);
+  for (; i < L; ++i) single(i);
+}
+
+/// Zero-padded (L, V) copies of a partial lane group (nv < V channels from d0) of an (L, D) slab, and back.
+template <class T>
+void copy_lanes_in(const T* slab, Index L, Index D, Index d0, Index nv, T* buf) {
+  constexpr Index V = kScanLanes<T>;
+  for (Index t = 0; t < L; ++t) {
+    std::copy(slab + t * D + d0, slab + t * D + d0 + nv, buf + t * V);
+    std::fill(buf + t * V + nv, buf + (t + 1) * V, T(0));
   }
+}
+
+template <class T>
+void copy_lanes_out(const T* buf, Index L, Index D, Index d0, Index nv, T* slab) {
+  constexpr Index V = kScanLanes<T>;
+  for (Index t = 0; t < L; ++t) std::copy(buf + t * V, buf + t * V + nv, slab + t * D + d0);
 }
 
 }  // namespace detail
@@ -461,13 +648,15 @@ inline EmaCost ema_cost(const EmaShape& s, bool backward, Index scalar_bytes) {
   const double w = double(scalar_bytes) / 4.0, rows = B * D;
   const bool truncated = K < L;
   EmaCost c;
-  // scan: per (t, channel) a recurrence step for each of N orders plus loading x / storing y. The truncated
-  // recurrence also reads x[t-K]; backward runs the adjoint plus the (v, u) pair of states.
-  c.scan = rows * L * dirs * w * (0.25 * N + 0.5) * (truncated ? 1.8 : 1.0) * (backward ? 3.5 : 1.0);
+  // scan: per (t, channel) a recurrence step for each of N orders plus loading x / storing y, 16 float (8 double)
+  // channels per vector instruction. The truncated recurrence also reads x[t-K]; backward runs the adjoint plus
+  // the (v, u) pair of states. Double costs about 3 times float here (half the lanes, and more memory traffic).
+  const double w_scan = scalar_bytes > 4 ? 3.0 : 1.0;
+  c.scan = rows * L * dirs * w_scan * (0.05 * N + 0.15) * (truncated ? 1.35 : 1.0) * (backward ? 2.2 : 1.0);
   // direct: a vectorised multiply-add over D channels per (t, lag), with a fixed cost per row op; backward
   // computes dxm and the kernel correlation; plus building (and differentiating) the kernel.
   const double pairs = L * K - K * (K - 1) / 2;
-  const double kernel = 0.13 * w * K * D * dirs * N * (backward ? 3.0 : 1.0);
+  const double kernel = 0.29 * w * K * D * dirs * N * (backward ? 3.0 : 1.0);
   c.direct = rows * pairs * dirs * (0.09 * w + 3.0 / D) * (backward ? 2.0 : 1.0) + kernel;
   // fft: per (batch row, channel) 2 real transforms of length n forward, 3 and the spectral products backward.
   if (s.length > 0) {
@@ -487,23 +676,41 @@ template <class T>
 void ema_conv_scan_forward(const EmaShape& s, const EmaCoeffs<T>& cf, const T* xm, T* y, int threads) {
   const Index B = s.batch, L = s.length, D = s.dim, N = s.order, K = s.kernel_size(), R = s.rows();
   if (B == 0 || L == 0) return;
+  constexpr Index V = detail::kScanLanes<T>;
   const int nt = detail::ema_threads(threads);
-  const Index bs = detail::scan_block(B, D, nt);
-  const Index nblk = (D + bs - 1) / bs;
+  const Index groups = (D + V - 1) / V;
   const double work = double(B) * L * D * N * (s.bidirectional() ? 2 : 1);
-#pragma omp parallel num_threads(nt) if (nt > 1 && work > detail::kEmaParallelWork)
+  const bool trunc = K < L;
+#pragma omp parallel num_threads(nt) if (nt > 1 && B * groups > 1 && work > detail::kEmaParallelWork)
   {
-    std::vector<T> state(static_cast<std::size_t>(N * bs));
-#pragma omp for schedule(static)
-    for (Index task = 0; task < B * nblk; ++task) {
-      const Index b = task / nblk, d0 = (task % nblk) * bs, nb = std::min(bs, D - d0);
+    // Layout: state (N V) | packs back, ahead (4 N V each) | padded x, y (L V each).
+    T* state = detail::scan_scratch<T>(static_cast<std::size_t>(9 * N * V + 2 * L * V));
+    T* pk_back = state + N * V;
+    T* pk_ahead = pk_back + 4 * N * V;
+    T* xbuf = pk_ahead + 4 * N * V;
+    T* ybuf = xbuf + L * V;
+#pragma omp for schedule(dynamic, 1)
+    for (Index task = 0; task < B * groups; ++task) {
+      const Index b = task / groups, d0 = (task % groups) * V, nv = std::min(V, D - d0);
       const T* xb = xm + b * L * D;
       T* yb = y + b * L * D;
-      detail::scan_apply(xb, yb, L, D, d0, nb, N, K, cf.q.data(), cf.b.data(), cf.bqk.data(), cf.c.data(), R, 0, false,
-                         false, state.data());
-      if (s.bidirectional())
-        detail::scan_apply(xb, yb, L, D, d0, nb, N, K, cf.q.data(), cf.b.data(), cf.bqk.data(), cf.c.data(), R, D, true,
-                           true, state.data());
+      const T* in = xb + d0;
+      T* out = yb + d0;
+      Index ld = D;
+      if (nv < V) {
+        detail::copy_lanes_in(xb, L, D, d0, nv, xbuf);
+        in = xbuf;
+        out = ybuf;
+        ld = V;
+      }
+      detail::scan_pack(cf.q.data(), cf.b.data(), trunc ? cf.bqk.data() : nullptr, cf.c.data(), N, R, d0, nv, pk_back);
+      detail::scan_lanes(in, ld, out, ld, L, N, K, pk_back, false, false, state);
+      if (s.bidirectional()) {
+        detail::scan_pack(cf.q.data(), cf.b.data(), trunc ? cf.bqk.data() : nullptr, cf.c.data(), N, R, D + d0, nv,
+                          pk_ahead);
+        detail::scan_lanes(in, ld, out, ld, L, N, K, pk_ahead, true, true, state);
+      }
+      if (nv < V) detail::copy_lanes_out(ybuf, L, D, d0, nv, yb);
     }
   }
 }
@@ -514,13 +721,14 @@ void ema_conv_scan_backward(const EmaShape& s, const EmaCoeffs<T>& cf, const T* 
   const Index B = s.batch, L = s.length, D = s.dim, N = s.order, K = s.kernel_size(), R = s.rows();
   if (g.dw.rows() != N || g.dw.cols() != R) g = EmaCoeffGrads<T>(N, R);
   if (B == 0 || L == 0) return;
+  constexpr Index V = detail::kScanLanes<T>;
   const int nt = detail::ema_threads(threads);
-  const Index bs = detail::scan_block(B, D, nt);
-  const Index nblk = (D + bs - 1) / bs;
+  const Index groups = (D + V - 1) / V;
   const double work = 3.0 * double(B) * L * D * N * (s.bidirectional() ? 2 : 1);
-  const bool par = nt > 1 && work > detail::kEmaParallelWork;
+  const bool par = nt > 1 && B * groups > 1 && work > detail::kEmaParallelWork;
   const int used = par ? nt : 1;
-  // Per-thread (A, Q) accumulators: tasks of different batch rows share kernel rows.
+  const bool trunc = K < L;
+  // Per-thread (A, Q) accumulators, (N, R): tasks of different batch rows share kernel rows.
   std::vector<Matrix<T>> acc_a(static_cast<std::size_t>(used), Matrix<T>::Zero(N, R));
   std::vector<Matrix<T>> acc_q(static_cast<std::size_t>(used), Matrix<T>::Zero(N, R));
 #pragma omp parallel num_threads(used) if (par)
@@ -530,26 +738,53 @@ void ema_conv_scan_backward(const EmaShape& s, const EmaCoeffs<T>& cf, const T* 
 #else
     const std::size_t me = 0;
 #endif
-    std::vector<T> st(static_cast<std::size_t>(N * bs)), v(st.size()), u(st.size());
+    // Layout: st, v, u, a, q (N V each) | adjoint pack, gradient pack (4 N V each) | padded x, dy, dx (L V each).
+    T* st = detail::scan_scratch<T>(static_cast<std::size_t>(13 * N * V + 3 * L * V));
+    T* v = st + N * V;
+    T* u = v + N * V;
+    T* la = u + N * V;
+    T* lq = la + N * V;
+    T* adj = lq + N * V;
+    T* gr = adj + 4 * N * V;
+    T* xbuf = gr + 4 * N * V;
+    T* gbuf = xbuf + L * V;
+    T* dxbuf = gbuf + L * V;
     T* A = acc_a[me].data();
     T* Q = acc_q[me].data();
-#pragma omp for schedule(static)
-    for (Index task = 0; task < B * nblk; ++task) {
-      const Index b = task / nblk, d0 = (task % nblk) * bs, nb = std::min(bs, D - d0);
+#pragma omp for schedule(dynamic, 1)
+    for (Index task = 0; task < B * groups; ++task) {
+      const Index b = task / groups, d0 = (task % groups) * V, nv = std::min(V, D - d0);
       const T* xb = xm + b * L * D;
       const T* gb = dy + b * L * D;
       T* dxb = dxm + b * L * D;
-      // Adjoint of the look-back half runs backwards in time; of the look-ahead half, forwards.
-      detail::scan_apply(gb, dxb, L, D, d0, nb, N, K, cf.q.data(), cf.c.data(), cf.cqk.data(), cf.b.data(), R, 0, true,
-                         false, st.data());
-      detail::scan_param_grads(xb, gb, L, D, d0, nb, N, K, cf.q.data(), cf.qk.data(), cf.kqk1.data(), R, 0, false,
-                               v.data(), u.data(), A, Q);
-      if (s.bidirectional()) {
-        detail::scan_apply(gb, dxb, L, D, d0, nb, N, K, cf.q.data(), cf.c.data(), cf.cqk.data(), cf.b.data(), R, D,
-                           false, true, st.data());
-        detail::scan_param_grads(xb, gb, L, D, d0, nb, N, K, cf.q.data(), cf.qk.data(), cf.kqk1.data(), R, D, true,
-                                 v.data(), u.data(), A, Q);
+      const T* xin = xb + d0;
+      const T* gin = gb + d0;
+      T* dxo = dxb + d0;
+      Index ld = D;
+      if (nv < V) {
+        detail::copy_lanes_in(xb, L, D, d0, nv, xbuf);
+        detail::copy_lanes_in(gb, L, D, d0, nv, gbuf);
+        xin = xbuf;
+        gin = gbuf;
+        dxo = dxbuf;
+        ld = V;
       }
+      for (int h = 0; h < (s.bidirectional() ? 2 : 1); ++h) {
+        const Index off = h * D + d0;
+        // Adjoint of the look-back half (h = 0) runs backwards in time; of the look-ahead half, forwards.
+        detail::scan_pack(cf.q.data(), cf.c.data(), trunc ? cf.cqk.data() : nullptr, cf.b.data(), N, R, off, nv, adj);
+        detail::scan_lanes(gin, ld, dxo, ld, L, N, K, adj, h == 0, h == 1, st);
+        detail::scan_pack(cf.q.data(), cf.qk.data(), cf.kqk1.data(), cf.q.data(), N, R, off, nv, gr);
+        std::fill(la, la + N * V, T(0));
+        std::fill(lq, lq + N * V, T(0));
+        detail::scan_grad_lanes(xin, ld, gin, ld, L, N, K, gr, h == 1, v, u, la, lq);
+        for (Index n = 0; n < N; ++n)
+          for (Index l = 0; l < nv; ++l) {
+            A[n * R + off + l] += la[n * V + l];
+            Q[n * R + off + l] += lq[n * V + l];
+          }
+      }
+      if (nv < V) detail::copy_lanes_out(dxbuf, L, D, d0, nv, dxb);
     }
   }
   for (int i = 0; i < used; ++i) {

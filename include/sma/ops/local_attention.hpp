@@ -162,6 +162,19 @@ template <class T>
 Matrix<T> local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in,
                                   const T* bias_table, LocalAttentionSaved<T>* saved);
 
+/// As local_attention_forward, into `out` (S, H) (no allocation of the output).
+template <class T>
+void local_attention_forward_into(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in,
+                                  const T* bias_table, LocalAttentionSaved<T>* saved, MatrixMap<T> out);
+
+/// The forward with its last product left to the caller, to fuse what follows the attention: for every block of
+/// queries q0..q0+nq-1, `sink(q0, nq, k0, nk, a)` is called with `a` (nq, nk) the block's attention weights against
+/// the keys k0..k0+nk-1 (zero where not visible), so that out[q0:q0+nq] = a * v[k0:k0+nk]. Calls come from several
+/// OpenMP threads at once (blocks never overlap), with Eigen single-threaded inside.
+template <class T, class Sink>
+void local_attention_forward_blocks(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in,
+                                    const T* bias_table, LocalAttentionSaved<T>* saved, Sink&& sink);
+
 /// Assigns dq, dk (S, Z) and dv (S, H) from dout (S, H); ADDS into dbias_table (bias_table_size() entries, required
 /// when that is > 0; may be nullptr otherwise).
 template <class T>
@@ -178,6 +191,14 @@ namespace detail {
 // keeps the results independent of the thread count and the backward's weights equal to the forward's.
 template <class T>
 using AlignedBuffer = std::vector<T, Eigen::aligned_allocator<T>>;
+
+/// Grow-only per-thread score scratch, aligned (see above); reused across calls so the hot path allocates nothing.
+template <class T>
+T* attention_scratch(std::size_t n) {
+  thread_local AlignedBuffer<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
 
 struct AttentionShape {
   Index S = 0, Z = 0, H = 0;
@@ -458,22 +479,35 @@ void dispatch_attention(const LocalAttentionConfig& cfg, F&& f) {
   throw ValueError("local attention: unknown activation");
 }
 
-/// q' = scale * rot(q) and, for rotary, k' = rot(k): the only O(S*Z) copies the op makes.
+/// q' = scale * rot(q) and k' = rot(k). Without rotary nothing is copied: a block's q' is scaled into per-thread
+/// scratch when it is used (q_block). With rotary, rotated copies of q and k (S x Z each) are made once.
 template <class T>
 struct PreparedQK {
-  Matrix<T> qs;  // (S, Z)
-  Matrix<T> kr;  // (S, Z) for rotary, else empty (k is used as is)
+  Matrix<T> qr;  // (S, Z) rotated q for rotary, else empty
+  Matrix<T> kr;  // (S, Z) rotated k for rotary, else empty (k is used as is)
+  const T* q = nullptr;
   const T* k = nullptr;
+  Index Z = 0;
+  T scale = T(1);
 
   PreparedQK(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in, const AttentionShape& sh, int threads)
-      : qs(in.q) {
+      : Z(sh.Z), scale(static_cast<T>(cfg.query_scale(sh.Z))) {
+    q = in.q.data();
     k = in.k.data();
     if (cfg.position == PositionEncoding::rotary && sh.S > 0) {
+      qr = in.q;
       kr = in.k;
-      rotary_apply<T>(qs.data(), kr.data(), sh.S, sh.Z, in.positions->data(), cfg.rotary_theta, 1.0, threads);
+      rotary_apply<T>(qr.data(), kr.data(), sh.S, sh.Z, in.positions->data(), cfg.rotary_theta, 1.0, threads);
+      q = qr.data();
       k = kr.data();
     }
-    qs *= static_cast<T>(cfg.query_scale(sh.Z));
+  }
+
+  /// q' rows q0..q0+nq-1, written into `scratch` (nq * Z entries).
+  MatrixMap<T> q_block(Index q0, Index nq, T* scratch) const {
+    MatrixMap<T> m(scratch, nq, Z);
+    m = scale * CMatrixMap<T>(q + q0 * Z, nq, Z);
+    return m;
   }
 };
 
@@ -505,16 +539,15 @@ RowContext<T> make_row_context(const LocalAttentionConfig& cfg, const LocalAtten
 
 }  // namespace detail
 
-template <class T>
-Matrix<T> local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in,
-                                  const T* bias_table, LocalAttentionSaved<T>* saved) {
+template <class T, class Sink>
+void local_attention_forward_blocks(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in,
+                                    const T* bias_table, LocalAttentionSaved<T>* saved, Sink&& sink) {
   static_assert(std::is_floating_point<T>::value, "sma::ops::local_attention_forward: T must be float or double");
   const detail::AttentionShape sh = detail::check_attention_input(cfg, in, bias_table, "local_attention_forward");
   const Index S = sh.S, Z = sh.Z, H = sh.H;
   const bool softmax = cfg.activation == AttentionActivation::softmax;
-  Matrix<T> out = detail::uninitialized_matrix<T>(S, H);  // (S, H)
   if (saved) saved->row_stat.resize(softmax ? S : 0);
-  if (S == 0) return out;
+  if (S == 0) return;
 
   const int threads = detail::attention_threads(cfg);
   const detail::PreparedQK<T> prep(cfg, in, sh, threads);
@@ -532,23 +565,43 @@ Matrix<T> local_attention_forward(const LocalAttentionConfig& cfg, const LocalAt
 #pragma omp parallel num_threads(threads) if (parallel)
     {
       detail::eigen_single_threaded_here();
-      detail::AlignedBuffer<T> scratch(static_cast<std::size_t>(block * nk_max));
+      T* scratch = detail::attention_scratch<T>(static_cast<std::size_t>(block * (nk_max + Z)));
+      T* qbuf = scratch + block * nk_max;
 #pragma omp for schedule(dynamic, 1)
       for (Index t = 0; t < n_blocks; ++t) {
         const detail::QueryBlock& b = blocks[static_cast<std::size_t>(t)];
         const Index k0 = detail::block_key_begin(cfg, b), nk = detail::block_key_end(cfg, b) - k0, nq = b.q1 - b.q0;
-        MatrixMap<T> sc(scratch.data(), nq, nk);                                    // (nq, nk)
-        sc.noalias() = prep.qs.middleRows(b.q0, nq) * K.middleRows(k0, nk).transpose();
+        MatrixMap<T> sc(scratch, nq, nk);                                           // (nq, nk)
+        sc.noalias() = prep.q_block(b.q0, nq, qbuf) * K.middleRows(k0, nk).transpose();
         for (Index r = 0; r < nq; ++r) {
           const Index i = b.q0 + r;
           const T lse = Kernel::forward_row(rc, i, k0, nk, detail::visible_begin(cfg, b, i),
-                                            detail::visible_end(cfg, b, i), scratch.data() + r * nk);
+                                            detail::visible_end(cfg, b, i), scratch + r * nk);
           if (stats) stats[i] = lse;
         }
-        out.middleRows(b.q0, nq).noalias() = sc * in.v.middleRows(k0, nk);       // (nq, H)
+        sink(b.q0, nq, k0, nk, static_cast<const MatrixMap<T>&>(sc));
       }
     }
   });
+}
+
+template <class T>
+void local_attention_forward_into(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in,
+                                  const T* bias_table, LocalAttentionSaved<T>* saved, MatrixMap<T> out) {
+  if (out.rows() != in.q.rows() || out.cols() != in.v.cols())
+    throw ShapeError(str_cat("local_attention_forward: out is (", out.rows(), ", ", out.cols(), "), expected (",
+                             in.q.rows(), ", ", in.v.cols(), ")"));
+  local_attention_forward_blocks<T>(cfg, in, bias_table, saved,
+                                    [&](Index q0, Index nq, Index k0, Index nk, const MatrixMap<T>& a) {
+                                      out.middleRows(q0, nq).noalias() = a * in.v.middleRows(k0, nk);  // (nq, H)
+                                    });
+}
+
+template <class T>
+Matrix<T> local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttentionInput<T>& in,
+                                  const T* bias_table, LocalAttentionSaved<T>* saved) {
+  Matrix<T> out = detail::uninitialized_matrix<T>(in.q.rows(), in.v.cols());  // (S, H)
+  local_attention_forward_into<T>(cfg, in, bias_table, saved, map(out));
   return out;
 }
 
@@ -572,7 +625,10 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
     throw ValueError(str_cat(where, ": dbias_table is nullptr but ", to_string(cfg.position), " positions have a ",
                              table_size, "-entry table"));
 
-  dq = detail::uninitialized_matrix<T>(S, Z);
+  dq.resize(S, Z);  // every row is assigned below (resize keeps the caller's storage when the size matches)
+#ifdef SMA_POISON_UNINITIALIZED
+  dq.setConstant(std::numeric_limits<T>::quiet_NaN());
+#endif
   dk.setZero(S, Z);
   dv.setZero(S, H);
   if (S == 0) return;
@@ -624,7 +680,9 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
 #pragma omp parallel num_threads(threads) if (parallel)
       {
         detail::eigen_single_threaded_here();
-        detail::AlignedBuffer<T> s_buf(static_cast<std::size_t>(block * nk_max)), d_buf(s_buf.size());
+        T* s_buf = detail::attention_scratch<T>(static_cast<std::size_t>(block * (2 * nk_max + Z)));
+        T* d_buf = s_buf + block * nk_max;
+        T* qbuf = d_buf + block * nk_max;
 #pragma omp for schedule(dynamic, 1)
         for (Index t = 0; t < n_segs; ++t) {
           const detail::Segment& g = segs[static_cast<std::size_t>(t)];
@@ -635,9 +693,9 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
             const detail::QueryBlock b{g.row_begin, g.row_end, q0, std::min(g.s1, q0 + block)};
             const Index k0 = detail::block_key_begin(cfg, b), nk = detail::block_key_end(cfg, b) - k0;
             const Index nq = b.q1 - b.q0;
-            MatrixMap<T> sc(s_buf.data(), nq, nk);                                  // (nq, nk) scores -> A
-            MatrixMap<T> da(d_buf.data(), nq, nk);                                  // (nq, nk) dA -> dS
-            const auto q_blk = prep.qs.middleRows(b.q0, nq);                        // (nq, Z)
+            MatrixMap<T> sc(s_buf, nq, nk);                                         // (nq, nk) scores -> A
+            MatrixMap<T> da(d_buf, nq, nk);                                         // (nq, nk) dA -> dS
+            const MatrixMap<T> q_blk = prep.q_block(b.q0, nq, qbuf);                // (nq, Z)
             const auto k_blk = K.middleRows(k0, nk);                                // (nk, Z)
             const auto v_blk = in.v.middleRows(k0, nk);                             // (nk, H)
             const auto do_blk = dout.middleRows(b.q0, nq);                          // (nq, H)
@@ -646,8 +704,8 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
             for (Index r = 0; r < nq; ++r) {
               const Index i = b.q0 + r;
               Kernel::backward_row(rc, i, k0, nk, detail::visible_begin(cfg, b, i), detail::visible_end(cfg, b, i),
-                                   have_lse ? saved.row_stat[i] : T(0), have_lse, s_buf.data() + r * nk,
-                                   d_buf.data() + r * nk, db.empty() ? nullptr : db.data(), g.bias_lo);
+                                   have_lse ? saved.row_stat[i] : T(0), have_lse, s_buf + r * nk,
+                                   d_buf + r * nk, db.empty() ? nullptr : db.data(), g.bias_lo);
             }
             dv.middleRows(k0, nk).noalias() += sc.transpose() * do_blk;             // (nk, H)
             dq.middleRows(b.q0, nq).noalias() = (scale * da) * k_blk;               // (nq, Z)

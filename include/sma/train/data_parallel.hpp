@@ -2,9 +2,10 @@
 //
 // WHY      On a few cores, the layers' own parallel loops (over channels, rows, attention blocks) synchronise many
 //          times per layer on small pieces of work; splitting the batch instead gives each thread one independent
-//          forward + backward and a single reduction at the end. Measured on the development machine (2 cores,
-//          SeqBoat classifier, d_model 64, 196 tokens, batch 32): 2 shards ran a training step 2.2x faster than
-//          one batch with the layers' 2-thread loops (tests/train and docs/training.md have the numbers).
+//          forward + backward and a single reduction at the end. Measured with sma-demo's default model (d_model
+//          64, 2 layers, 196 tokens, batch 32, 2 threads, 150 steps) on the 2-core development machine while other
+//          builds shared it: 2 shards trained at 58-68k tokens/s, the layers' own 2-thread loops at 5-6k tokens/s
+//          (their barriers spin while a core is taken), with the same losses (docs/training.md).
 // HOW      Shard k (of S) takes rows [B k / S, B (k+1) / S) of the batch. Shard 0 runs on the model itself; shard k
 //          > 0 on replica k, a copy of the model with its own ParamBuffer, whose values are refreshed from the
 //          model before every pass. Each shard has its own Context (dropout stream seeded by (seed, shard)) and its
