@@ -1,0 +1,510 @@
+// The damped multi-head EMA on the device by a chunked scan (include/sma/cuda/ema.hpp; maths: docs/maths/ema.md).
+// Thread layout of the segment kernels: x = channel d (coalesced loads of (B, L, D) rows), y = segment, z = batch row.
+// Orders are processed in groups of G with their states in registers; the group loop re-reads the segment (from
+// L1/L2), which keeps any N working with a fixed register budget.
+#include <sma/cuda/ema.hpp>
+
+#include <sma/core/error.hpp>
+
+#include "../common/check.cuh"
+#include "../common/workspace.cuh"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace sma::cuda {
+namespace {
+
+/// Sizes shared by every kernel. nseg = ceil(L / C).
+struct Geometry {
+  int B, L, D, N, R, K, C, nseg;
+  bool bidir;
+};
+
+/// Coefficients, each (N, R) order-major so that a warp's loads over channels are contiguous.
+struct Coefs {
+  float *q, *b, *c, *bqK, *cqK, *qK, *dK, *qC, *dC;
+};
+constexpr int kCoefFields = 9;
+
+Coefs coef_view(float* base, long long rn) {
+  return {base, base + rn, base + 2 * rn, base + 3 * rn, base + 4 * rn,
+          base + 5 * rn, base + 6 * rn, base + 7 * rn, base + 8 * rn};
+}
+
+__device__ inline double sigmoid_d(double v) { return 1.0 / (1.0 + exp(-v)); }
+
+// One thread per (r, n): the coefficients in double, stored in float.
+__global__ void coef_kernel(Geometry g, EmaParams prm, Coefs cf) {
+  const long long rn = static_cast<long long>(g.R) * g.N;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < rn;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(i / g.N), n = static_cast<int>(i % g.N);  // parameter index i = r*N + n
+    const double p = sigmoid_d(prm.delta[i]), a = sigmoid_d(prm.alpha[i]);
+    const double q = 1.0 - p * a, b = p * prm.beta[i], c = prm.gamma[i] / sqrt(static_cast<double>(g.N));
+    const double qK = pow(q, static_cast<double>(g.K));
+    const double dK = g.K * pow(q, static_cast<double>(g.K - 1));
+    const double qC = pow(q, static_cast<double>(g.C));
+    const double dC = g.C * pow(q, static_cast<double>(g.C - 1));
+    const long long o = static_cast<long long>(n) * g.R + r;
+    cf.q[o] = static_cast<float>(q);
+    cf.b[o] = static_cast<float>(b);
+    cf.c[o] = static_cast<float>(c);
+    cf.bqK[o] = static_cast<float>(b * qK);
+    cf.cqK[o] = static_cast<float>(c * qK);
+    cf.qK[o] = static_cast<float>(qK);
+    cf.dK[o] = static_cast<float>(dK);
+    cf.qC[o] = static_cast<float>(qC);
+    cf.dC[o] = static_cast<float>(dC);
+  }
+}
+
+/// Per-thread view of one (b, d, segment): the sequence and the segment bounds.
+struct Seq {
+  Geometry g;
+  int b, d, t0, t1;
+  __device__ long long idx(int t) const { return (static_cast<long long>(b) * g.L + t) * g.D + d; }
+  __device__ bool padded(const std::uint8_t* pad, int t) const {
+    return pad != nullptr && pad[static_cast<long long>(b) * g.L + t] != 0;
+  }
+  /// Masked input value at t.
+  __device__ float xm(const float* x, const std::uint8_t* pad, int t) const {
+    return padded(pad, t) ? 0.f : x[idx(t)];
+  }
+  /// The time of step i in direction dir, and whether the input K steps back (in that direction) exists.
+  __device__ int time(int i, int dir) const { return dir > 0 ? t0 + i : t1 - 1 - i; }
+  __device__ bool drops(int t, int dir) const { return (dir > 0 ? t : g.L - 1 - t) >= g.K; }
+  __device__ long long carry_idx(int seg, int n, int r) const {
+    return ((static_cast<long long>(b) * g.nseg + seg) * g.N + n) * g.R + r;
+  }
+};
+
+__device__ inline Seq make_seq(const Geometry& g, bool& ok) {
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  const int seg = blockIdx.y, b = blockIdx.z;
+  ok = d < g.D;
+  const int t0 = seg * g.C;
+  return Seq{g, b, d, t0, min(g.L, t0 + g.C)};
+}
+
+// Forward, pass 1: each segment's end state from a zero start, per kernel row and order.
+template <int G>
+__global__ void fwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* pad,
+                                 float* __restrict__ carry) {
+  bool ok;
+  const Seq sq = make_seq(g, ok);
+  if (!ok) return;
+  const int steps = sq.t1 - sq.t0;
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + sq.d, dir = h ? -1 : 1;
+    for (int n0 = 0; n0 < g.N; n0 += G) {
+      float q[G], b[G], dr[G], s[G];
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const bool in = n0 + j < g.N;
+        const long long o = static_cast<long long>(n0 + j) * g.R + r;
+        q[j] = in ? cf.q[o] : 0.f;
+        b[j] = in ? cf.b[o] : 0.f;
+        dr[j] = in ? cf.bqK[o] : 0.f;
+        s[j] = 0.f;
+      }
+      for (int i = 0; i < steps; ++i) {
+        const int t = sq.time(i, dir);
+        const float xv = sq.xm(x, pad, t);
+        const float xo = sq.drops(t, dir) ? sq.xm(x, pad, t - dir * g.K) : 0.f;
+#pragma unroll
+        for (int j = 0; j < G; ++j) s[j] = fmaf(q[j], s[j], fmaf(b[j], xv, -dr[j] * xo));
+      }
+#pragma unroll
+      for (int j = 0; j < G; ++j)
+        if (n0 + j < g.N) carry[sq.carry_idx(blockIdx.y, n0 + j, r)] = s[j];
+    }
+  }
+}
+
+// Pass 2: turns per-segment local end states into each segment's start state, walking the segments in the scan's
+// direction: S_k = q^C S_{k-1} + local_k. With `u` also the q-derivative pair (v, u). `flip` reverses the
+// direction (the adjoint). One thread per (b, n, r), r fastest.
+__global__ void carry_kernel(Geometry g, Coefs cf, float* __restrict__ s_buf, float* __restrict__ u_buf, int flip) {
+  const long long total = static_cast<long long>(g.B) * g.N * g.R;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(i % g.R);
+    const long long bn = i / g.R;
+    const int n = static_cast<int>(bn % g.N), b = static_cast<int>(bn / g.N);
+    int dir = r < g.D ? 1 : -1;
+    if (flip) dir = -dir;
+    const long long o = static_cast<long long>(n) * g.R + r;
+    const float qC = cf.qC[o], dC = cf.dC[o];
+    float S = 0.f, U = 0.f;
+    for (int k = 0; k < g.nseg; ++k) {
+      const int seg = dir > 0 ? k : g.nseg - 1 - k;
+      const long long at = ((static_cast<long long>(b) * g.nseg + seg) * g.N + n) * g.R + r;
+      const float ls = s_buf[at];
+      s_buf[at] = S;
+      if (u_buf) {
+        const float lu = u_buf[at];
+        u_buf[at] = U;
+        U = fmaf(qC, U, fmaf(dC, S, lu));
+      }
+      S = fmaf(qC, S, ls);
+    }
+  }
+}
+
+// Forward, pass 3: each segment from its carried start state; out = sum over halves and orders + omega x.
+template <int G>
+__global__ void fwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* pad,
+                                 const float* __restrict__ carry, const float* __restrict__ omega, float* out) {
+  bool ok;
+  const Seq sq = make_seq(g, ok);
+  if (!ok) return;
+  const int steps = sq.t1 - sq.t0;
+  const float om = omega[sq.d];
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + sq.d, dir = h ? -1 : 1;
+    for (int n0 = 0; n0 < g.N; n0 += G) {
+      const bool first = h == 0 && n0 == 0;
+      float q[G], b[G], c[G], dr[G], s[G];
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const bool in = n0 + j < g.N;
+        const long long o = static_cast<long long>(n0 + j) * g.R + r;
+        q[j] = in ? cf.q[o] : 0.f;
+        b[j] = in ? cf.b[o] : 0.f;
+        c[j] = in ? cf.c[o] : 0.f;
+        dr[j] = in ? cf.bqK[o] : 0.f;
+        s[j] = in ? carry[sq.carry_idx(blockIdx.y, n0 + j, r)] : 0.f;
+      }
+      for (int i = 0; i < steps; ++i) {
+        const int t = sq.time(i, dir);
+        const bool pd = sq.padded(pad, t);
+        const float xr = x[sq.idx(t)];
+        const float xv = pd ? 0.f : xr;
+        const float xo = sq.drops(t, dir) ? sq.xm(x, pad, t - dir * g.K) : 0.f;
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          s[j] = fmaf(q[j], s[j], fmaf(b[j], xv, -dr[j] * xo));
+          acc = fmaf(c[j], s[j], acc);
+        }
+        if (first)
+          out[sq.idx(t)] = fmaf(om, xr, acc);
+        else
+          out[sq.idx(t)] += acc;
+      }
+    }
+  }
+}
+
+// Backward, pass 1: local end states of (v, u) in the forward direction and of the adjoint g in the reverse one.
+template <int G>
+__global__ void bwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* pad,
+                                 const float* __restrict__ dy, float* __restrict__ cv, float* __restrict__ cu,
+                                 float* __restrict__ cg) {
+  bool ok;
+  const Seq sq = make_seq(g, ok);
+  if (!ok) return;
+  const int steps = sq.t1 - sq.t0;
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + sq.d, dir = h ? -1 : 1;
+    for (int n0 = 0; n0 < g.N; n0 += G) {
+      float q[G], qK[G], dK[G], v[G], u[G];
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const bool in = n0 + j < g.N;
+        const long long o = static_cast<long long>(n0 + j) * g.R + r;
+        q[j] = in ? cf.q[o] : 0.f;
+        qK[j] = in ? cf.qK[o] : 0.f;
+        dK[j] = in ? cf.dK[o] : 0.f;
+        v[j] = 0.f;
+        u[j] = 0.f;
+      }
+      for (int i = 0; i < steps; ++i) {
+        const int t = sq.time(i, dir);
+        const float xv = sq.xm(x, pad, t);
+        const float xo = sq.drops(t, dir) ? sq.xm(x, pad, t - dir * g.K) : 0.f;
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          u[j] = fmaf(q[j], u[j], fmaf(-dK[j], xo, v[j]));
+          v[j] = fmaf(q[j], v[j], fmaf(-qK[j], xo, xv));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < G; ++j)
+        if (n0 + j < g.N) {
+          cv[sq.carry_idx(blockIdx.y, n0 + j, r)] = v[j];
+          cu[sq.carry_idx(blockIdx.y, n0 + j, r)] = u[j];
+        }
+      // The adjoint: g[t] = q g[t+dir] + c G[t] - c q^K G[t+dir K], run against the direction.
+      float c[G], cd[G], s[G];
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const bool in = n0 + j < g.N;
+        const long long o = static_cast<long long>(n0 + j) * g.R + r;
+        c[j] = in ? cf.c[o] : 0.f;
+        cd[j] = in ? cf.cqK[o] : 0.f;
+        s[j] = 0.f;
+      }
+      for (int i = 0; i < steps; ++i) {
+        const int t = sq.time(i, -dir);
+        const float gv = dy[sq.idx(t)];
+        const float go = sq.drops(t, -dir) ? dy[sq.idx(t + dir * g.K)] : 0.f;
+#pragma unroll
+        for (int j = 0; j < G; ++j) s[j] = fmaf(q[j], s[j], fmaf(c[j], gv, -cd[j] * go));
+      }
+#pragma unroll
+      for (int j = 0; j < G; ++j)
+        if (n0 + j < g.N) cg[sq.carry_idx(blockIdx.y, n0 + j, r)] = s[j];
+    }
+  }
+}
+
+// Backward, pass 3: from the carried states, the per-segment partials of sum G v and sum G u (written over cv and
+// cu, which only this thread reads), dx, and the per-segment partial of d omega.
+template <int G>
+__global__ void bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* pad,
+                                 const float* __restrict__ dy, const float* __restrict__ omega, float* cv, float* cu,
+                                 const float* __restrict__ cg, float* dx, float* __restrict__ domega_part) {
+  bool ok;
+  const Seq sq = make_seq(g, ok);
+  if (!ok) return;
+  const int steps = sq.t1 - sq.t0;
+  const float om = omega[sq.d];
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + sq.d, dir = h ? -1 : 1;
+    for (int n0 = 0; n0 < g.N; n0 += G) {
+      const bool first = h == 0 && n0 == 0;
+      float q[G], qK[G], dK[G], v[G], u[G], gw[G], gq[G];
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const bool in = n0 + j < g.N;
+        const long long o = static_cast<long long>(n0 + j) * g.R + r;
+        q[j] = in ? cf.q[o] : 0.f;
+        qK[j] = in ? cf.qK[o] : 0.f;
+        dK[j] = in ? cf.dK[o] : 0.f;
+        v[j] = in ? cv[sq.carry_idx(blockIdx.y, n0 + j, r)] : 0.f;
+        u[j] = in ? cu[sq.carry_idx(blockIdx.y, n0 + j, r)] : 0.f;
+        gw[j] = 0.f;
+        gq[j] = 0.f;
+      }
+      for (int i = 0; i < steps; ++i) {
+        const int t = sq.time(i, dir);
+        const float xv = sq.xm(x, pad, t);
+        const float xo = sq.drops(t, dir) ? sq.xm(x, pad, t - dir * g.K) : 0.f;
+        const float gv = dy[sq.idx(t)];
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          u[j] = fmaf(q[j], u[j], fmaf(-dK[j], xo, v[j]));
+          v[j] = fmaf(q[j], v[j], fmaf(-qK[j], xo, xv));
+          gw[j] = fmaf(gv, v[j], gw[j]);
+          gq[j] = fmaf(gv, u[j], gq[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < G; ++j)
+        if (n0 + j < g.N) {
+          cv[sq.carry_idx(blockIdx.y, n0 + j, r)] = gw[j];
+          cu[sq.carry_idx(blockIdx.y, n0 + j, r)] = gq[j];
+        }
+      float b[G], c[G], cd[G], s[G];
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const bool in = n0 + j < g.N;
+        const long long o = static_cast<long long>(n0 + j) * g.R + r;
+        b[j] = in ? cf.b[o] : 0.f;
+        c[j] = in ? cf.c[o] : 0.f;
+        cd[j] = in ? cf.cqK[o] : 0.f;
+        s[j] = in ? cg[sq.carry_idx(blockIdx.y, n0 + j, r)] : 0.f;
+      }
+      float dom = 0.f;
+      for (int i = 0; i < steps; ++i) {
+        const int t = sq.time(i, -dir);
+        const float gv = dy[sq.idx(t)];
+        const float go = sq.drops(t, -dir) ? dy[sq.idx(t + dir * g.K)] : 0.f;
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          s[j] = fmaf(q[j], s[j], fmaf(c[j], gv, -cd[j] * go));
+          acc = fmaf(b[j], s[j], acc);
+        }
+        const bool pd = sq.padded(pad, t);
+        if (first) {
+          dx[sq.idx(t)] = fmaf(om, gv, pd ? 0.f : acc);
+          dom = fmaf(gv, x[sq.idx(t)], dom);
+        } else if (!pd) {
+          dx[sq.idx(t)] += acc;
+        }
+      }
+      if (first) domega_part[(static_cast<long long>(sq.b) * g.nseg + blockIdx.y) * g.D + sq.d] = dom;
+    }
+  }
+}
+
+// One thread per (r, n): sums the segment partials in double, in a fixed order, and applies the chain rule from
+// (w, q) to the parameters (docs/maths/ema.md#parameters); gradients are ADDED.
+__global__ void param_grad_kernel(Geometry g, EmaParams prm, const float* __restrict__ gw_part,
+                                  const float* __restrict__ gq_part, EmaGrads grads) {
+  const long long rn = static_cast<long long>(g.R) * g.N;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < rn;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int n = static_cast<int>(i / g.R), r = static_cast<int>(i % g.R);  // order-major: coalesced reads
+    double sw = 0, sq = 0;
+    const long long parts = static_cast<long long>(g.B) * g.nseg;
+    for (long long k = 0; k < parts; ++k) {
+      sw += gw_part[(k * g.N + n) * g.R + r];
+      sq += gq_part[(k * g.N + n) * g.R + r];
+    }
+    const long long pi = static_cast<long long>(r) * g.N + n;
+    const double p = sigmoid_d(prm.delta[pi]), a = sigmoid_d(prm.alpha[pi]);
+    const double beta = prm.beta[pi], gamma = prm.gamma[pi], rs = 1.0 / sqrt(static_cast<double>(g.N));
+    const double w = p * beta * gamma * rs;
+    const double dw = sw, dq = w * sq;
+    const double dp = dw * beta * gamma * rs - a * dq;
+    const double da = -p * dq;
+    grads.delta[pi] += static_cast<float>(dp * p * (1 - p));
+    grads.alpha[pi] += static_cast<float>(da * a * (1 - a));
+    grads.beta[pi] += static_cast<float>(dw * p * gamma * rs);
+    grads.gamma[pi] += static_cast<float>(dw * p * beta * rs);
+  }
+}
+
+__global__ void omega_grad_kernel(Geometry g, const float* __restrict__ part, float* domega) {
+  for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < g.D; d += gridDim.x * blockDim.x) {
+    double s = 0;
+    const long long parts = static_cast<long long>(g.B) * g.nseg;
+    for (long long k = 0; k < parts; ++k) s += part[k * g.D + d];
+    domega[d] += static_cast<float>(s);
+  }
+}
+
+void check_config(const EmaConfig& c, const char* where) {
+  if (c.batch < 0 || c.length < 0)
+    throw ValueError(str_cat(where, ": negative batch ", c.batch, " or length ", c.length));
+  if (c.dim < 1) throw ValueError(str_cat(where, ": dim (D) must be >= 1, got ", c.dim));
+  if (c.order < 1) throw ValueError(str_cat(where, ": order (N) must be >= 1, got ", c.order));
+  if (c.truncation < 0) throw ValueError(str_cat(where, ": truncation must be >= 0 (0 = none), got ", c.truncation));
+  if (c.batch > 65535) throw ValueError(str_cat(where, ": batch ", c.batch, " > 65535 is not supported"));
+  if (static_cast<long long>(c.batch) * c.length * c.dim >= (1LL << 40))
+    throw ValueError(str_cat(where, ": tensor too large"));
+}
+
+void check_params(const EmaParams& p, const char* where) {
+  if (!p.delta || !p.alpha || !p.beta || !p.gamma || !p.omega)
+    throw ValueError(str_cat(where, ": a parameter pointer is null"));
+}
+
+Geometry geometry(const EmaConfig& c) {
+  Geometry g{};
+  g.B = c.batch;
+  g.L = c.length;
+  g.D = c.dim;
+  g.N = c.order;
+  g.R = c.rows();
+  g.K = c.kernel_size();
+  g.C = ema_segment_length(c);
+  g.nseg = (c.length + g.C - 1) / g.C;
+  g.bidir = c.bidirectional;
+  return g;
+}
+
+constexpr int kThreads = 128;
+
+dim3 segment_block(const Geometry& g) { return dim3(std::min(kThreads, (g.D + 31) / 32 * 32)); }
+dim3 segment_grid(const Geometry& g) {
+  const unsigned bx = segment_block(g).x;
+  return dim3((g.D + bx - 1) / bx, g.nseg, g.B);
+}
+
+Coefs make_coefs(const Geometry& g, const EmaParams& prm, detail::StreamWorkspace& ws, cudaStream_t s) {
+  const long long rn = static_cast<long long>(g.R) * g.N;
+  Coefs cf = coef_view(ws.alloc<float>(kCoefFields * rn), rn);
+  coef_kernel<<<detail::grid_for(rn, 256), 256, 0, s>>>(g, prm, cf);
+  SMA_CUDA_CHECK_LAUNCH();
+  return cf;
+}
+
+}  // namespace
+
+int ema_segment_length(const EmaConfig& c) {
+  // Enough threads to fill the card (about 2^18 (batch row, channel, segment) triples), short segments otherwise;
+  // longer segments shrink the carry buffers (B ceil(L/C) R N floats).
+  const long long rows = static_cast<long long>(std::max(c.batch, 1)) * std::max(c.dim, 1);
+  int C = 32;
+  while (C < 4096 && rows * ((static_cast<long long>(c.length) + C - 1) / C) > (1LL << 18)) C *= 2;
+  return C;
+}
+
+void ema_forward(const EmaConfig& cfg, const EmaParams& prm, const float* x, const std::uint8_t* padding, float* out,
+                 void* stream) {
+  check_config(cfg, "sma::cuda::ema_forward");
+  check_params(prm, "sma::cuda::ema_forward");
+  const Geometry g = geometry(cfg);
+  if (g.B == 0 || g.L == 0) return;
+  if (!x || !out) throw ValueError("sma::cuda::ema_forward: x or out is null");
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  detail::StreamWorkspace ws(s);
+  const Coefs cf = make_coefs(g, prm, ws, s);
+  float* carry = ws.alloc<float>(static_cast<long long>(g.B) * g.nseg * g.N * g.R);
+  const dim3 grid = segment_grid(g), block = segment_block(g);
+  const bool small = g.N <= 4;
+  if (small)
+    fwd_local_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, carry);
+  else
+    fwd_local_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, carry);
+  SMA_CUDA_CHECK_LAUNCH();
+  const long long bnr = static_cast<long long>(g.B) * g.N * g.R;
+  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, carry, nullptr, 0);
+  SMA_CUDA_CHECK_LAUNCH();
+  if (small)
+    fwd_apply_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, carry, prm.omega, out);
+  else
+    fwd_apply_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, carry, prm.omega, out);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, const std::uint8_t* padding,
+                  const float* dout, float* dx, const EmaGrads& grads, void* stream) {
+  check_config(cfg, "sma::cuda::ema_backward");
+  check_params(prm, "sma::cuda::ema_backward");
+  if (!grads.delta || !grads.alpha || !grads.beta || !grads.gamma || !grads.omega)
+    throw ValueError("sma::cuda::ema_backward: a gradient pointer is null");
+  const Geometry g = geometry(cfg);
+  if (g.B == 0 || g.L == 0) return;  // nothing to add
+  if (!x || !dout || !dx) throw ValueError("sma::cuda::ema_backward: x, dout or dx is null");
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  detail::StreamWorkspace ws(s);
+  const Coefs cf = make_coefs(g, prm, ws, s);
+  const long long cn = static_cast<long long>(g.B) * g.nseg * g.N * g.R;
+  float* cv = ws.alloc<float>(cn);
+  float* cu = ws.alloc<float>(cn);
+  float* cg = ws.alloc<float>(cn);
+  float* dom = ws.alloc<float>(static_cast<long long>(g.B) * g.nseg * g.D);
+  const dim3 grid = segment_grid(g), block = segment_block(g);
+  const bool small = g.N <= 4;
+  if (small)
+    bwd_local_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, dout, cv, cu, cg);
+  else
+    bwd_local_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, cv, cu, cg);
+  SMA_CUDA_CHECK_LAUNCH();
+  const long long bnr = static_cast<long long>(g.B) * g.N * g.R;
+  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, cv, cu, 0);
+  SMA_CUDA_CHECK_LAUNCH();
+  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, cg, nullptr, 1);
+  SMA_CUDA_CHECK_LAUNCH();
+  if (small)
+    bwd_apply_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
+  else
+    bwd_apply_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
+  SMA_CUDA_CHECK_LAUNCH();
+  const long long rn = static_cast<long long>(g.R) * g.N;
+  param_grad_kernel<<<detail::grid_for(rn, 128), 128, 0, s>>>(g, prm, cv, cu, grads);
+  SMA_CUDA_CHECK_LAUNCH();
+  omega_grad_kernel<<<detail::grid_for(g.D, 128), 128, 0, s>>>(g, dom, grads.omega);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace sma::cuda

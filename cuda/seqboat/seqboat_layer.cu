@@ -1,0 +1,443 @@
+// SeqBoatLayerDevice (include/sma/cuda/seqboat_layer.hpp): the SeqBoat layer's forward and backward as a chain of
+// device kernels and cuBLAS products, all on one stream, nothing waiting for the host (S stays on the device).
+#include <sma/cuda/buffer.hpp>
+#include <sma/cuda/compress.hpp>
+#include <sma/cuda/ema.hpp>
+#include <sma/cuda/layer_ops.hpp>
+#include <sma/cuda/local_attention.hpp>
+#include <sma/cuda/seqboat_device.hpp>
+
+#include <sma/core/error.hpp>
+
+#include "../common/check.cuh"
+#include "../common/workspace.cuh"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace sma::cuda {
+namespace {
+
+// base (cap, Z+2H) -> q, k (cap, Z), r, v (cap, H): z = silu(base[:, :Z]), q = z g0 + b0, k = z g1 + b1.
+__global__ void gau_act_kernel(long long rows, int Z, int H, const float* __restrict__ base,
+                               const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ q,
+                               float* __restrict__ k, float* __restrict__ r, float* __restrict__ v) {
+  const int P = Z + 2 * H;
+  const long long n = rows * P;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long row = i / P;
+    const int c = static_cast<int>(i % P);
+    const float b = base[i];
+    const float a = b / (1.f + expf(-b));
+    if (c < Z) {
+      q[row * Z + c] = a * gamma[c] + beta[c];
+      k[row * Z + c] = a * gamma[Z + c] + beta[Z + c];
+    } else if (c < Z + H) {
+      r[row * H + (c - Z)] = a;
+    } else {
+      v[row * H + (c - Z - H)] = a;
+    }
+  }
+}
+
+// dbase from dq, dk, d(att*r) = dhr, att, dv; tq = dq z, tk = dk z (for the gamma gradients).
+__global__ void gau_dbase_kernel(long long rows, int Z, int H, const float* __restrict__ base,
+                                 const float* __restrict__ gamma, const float* __restrict__ dq,
+                                 const float* __restrict__ dk, const float* __restrict__ dhr,
+                                 const float* __restrict__ att, const float* __restrict__ dv, float* __restrict__ dbase,
+                                 float* __restrict__ tq, float* __restrict__ tk) {
+  const int P = Z + 2 * H;
+  const long long n = rows * P;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long row = i / P;
+    const int c = static_cast<int>(i % P);
+    const float b = base[i];
+    const float sg = 1.f / (1.f + expf(-b));
+    const float dsilu = sg * (1.f + b * (1.f - sg));
+    if (c < Z) {
+      const float z = b * sg;
+      const float gq = dq[row * Z + c], gk = dk[row * Z + c];
+      tq[row * Z + c] = gq * z;
+      tk[row * Z + c] = gk * z;
+      dbase[i] = (gq * gamma[c] + gk * gamma[Z + c]) * dsilu;
+    } else if (c < Z + H) {
+      const long long j = row * H + (c - Z);
+      dbase[i] = dhr[j] * att[j] * dsilu;
+    } else {
+      dbase[i] = dv[row * H + (c - Z - H)] * dsilu;
+    }
+  }
+}
+
+__global__ void mul_kernel(long long n, const float* a, const float* b, float* out) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    out[i] = a[i] * b[i];
+}
+
+// dst (rows, D) = src[:, off:off+D] of a (rows, ld) matrix.
+__global__ void copy_cols_kernel(long long rows, int D, const float* __restrict__ src, int ld, int off,
+                                 float* __restrict__ dst, int ldd, int offd) {
+  const long long n = rows * D;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = i / D;
+    const int c = static_cast<int>(i % D);
+    dst[r * ldd + offd + c] = src[r * ld + off + c];
+  }
+}
+
+// pre += x; out = silu(pre).
+__global__ void residual_silu_kernel(long long n, const float* __restrict__ x, float* __restrict__ pre,
+                                     float* __restrict__ out) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const float p = pre[i] + x[i];
+    pre[i] = p;
+    out[i] = p / (1.f + expf(-p));
+  }
+}
+
+__global__ void add_kernel(long long n, const float* __restrict__ a, float* __restrict__ out) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    out[i] += a[i];
+}
+
+unsigned grid(long long n) { return detail::grid_for(n, 256); }
+
+/// Row-major C (M x N) = alpha op(A) op(B) + beta C through column-major cuBLAS (C^T = op(B)^T op(A)^T).
+void gemm_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+             float beta, float* C, int ldc) {
+  if (M <= 0 || N <= 0) return;
+  const float alpha = 1.f;
+  SMA_CUDA_CHECK(cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb,
+                             A, lda, &beta, C, ldc));
+}
+
+}  // namespace
+
+struct SeqBoatLayerDevice::Impl {
+  SeqBoatDeviceConfig cfg;
+  cublasHandle_t blas = nullptr;
+  std::vector<std::string> names;
+  std::map<std::string, DeviceArray<float>> value, grad;
+
+  // Shapes of the last forward and what backward reads.
+  int B = 0, L = 0;
+  bool has_forward = false, has_padding = false;
+  std::unique_ptr<DeviceCompression> plan;
+  DeviceArray<float> x, xin, mean, rstd, ema_out, mx, hu, probs, gate, xc, base, q, k, r, v, att, row_stat, hr, hc,
+      pre, act, mean2, rstd2;
+  DeviceArray<std::uint8_t> padding, active;
+
+  ~Impl() {
+    if (blas) cublasDestroy(blas);
+  }
+
+  const float* p(const char* n) const {
+    auto it = value.find(n);
+    return it == value.end() ? nullptr : it->second.data();
+  }
+  float* g(const char* n) const {
+    auto it = grad.find(n);
+    return it == grad.end() ? nullptr : it->second.data();
+  }
+  const float* norm_weight() const {
+    return cfg.norm == NormKind::scalenorm ? p("norm.norm.scalar") : p("norm.norm.weight");
+  }
+  float* norm_dweight() const {
+    return cfg.norm == NormKind::scalenorm ? g("norm.norm.scalar") : g("norm.norm.weight");
+  }
+  EmaConfig ema_cfg() const {
+    EmaConfig e;
+    e.batch = B;
+    e.length = L;
+    e.dim = cfg.embed_dim;
+    e.order = cfg.ndim;
+    e.bidirectional = cfg.bidirectional;
+    e.truncation = cfg.truncation;
+    return e;
+  }
+  EmaParams ema_params() const {
+    return {p("ssm.delta"), p("ssm.alpha"), p("ssm.beta"), p("ssm.gamma"), p("ssm.omega")};
+  }
+  LocalAttentionInputs attention_inputs() const {
+    LocalAttentionInputs in;
+    in.batch = B;
+    in.capacity = B * L;
+    in.z = cfg.zdim;
+    in.h = cfg.hdim;
+    const CompressionView pv = plan->view();
+    in.offsets = pv.offsets;
+    in.positions = pv.positions;
+    in.key_valid = pv.key_valid;
+    in.q = q.data();
+    in.k = k.data();
+    in.v = v.data();
+    return in;
+  }
+
+  static void ensure(DeviceArray<float>& a, long long n) {
+    if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(n));
+  }
+
+  void allocate(int b, int l) {
+    if (b == B && l == L && plan) return;
+    B = b;
+    L = l;
+    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
+    const long long P = Z + 2 * H;
+    plan = std::make_unique<DeviceCompression>(B, L);
+    for (auto* a : {&x, &xin, &ema_out, &mx, &xc, &hc, &pre, &act}) ensure(*a, N * D);
+    for (auto* a : {&mean, &rstd, &gate, &row_stat, &mean2, &rstd2}) ensure(*a, N);
+    ensure(hu, N * (2 + D));
+    ensure(probs, N * 2);
+    ensure(base, N * P);
+    ensure(q, N * Z);
+    ensure(k, N * Z);
+    for (auto* a : {&r, &v, &att, &hr}) ensure(*a, N * H);
+    padding = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
+    active = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
+  }
+};
+
+SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
+                                       const std::vector<std::pair<std::string, std::vector<float>>>& params)
+    : impl_(std::make_unique<Impl>()) {
+  if (cfg.embed_dim < 1 || cfg.zdim < 1 || cfg.hdim < 1 || cfg.ndim < 1)
+    throw ValueError(str_cat("SeqBoatLayerDevice: embed_dim, zdim, hdim, ndim must be >= 1, got ", cfg.embed_dim,
+                             ", ", cfg.zdim, ", ", cfg.hdim, ", ", cfg.ndim));
+  if (cfg.zdim > 128) throw ValueError(str_cat("SeqBoatLayerDevice: zdim ", cfg.zdim, " > 128 is not supported"));
+  impl_->cfg = cfg;
+  const long long D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim, R = cfg.bidirectional ? 2 * D : D;
+  const std::map<std::string, long long> expected = {
+      {"ssm.delta", R * cfg.ndim}, {"ssm.alpha", R * cfg.ndim}, {"ssm.beta", R * cfg.ndim},
+      {"ssm.gamma", R * cfg.ndim}, {"ssm.omega", D},            {"hx_proj.weight", (2 + D) * D},
+      {"hx_proj.bias", 2 + D},     {"q_router.temp", 1},        {"mx_proj.weight", (Z + 2 * H) * D},
+      {"mx_proj.bias", Z + 2 * H}, {"h_proj.weight", D * H},    {"h_proj.bias", D},
+      {"gamma", 2 * Z},            {"beta", 2 * Z}};
+  for (const auto& [name, vals] : params) {
+    auto it = expected.find(name);
+    if (it != expected.end() && static_cast<long long>(vals.size()) != it->second)
+      throw ShapeError(str_cat("SeqBoatLayerDevice: parameter ", name, " has ", vals.size(), " values, expected ",
+                               it->second));
+    impl_->names.push_back(name);
+    impl_->value.emplace(name, DeviceArray<float>(vals));
+    impl_->grad.emplace(name, DeviceArray<float>(std::vector<float>(vals.size(), 0.f)));
+  }
+  for (const auto& [name, n] : expected)
+    if (!impl_->value.count(name)) throw ValueError(str_cat("SeqBoatLayerDevice: parameter ", name, " is missing"));
+  const int table = cfg.attention.bias_table_size();
+  if (table > 0) {
+    auto it = impl_->value.find("rel_pos_bias.rel_pos_bias");
+    if (it == impl_->value.end() || static_cast<int>(it->second.size()) != table)
+      throw ShapeError(str_cat("SeqBoatLayerDevice: rel_pos_bias.rel_pos_bias must have ", table, " values"));
+  }
+  SMA_CUDA_CHECK(cublasCreate(&impl_->blas));
+}
+
+SeqBoatLayerDevice::~SeqBoatLayerDevice() = default;
+SeqBoatLayerDevice::SeqBoatLayerDevice(SeqBoatLayerDevice&&) noexcept = default;
+SeqBoatLayerDevice& SeqBoatLayerDevice::operator=(SeqBoatLayerDevice&&) noexcept = default;
+
+const SeqBoatDeviceConfig& SeqBoatLayerDevice::config() const { return impl_->cfg; }
+
+void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const std::uint8_t* padding, float* out,
+                                 void* stream) {
+  if (batch < 0 || length < 0)
+    throw ValueError(str_cat("SeqBoatLayerDevice::forward: negative batch ", batch, " or length ", length));
+  if (batch > 0 && length > 0 && (!x || !out)) throw ValueError("SeqBoatLayerDevice::forward: x or out is null");
+  Impl& m = *impl_;
+  const SeqBoatDeviceConfig& c = m.cfg;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  m.has_forward = false;
+  m.allocate(batch, length);
+  const long long N = static_cast<long long>(batch) * length;
+  if (N == 0) {
+    m.has_forward = true;
+    return;
+  }
+  const int D = c.embed_dim, Z = c.zdim, H = c.hdim, P = Z + 2 * H;
+  SMA_CUDA_CHECK(cublasSetStream(m.blas, s));
+  SMA_CUDA_CHECK(cudaMemcpyAsync(m.x.data(), x, N * D * sizeof(float), cudaMemcpyDeviceToDevice, s));
+  m.has_padding = padding != nullptr;
+  if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
+  const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
+
+  // 1. pre-norm, EMA, SiLU.
+  const float* xin = m.x.data();
+  if (c.prenorm) {
+    norm_forward(c.norm, N, D, c.norm_eps, m.x.data(), m.norm_weight(), m.p("norm.norm.bias"), m.xin.data(),
+                 m.mean.data(), m.rstd.data(), s);
+    xin = m.xin.data();
+  }
+  ema_forward(m.ema_cfg(), m.ema_params(), xin, pad, m.ema_out.data(), s);
+  silu_forward(N * D, m.ema_out.data(), m.mx.data(), s);
+  // 2. hx_proj: hu (N, 2+D) = mx W^T + b.
+  SMA_CUDA_CHECK(cudaMemsetAsync(m.hu.data(), 0, N * (2 + D) * sizeof(float), s));
+  copy_cols_kernel<<<grid(N * (2 + D)), 256, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
+  SMA_CUDA_CHECK_LAUNCH();
+  gemm_rm(m.blas, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
+          m.hu.data(), 2 + D);
+  // 3. router and the compression plan.
+  router_forward(batch, length, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), pad, m.probs.data(),
+                 m.active.data(), m.gate.data(), s);
+  const CompressionView pv = m.plan->view();
+  plan_compression(m.active.data(), c.routing, pv, s);
+  // 4. GAU on the compressed rows (rows past S are zero, so every product below stays finite there).
+  SMA_CUDA_CHECK(cudaMemsetAsync(m.xc.data(), 0, N * D * sizeof(float), s));
+  compress(m.mx.data(), D, pv, m.xc.data(), s);
+  copy_cols_kernel<<<grid(N * P), 256, 0, s>>>(N, P, m.p("mx_proj.bias"), 0, 0, m.base.data(), P, 0);
+  SMA_CUDA_CHECK_LAUNCH();
+  gemm_rm(m.blas, false, true, static_cast<int>(N), P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 1.f,
+          m.base.data(), P);
+  gau_act_kernel<<<grid(N * P), 256, 0, s>>>(N, Z, H, m.base.data(), m.p("gamma"), m.p("beta"), m.q.data(),
+                                             m.k.data(), m.r.data(), m.v.data());
+  SMA_CUDA_CHECK_LAUNCH();
+  SMA_CUDA_CHECK(cudaMemsetAsync(m.att.data(), 0, N * H * sizeof(float), s));
+  local_attention_forward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"), m.att.data(),
+                          m.row_stat.data(), s);
+  mul_kernel<<<grid(N * H), 256, 0, s>>>(N * H, m.att.data(), m.r.data(), m.hr.data());
+  SMA_CUDA_CHECK_LAUNCH();
+  copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, m.p("h_proj.bias"), 0, 0, m.hc.data(), D, 0);
+  SMA_CUDA_CHECK_LAUNCH();
+  gemm_rm(m.blas, false, true, static_cast<int>(N), D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f, m.hc.data(),
+          D);
+  // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
+  copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, m.hu.data(), 2 + D, 2, m.pre.data(), D, 0);
+  SMA_CUDA_CHECK_LAUNCH();
+  extract_add(m.hc.data(), D, pv, m.gate.data(), m.pre.data(), s);
+  float* act = c.prenorm ? out : m.act.data();
+  residual_silu_kernel<<<grid(N * D), 256, 0, s>>>(N * D, m.x.data(), m.pre.data(), act);
+  SMA_CUDA_CHECK_LAUNCH();
+  if (!c.prenorm)
+    norm_forward(c.norm, N, D, c.norm_eps, m.act.data(), m.norm_weight(), m.p("norm.norm.bias"), out, m.mean2.data(),
+                 m.rstd2.data(), s);
+  m.has_forward = true;
+}
+
+void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
+  Impl& m = *impl_;
+  if (!m.has_forward) throw ValueError("SeqBoatLayerDevice::backward: no forward to differentiate");
+  const long long N = static_cast<long long>(m.B) * m.L;
+  if (N == 0) return;
+  if (!dy || !dx) throw ValueError("SeqBoatLayerDevice::backward: dy or dx is null");
+  const SeqBoatDeviceConfig& c = m.cfg;
+  const int D = c.embed_dim, Z = c.zdim, H = c.hdim, P = Z + 2 * H;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  SMA_CUDA_CHECK(cublasSetStream(m.blas, s));
+  detail::StreamWorkspace ws(s);
+  const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
+  const CompressionView pv = m.plan->view();
+
+  // 1. post-norm, final SiLU: dsum = d pre.
+  float* dpre = ws.alloc<float>(N * D);
+  const float* dact = dy;
+  if (!c.prenorm) {
+    float* t = ws.alloc<float>(N * D);
+    norm_backward(c.norm, N, D, m.act.data(), m.norm_weight(), m.mean2.data(), m.rstd2.data(), dy, t,
+                  m.norm_dweight(), m.g("norm.norm.bias"), s);
+    dact = t;
+  }
+  silu_backward(N * D, m.pre.data(), dact, dpre, s);
+  // 2. extraction and the GAU.
+  float* dhc = ws.alloc<float>(N * D);
+  float* dgate = ws.alloc<float>(N);
+  SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
+  SMA_CUDA_CHECK(cudaMemsetAsync(dgate, 0, N * sizeof(float), s));
+  extract_backward(m.hc.data(), D, pv, m.gate.data(), dpre, dhc, dgate, s);
+  // h_proj: dW += dhc^T hr, db += colsum(dhc), dhr = dhc W.
+  gemm_rm(m.blas, true, false, D, H, static_cast<int>(N), dhc, D, m.hr.data(), H, 1.f, m.g("h_proj.weight"), H);
+  column_sum_add(N, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
+  float* dhr = ws.alloc<float>(N * H);
+  gemm_rm(m.blas, false, false, static_cast<int>(N), H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
+  float* datt = ws.alloc<float>(N * H);
+  mul_kernel<<<grid(N * H), 256, 0, s>>>(N * H, dhr, m.r.data(), datt);
+  SMA_CUDA_CHECK_LAUNCH();
+  float* dq = ws.alloc<float>(N * Z);
+  float* dk = ws.alloc<float>(N * Z);
+  float* dv = ws.alloc<float>(N * H);
+  SMA_CUDA_CHECK(cudaMemsetAsync(dq, 0, N * Z * sizeof(float), s));
+  SMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, N * Z * sizeof(float), s));
+  SMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, N * H * sizeof(float), s));
+  const bool softmax = c.attention.activation == Activation::softmax;
+  local_attention_backward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"),
+                           softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
+                           m.g("rel_pos_bias.rel_pos_bias"), s);
+  float* dbase = ws.alloc<float>(N * P);
+  float* tq = ws.alloc<float>(N * Z);
+  float* tk = ws.alloc<float>(N * Z);
+  gau_dbase_kernel<<<grid(N * P), 256, 0, s>>>(N, Z, H, m.base.data(), m.p("gamma"), dq, dk, dhr, m.att.data(), dv,
+                                               dbase, tq, tk);
+  SMA_CUDA_CHECK_LAUNCH();
+  float* dgamma = m.g("gamma");
+  float* dbeta = m.g("beta");
+  column_sum_add(N, Z, tq, Z, nullptr, dgamma, s);
+  column_sum_add(N, Z, tk, Z, nullptr, dgamma + Z, s);
+  column_sum_add(N, Z, dq, Z, nullptr, dbeta, s);
+  column_sum_add(N, Z, dk, Z, nullptr, dbeta + Z, s);
+  // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W; then scattered back to the tokens.
+  gemm_rm(m.blas, true, false, P, D, static_cast<int>(N), dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D);
+  column_sum_add(N, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
+  float* dxc = ws.alloc<float>(N * D);
+  gemm_rm(m.blas, false, false, static_cast<int>(N), D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D);
+  // 3. router and hx_proj: dhu = [dlogits | dsum].
+  float* dhu = ws.alloc<float>(N * (2 + D));
+  router_backward(N, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
+                  dhu, 2 + D, m.g("q_router.temp"), s);
+  copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, dpre, D, 0, dhu, 2 + D, 2);
+  SMA_CUDA_CHECK_LAUNCH();
+  gemm_rm(m.blas, true, false, 2 + D, D, static_cast<int>(N), dhu, 2 + D, m.mx.data(), D, 1.f, m.g("hx_proj.weight"),
+          D);
+  column_sum_add(N, 2 + D, dhu, 2 + D, nullptr, m.g("hx_proj.bias"), s);
+  float* dmx = ws.alloc<float>(N * D);
+  gemm_rm(m.blas, false, false, static_cast<int>(N), D, 2 + D, dhu, 2 + D, m.p("hx_proj.weight"), D, 0.f, dmx, D);
+  compress_backward(dxc, D, pv, dmx, s);
+  // 4. SiLU, EMA, pre-norm, residual.
+  silu_backward(N * D, m.ema_out.data(), dmx, dmx, s);
+  const float* xin = c.prenorm ? m.xin.data() : m.x.data();
+  float* dxin = c.prenorm ? ws.alloc<float>(N * D) : dx;
+  ema_backward(m.ema_cfg(), m.ema_params(), xin, pad, dmx, dxin,
+               {m.g("ssm.delta"), m.g("ssm.alpha"), m.g("ssm.beta"), m.g("ssm.gamma"), m.g("ssm.omega")}, s);
+  if (c.prenorm)
+    norm_backward(c.norm, N, D, m.x.data(), m.norm_weight(), m.mean.data(), m.rstd.data(), dxin, dx,
+                  m.norm_dweight(), m.g("norm.norm.bias"), s);
+  add_kernel<<<grid(N * D), 256, 0, s>>>(N * D, dpre, dx);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+void SeqBoatLayerDevice::zero_grad(void* stream) {
+  for (auto& [name, g] : impl_->grad) g.fill_bytes(0, stream);
+}
+
+std::vector<std::string> SeqBoatLayerDevice::param_names() const { return impl_->names; }
+
+std::vector<float> SeqBoatLayerDevice::param(const std::string& name) const {
+  auto it = impl_->value.find(name);
+  if (it == impl_->value.end()) throw KeyError(str_cat("SeqBoatLayerDevice: no parameter ", name));
+  return it->second.download();
+}
+
+std::vector<float> SeqBoatLayerDevice::grad(const std::string& name) const {
+  auto it = impl_->grad.find(name);
+  if (it == impl_->grad.end()) throw KeyError(str_cat("SeqBoatLayerDevice: no parameter ", name));
+  return it->second.download();
+}
+
+std::vector<std::uint8_t> SeqBoatLayerDevice::active() const { return impl_->active.download(); }
+
+const DeviceCompression& SeqBoatLayerDevice::plan() const {
+  if (!impl_->plan) throw ValueError("SeqBoatLayerDevice::plan: no forward yet");
+  return *impl_->plan;
+}
+
+}  // namespace sma::cuda

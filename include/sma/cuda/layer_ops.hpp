@@ -1,0 +1,53 @@
+// sma/cuda/layer_ops.hpp: the small per-token kernels of a SeqBoat layer on the device, fp32 (definitions in
+// cuda/layer_ops/): the sequence norms (LayerNorm, RMSNorm, ScaleNorm), SiLU, the router (LatentConfigurator with
+// two options), and deterministic column sums. No CUDA header is included; tensors are device pointers.
+//
+// NORMS (the CPU's sma::LayerNorm / RMSNorm / ScaleNorm, docs/maths/norms.md), per row of D channels:
+//   layernorm  y = (x - mean) rstd * weight + bias,   rstd = 1/sqrt(var + eps)  (weight, bias (D) or nullptr)
+//   rmsnorm    y = x rstd * weight,                   rstd = 1/sqrt(mean(x^2) + eps) (weight (D) or nullptr)
+//   scalenorm  y = x rstd * scalar                    (scalar (1) or nullptr)
+//   forward keeps mean (layernorm; nullptr allowed otherwise) and rstd per row; backward recomputes xhat from x and
+//   ADDS the weight / bias gradients (summed in double over row chunks, in a fixed order).
+// ROUTER  logits (rows, 2) with row stride ld, u = logits + (-shift/2, +shift/2); probs = softmax(u / exp(temp));
+//   choice = argmax (ties -> 0); active = choice == 1 and not padding; gate = p_1 if active else 0.
+//   backward: for active rows ds_m = dgate p_1 (delta_1m - p_m), dlogits = ds / tau; dtemp -= sum ds_m u_m / tau
+//   (ADDED into *dtemp, deterministic); inactive rows get dlogits = 0.
+// ERRORS  ValueError for bad sizes or null pointers, CudaError for failed launches. Asynchronous on `stream`.
+#pragma once
+
+#include <cstdint>
+
+namespace sma::cuda {
+
+enum class NormKind : int { layernorm, rmsnorm, scalenorm };
+
+/// y, x (rows, D); mean (rows) (layernorm only, else may be nullptr), rstd (rows).
+void norm_forward(NormKind kind, long long rows, int D, float eps, const float* x, const float* weight,
+                  const float* bias, float* y, float* mean, float* rstd, void* stream = nullptr);
+
+/// dx (rows, D) assigned (may not alias dy); dweight / dbias ADDED (nullptr: skipped).
+void norm_backward(NormKind kind, long long rows, int D, const float* x, const float* weight, const float* mean,
+                   const float* rstd, const float* dy, float* dx, float* dweight, float* dbias,
+                   void* stream = nullptr);
+
+/// y = x sigmoid(x), n elements (y may alias x).
+void silu_forward(long long n, const float* x, float* y, void* stream = nullptr);
+/// dx = dy silu'(x) (dx may alias dy).
+void silu_backward(long long n, const float* x, const float* dy, float* dx, void* stream = nullptr);
+
+/// Router forward over B*L rows. probs (B*L, 2), active (B*L) uint8, gate (B*L); padding (B, L) or nullptr.
+void router_forward(int batch, int length, const float* logits, int ld, float shift, const float* temp,
+                    const std::uint8_t* padding, float* probs, std::uint8_t* active, float* gate,
+                    void* stream = nullptr);
+
+/// Router backward: dlogits (rows, 2) with row stride ld_out (assigned), *dtemp ADDED.
+void router_backward(long long rows, const float* logits, int ld, float shift, const float* temp, const float* probs,
+                     const std::uint8_t* active, const float* dgate, float* dlogits, int ld_out, float* dtemp,
+                     void* stream = nullptr);
+
+/// out[c] += sum_r a[r, c] (a (rows, cols) with row stride lda; with b: sum_r a[r, c] b[r, c], same stride),
+/// in double over chunks of rows, deterministic.
+void column_sum_add(long long rows, int cols, const float* a, int lda, const float* b, float* out,
+                    void* stream = nullptr);
+
+}  // namespace sma::cuda

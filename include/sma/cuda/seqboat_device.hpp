@@ -1,0 +1,69 @@
+// sma/cuda/seqboat_device.hpp: the declaration of SeqBoatLayerDevice (a SeqBoat layer on the device), without the
+// CPU model headers: see sma/cuda/seqboat_layer.hpp for the contract and for from_cpu / add_grads_to, which need
+// sma::SeqBoatLayer. Definitions in cuda/seqboat/.
+#pragma once
+
+#include <sma/cuda/compress.hpp>
+#include <sma/cuda/layer_ops.hpp>
+#include <sma/cuda/local_attention.hpp>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace sma {
+template <class T>
+class SeqBoatLayer;
+}  // namespace sma
+
+namespace sma::cuda {
+
+struct SeqBoatDeviceConfig {
+  int embed_dim = 0, zdim = 0, hdim = 0, ndim = 2;  ///< D, Z, H, N
+  bool bidirectional = false;
+  int truncation = 0;
+  LocalAttentionConfig attention{};
+  NormKind norm = NormKind::layernorm;
+  bool prenorm = true;
+  float norm_eps = 1e-5f;
+  CompressionSemantics routing = CompressionSemantics::reference;
+  float router_shift = 0.f;
+};
+
+class SeqBoatLayerDevice {
+ public:
+  /// `params`: every parameter by official name with its values (sizes checked against the configuration).
+  SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg, const std::vector<std::pair<std::string, std::vector<float>>>& params);
+  ~SeqBoatLayerDevice();
+  SeqBoatLayerDevice(SeqBoatLayerDevice&&) noexcept;
+  SeqBoatLayerDevice& operator=(SeqBoatLayerDevice&&) noexcept;
+
+  /// The device copy of a CPU layer (its configuration and current parameter values). Throws ValueError for what
+  /// the device layer does not support (batchnorm, dropout > 0).
+  static SeqBoatLayerDevice from_cpu(SeqBoatLayer<float>& cpu);
+
+  const SeqBoatDeviceConfig& config() const;
+
+  /// out (B, L, D) = layer(x); keeps what backward needs (x and padding are copied).
+  void forward(int batch, int length, const float* x, const std::uint8_t* padding, float* out, void* stream = nullptr);
+  /// dx (B, L, D) from dy (B, L, D) for the last forward; parameter gradients are ADDED.
+  void backward(const float* dy, float* dx, void* stream = nullptr);
+
+  void zero_grad(void* stream = nullptr);
+  std::vector<std::string> param_names() const;
+  std::vector<float> param(const std::string& name) const;
+  std::vector<float> grad(const std::string& name) const;
+  /// Adds the device gradients into the CPU layer's Param::grad (same names).
+  void add_grads_to(SeqBoatLayer<float>& cpu) const;
+
+  /// The last forward's activation mask (B*L) and its compression plan (device memory), for inspection.
+  std::vector<std::uint8_t> active() const;
+  const DeviceCompression& plan() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sma::cuda

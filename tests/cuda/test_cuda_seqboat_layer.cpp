@@ -1,0 +1,202 @@
+// SeqBoatLayerDevice against the CPU SeqBoatLayer (double reference, float CPU path for the error budget): forward
+// output, dx and every parameter gradient, with the accuracy rule of cuda_test_support.hpp. Cases: causal and
+// bidirectional; layernorm / rmsnorm / scalenorm, pre- and post-norm; relu2 / softmax / laplace; simple /
+// local_simple / rotary; both routing semantics; ragged (padded) rows; everything routed (the reference's
+// uncompressed fallback) and nothing routed (S = 0). The router's logits get a wide margin (larger hx_proj rows
+// for the two logits) so that no token's decision is a near tie that double and float could take differently;
+// the decisions are checked equal first.
+#include "cuda_test_support.hpp"
+
+#include <sma/cuda/seqboat_layer.hpp>
+#include <sma/models/seqboat.hpp>
+
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace sma;
+
+namespace {
+
+struct LayerCase {
+  const char* name;
+  int B, L;
+  SeqBoatLayerConfig cfg;
+  bool ragged;
+  unsigned seed;
+};
+
+SeqBoatLayerConfig base_config() {
+  SeqBoatLayerConfig c;
+  c.embed_dim = 24;
+  c.zdim = 16;
+  c.hdim = 40;
+  c.ndim = 4;
+  c.window_size = 8;
+  c.max_positions = 128;
+  return c;
+}
+
+template <class T>
+std::map<std::string, Param<T>*> params_of(SeqBoatLayer<T>& l) {
+  std::map<std::string, Param<T>*> m;
+  l.visit_params([&](const auto& name, Param<T>& p) { m[std::string(name)] = &p; });
+  return m;
+}
+
+void check_layer(const LayerCase& lc) {
+  INFO("case " << lc.name << " B=" << lc.B << " L=" << lc.L);
+  SeqBoatLayer<double> ld(lc.cfg, lc.seed);
+  SeqBoatLayer<float> lf(lc.cfg, lc.seed);
+  auto pd = params_of(ld);
+  auto pf = params_of(lf);
+  std::mt19937 rng(lc.seed * 13 + 5);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  // Wider router margin: the two logit rows of hx_proj drawn larger; small random values for the zero-initialised
+  // GAU biases and beta so that their gradients are exercised.
+  const Index D = lc.cfg.embed_dim;
+  for (Index i = 0; i < 2 * D; ++i) pd.at("hx_proj.weight")->data()[i] = 0.8 * nd(rng);
+  for (const char* n : {"beta", "mx_proj.bias", "h_proj.bias"})
+    for (Index i = 0; i < pd.at(n)->size(); ++i) pd.at(n)->data()[i] = 0.1 * nd(rng);
+  for (auto& [name, p] : pd) {
+    Param<float>& f = *pf.at(name);
+    REQUIRE(f.size() == p->size());
+    for (Index i = 0; i < p->size(); ++i) {
+      f.data()[i] = static_cast<float>(p->data()[i]);
+      p->data()[i] = static_cast<double>(f.data()[i]);
+    }
+    p->zero_grad();
+    f.zero_grad();
+  }
+  const int B = lc.B, L = lc.L;
+  Tensor3<double> x(B, L, D), dy(B, L, D);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(nd(rng));
+  for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(nd(rng));
+  const Tensor3<float> xf = x.cast<float>(), dyf = dy.cast<float>();
+  Mask mask(B, L);
+  mask.setZero();
+  std::vector<std::uint8_t> flat(static_cast<std::size_t>(B) * L, 0);
+  if (lc.ragged)
+    for (int b = 1; b < B; ++b)
+      for (int t = L - (b * L) / (B + 1); t < L; ++t) {
+        mask(b, t) = 1;
+        flat[static_cast<std::size_t>(b) * L + t] = 1;
+      }
+  Context ctx;
+  if (lc.ragged) ctx.padding = &mask;
+  typename SeqBoatLayer<double>::Cache cd;
+  typename SeqBoatLayer<float>::Cache cf;
+  const Tensor3<double> yd = ld.forward(ctx, x, cd);
+  const Tensor3<float> yf = lf.forward(ctx, xf, cf);
+  const Tensor3<double> dxd = ld.backward(ctx, dy, cd);
+  const Tensor3<float> dxf = lf.backward(ctx, dyf, cf);
+
+  const std::size_t n = static_cast<std::size_t>(B) * L * D;
+  cuda::Stream stream;
+  cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(lf);
+  cuda::DeviceArray<float> d_x(std::vector<float>(xf.data(), xf.data() + n));
+  cuda::DeviceArray<float> d_dy(std::vector<float>(dyf.data(), dyf.data() + n));
+  cuda::DeviceArray<std::uint8_t> d_mask(flat);
+  cuda::DeviceArray<float> d_out(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
+  cuda::DeviceArray<float> d_dx(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
+  dev.forward(B, L, d_x.data(), lc.ragged ? d_mask.data() : nullptr, d_out.data(), stream.handle());
+  dev.backward(d_dy.data(), d_dx.data(), stream.handle());
+  stream.synchronize();
+
+  // Same routing decisions everywhere.
+  const std::vector<std::uint8_t> act = dev.active();
+  int differ_f = 0, differ_dev = 0, on = 0;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < L; ++t) {
+      const auto a = cd.router.active(b, t);
+      on += a;
+      differ_f += a != cf.router.active(b, t);
+      differ_dev += a != act[static_cast<std::size_t>(b) * L + t];
+    }
+  INFO("activated " << on << " of " << B * L);
+  REQUIRE(differ_f == 0);
+  REQUIRE(differ_dev == 0);
+
+  const std::vector<float> out = d_out.download(), dx = d_dx.download();
+  {
+    const auto a = cuda_test::accuracy(out.data(), yf.data(), yd.data(), n);
+    INFO("out: " << a);
+    CHECK(a.ok());
+  }
+  {
+    const auto a = cuda_test::accuracy(dx.data(), dxf.data(), dxd.data(), n);
+    INFO("dx: " << a);
+    CHECK(a.ok());
+  }
+  for (auto& [name, p] : pd) {
+    const std::vector<float> g = dev.grad(name);
+    REQUIRE(g.size() == static_cast<std::size_t>(p->size()));
+    const auto a = cuda_test::accuracy(g.data(), pf.at(name)->grad(), p->grad(), g.size());
+    INFO("d " << name << ": " << a);
+    CHECK(a.ok());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda SeqBoat layer matches the CPU layer", "[cuda][seqboat][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  std::vector<LayerCase> cases;
+  {
+    SeqBoatLayerConfig c = base_config();
+    cases.push_back({"causal layernorm prenorm simple relu2, ragged", 3, 50, c, true, 1});
+  }
+  {
+    SeqBoatLayerConfig c = base_config();
+    c.direction = Direction::bidirectional;
+    c.attention_activation = ops::AttentionActivation::softmax;
+    c.rel_pos = ops::PositionEncoding::rotary;
+    c.norm_type = NormType::rmsnorm;
+    c.prenorm = false;
+    cases.push_back({"bidirectional rmsnorm postnorm rotary softmax, ragged", 2, 61, c, true, 2});
+  }
+  {
+    SeqBoatLayerConfig c = base_config();
+    c.attention_activation = ops::AttentionActivation::laplace;
+    c.rel_pos = ops::PositionEncoding::local_simple;
+    c.norm_type = NormType::scalenorm;
+    c.routing = RoutingSemantics::per_row;
+    c.truncation = 20;
+    cases.push_back({"causal scalenorm local_simple laplace per_row truncation", 3, 45, c, false, 3});
+  }
+  {
+    SeqBoatLayerConfig c = base_config();
+    c.direction = Direction::bidirectional;
+    c.norm_affine = false;
+    cases.push_back({"bidirectional layernorm (no affine) simple relu2", 2, 300, c, true, 4});
+  }
+  {
+    SeqBoatLayerConfig c = base_config();
+    c.router_shift = 60;  // every token routed: the reference's uncompressed fallback
+    cases.push_back({"everything routed", 2, 40, c, true, 5});
+  }
+  {
+    SeqBoatLayerConfig c = base_config();
+    c.router_shift = -60;  // nothing routed: S = 0
+    c.direction = Direction::bidirectional;
+    cases.push_back({"nothing routed", 2, 40, c, true, 6});
+  }
+  for (const auto& c : cases) check_layer(c);
+}
+
+TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][seqboat][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatLayerConfig c = base_config();
+  c.norm_type = NormType::batchnorm;
+  SeqBoatLayer<float> bn(c, 1);
+  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(bn), Catch::Contains("batchnorm"));
+  c = base_config();
+  c.dropout = 0.1;
+  SeqBoatLayer<float> dr(c, 1);
+  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(dr), Catch::Contains("dropout"));
+  SeqBoatLayer<float> ok(base_config(), 1);
+  cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(ok);
+  CHECK_THROWS_WITH(dev.backward(nullptr, nullptr), Catch::Contains("no forward"));
+  CHECK_THROWS_AS(dev.grad("nope"), KeyError);
+}
