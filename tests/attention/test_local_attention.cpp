@@ -91,6 +91,7 @@ Problem make_problem(const std::vector<Index>& lengths, Index Z, Index H, const 
 // Naive forward, written from the maths (not from the op's helpers). min_abs_score: smallest |s_ij| over visible
 // pairs, to keep relu2's finite differences away from its kink.
 Matrix<double> naive_forward(const LocalAttentionConfig& cfg, const Problem& p, double* min_abs_score = nullptr) {
+  const ops::detail::DropoutMask drop(cfg.dropout, cfg.dropout_seed);
   const Index W = cfg.window, Z = p.Z, P = cfg.max_positions;
   const bool causal = cfg.direction == Direction::causal;
   double scale = causal ? 1.0 / W : 1.0 / (2.0 * W);
@@ -145,6 +146,8 @@ Matrix<double> naive_forward(const LocalAttentionConfig& cfg, const Problem& p, 
         const double mu = std::sqrt(0.5), sigma = std::sqrt(1.0 / (4.0 * M_PI));
         for (std::size_t t = 0; t < s.size(); ++t) a[t] = 0.5 * (1.0 + std::erf((s[t] - mu) / (sigma * std::sqrt(2.0))));
       }
+      if (drop.on)
+        for (std::size_t t = 0; t < js.size(); ++t) a[t] *= drop.keep(i, js[t]) ? 1.0 / (1.0 - cfg.dropout) : 0.0;
       for (std::size_t t = 0; t < js.size(); ++t) out.row(i) += a[t] * p.v.row(js[t]);
     }
   }
@@ -293,6 +296,71 @@ TEST_CASE("local attention backward matches central differences", "[attention][l
                                                         : make_problem(lengths, 4, 3, cfg, 11, masked);
           check_gradients(cfg, p, 99);
         }
+}
+
+TEST_CASE("attention dropout: the mask is applied after the activation and regenerated in backward",
+          "[attention][local_attention][dropout][grad]") {
+  const std::vector<Index> lengths{0, 3, 11, 20};
+  for (auto act : kActivations)
+    for (auto pos : kPositions)
+      for (auto dir : kDirections) {
+        LocalAttentionConfig cfg;
+        cfg.window = 3;
+        cfg.direction = dir;
+        cfg.activation = act;
+        cfg.position = pos;
+        cfg.max_positions = 6;
+        cfg.query_block = 4;
+        cfg.dropout = 0.3;
+        cfg.dropout_seed = 1234;
+        Problem p = act == AttentionActivation::relu2 ? relu2_safe_problem(lengths, 4, 3, cfg, true)
+                                                      : make_problem(lengths, 4, 3, cfg, 11, true);
+        INFO(describe(cfg));
+        const Matrix<double> got = ops::local_attention_forward<double>(cfg, p.input(), p.table.data(), nullptr);
+        const Matrix<double> want = naive_forward(cfg, p);
+        CHECK(max_abs(got - want) <= 1e-12 * std::max(1.0, max_abs(want)));
+        LocalAttentionConfig plain = cfg;
+        plain.dropout = 0;
+        CHECK(max_abs(got - naive_forward(plain, p)) > 1e-3);  // the mask did something
+        check_gradients(cfg, p, 5);
+      }
+}
+
+TEST_CASE("attention dropout: drops about p of the pairs, depends on the seed, not on the threads",
+          "[attention][local_attention][dropout]") {
+  for (double prob : {0.1, 0.5}) {
+    const ops::detail::DropoutMask m(prob, 77), other(prob, 78);
+    Index dropped = 0, differ = 0;
+    const Index n = 400;
+    for (Index i = 0; i < n; ++i)
+      for (Index j = 0; j < n; ++j) {
+        dropped += !m.keep(i, j);
+        differ += m.keep(i, j) != other.keep(i, j);
+      }
+    const double share = double(dropped) / double(n * n);
+    INFO("p=" << prob << " dropped share " << share);
+    CHECK(std::abs(share - prob) < 0.005);  // 160,000 draws: the standard error is at most 0.00125
+    CHECK(differ > n * n * prob * (1 - prob));  // independent seeds disagree on 2p(1-p) of the pairs
+  }
+  LocalAttentionConfig cfg;
+  cfg.window = 5;
+  cfg.direction = Direction::bidirectional;
+  cfg.activation = AttentionActivation::softmax;
+  cfg.position = PositionEncoding::simple;
+  cfg.max_positions = 32;
+  cfg.dropout = 0.2;
+  cfg.dropout_seed = 9;
+  const Problem p = make_problem({40, 0, 70, 33}, 8, 6, cfg, 3, true);
+  cfg.threads = 1;
+  const Matrix<double> one = ops::local_attention_forward<double>(cfg, p.input(), p.table.data(), nullptr);
+  cfg.threads = 2;
+  const Matrix<double> two = ops::local_attention_forward<double>(cfg, p.input(), p.table.data(), nullptr);
+  CHECK(one == two);
+  cfg.dropout_seed = 10;
+  CHECK(max_abs(one - ops::local_attention_forward<double>(cfg, p.input(), p.table.data(), nullptr)) > 1e-3);
+  cfg.dropout = 1.0;
+  CHECK_THROWS_WITH(ops::local_attention_forward<double>(cfg, p.input(), p.table.data(), nullptr),
+                    Catch::Matchers::Contains("dropout must be in [0, 1)"));
 }
 
 TEST_CASE("local attention backward: relu2 with positive scores everywhere and automatic blocks",

@@ -153,11 +153,44 @@ TEST_CASE("SeqBoatLayer with dropout in training: seeded, and its backward match
   const auto r = testing::gradcheck(layer, x, opt);
   INFO(r);
   CHECK(r.ok);
-  cfg.attention_dropout = 0.1;
-  SeqBoatLayer<double> with_attention_dropout(cfg);
-  Context train(Mode::train);
-  SeqBoatLayer<double>::Cache cache;
-  CHECK_THROWS_WITH(with_attention_dropout.forward(train, x, cache), Catch::Matchers::Contains("attention_dropout"));
+}
+
+TEST_CASE("SeqBoatLayer with attention dropout: eval ignores it, training is seeded and its backward is exact",
+          "[seqboat][grad][dropout]") {
+  for (auto dir : {Direction::causal, Direction::bidirectional})
+    for (double other_dropout : {0.0, 0.2}) {  // 0: the fused path; > 0: the step-by-step path
+      auto cfg = small_config(dir, AttentionActivation::softmax, PositionEncoding::simple);
+      cfg.dropout = other_dropout;
+      SeqBoatLayer<double> plain(cfg);
+      randomize(plain, 23, 0.0);
+      cfg.attention_dropout = 0.4;
+      SeqBoatLayer<double> layer(cfg);
+      randomize(layer, 23, 0.0);  // the same parameters as `plain`
+      const auto x = testing::random_tensor<double>(2, 12, 8, 5);
+      steer_to_half(plain, x);
+      steer_to_half(layer, x);  // eval mode ignores attention dropout: the same steps, the same bias
+      INFO("direction " << int(dir) << " dropout " << other_dropout);
+      const double density = layer_density(layer, x);
+      INFO("density " << density);
+      REQUIRE(density > 0.3);
+      REQUIRE(density < 1.0);
+      Context eval(Mode::eval);
+      SeqBoatLayer<double>::Cache c1, c2;
+      CHECK(as_matrix(layer.forward(eval, x, c1)) == as_matrix(plain.forward(eval, x, c2)));
+      auto train = [&](SeqBoatLayer<double>& l, std::uint64_t seed) {
+        Context ctx(Mode::train, seed);
+        SeqBoatLayer<double>::Cache c;
+        return l.forward(ctx, x, c);
+      };
+      const Tensor3<double> a = train(layer, 1), b = train(layer, 1);
+      CHECK(as_matrix(a) == as_matrix(b));
+      CHECK((as_matrix(a) - as_matrix(train(plain, 1))).norm() > 1e-6);
+      testing::GradcheckOptions opt;
+      opt.mode = Mode::train;
+      const auto r = testing::gradcheck(layer, x, opt);
+      INFO(r);
+      CHECK(r.ok);
+    }
 }
 
 TEST_CASE("density extremes: nothing routed leaves the attention branch without gradient; everything routed works",

@@ -8,8 +8,9 @@
 //          gamma (2, Z), beta (2, Z), and for the simple position bias rel_pos_bias.rel_pos_bias (2P-1, or 6W-1
 //          with local positions). Names are the reference's, relative to the SeqBoat layer.
 // GRADIENTS backward(dh) returns dxc (S, D) and adds to every parameter's gradient (docs/maths/gau.md).
-// DROPOUT  hidden_dropout on v in training (seeded by the Context); attention-weight dropout is not implemented:
-//          a non-zero attention_dropout in training throws ValueError rather than silently doing nothing.
+// DROPOUT  in training, seeded by the Context: hidden_dropout on v, and attention_dropout on the attention weights
+//          after the activation (as the reference). The attention mask is never stored: one seed per forward, and
+//          the op regenerates each bit from (seed, query slot, key slot) in backward (ops/local_attention.hpp).
 // A Gau is a "sparse module": it meets the contract Sma<Router, Module> expects (compose/sparse.hpp).
 #pragma once
 
@@ -48,6 +49,8 @@ class Gau {
     Matrix<T> v_mask;                    ///< (S, H) hidden-dropout scale (empty when no dropout)
     Matrix<T> att;                       ///< (S, H) attention output (kept when saving for backward)
     ops::LocalAttentionSaved<T> saved;   ///< per-query statistics for the attention backward
+    double attention_dropout = 0;        ///< the attention-dropout rate the last forward applied (0: none)
+    std::uint64_t attention_seed = 0;    ///< its mask's seed (the op regenerates the mask from it in backward)
     Matrix<T> hr;                        ///< unused: backward recomputes att * r in its scratch
     bool saved_for_backward = false;     ///< the last forward ran with ctx.save_for_backward
     /// Backward's buffers, reused across calls so that repeated shapes allocate nothing.
@@ -119,7 +122,7 @@ class Gau {
     const Index S = comp.slots(), D = cfg_.dim;
     if (xc.rows() != S || xc.cols() != D)
       throw ShapeError(str_cat("Gau::forward: xc must be (", S, ", ", D, "), got (", xc.rows(), ", ", xc.cols(), ")"));
-    check_dropout(ctx);
+    draw_attention_dropout(ctx, cache);
     const bool save = ctx.save_for_backward;
     if (!save)
       cache.xc.resize(0, D);
@@ -142,7 +145,7 @@ class Gau {
       throw ShapeError(str_cat("Gau::forward_extract_add: tokens (", tokens.rows(), ", ", tokens.cols(), ") and out (",
                                out.rows(), ", ", out.cols(), ") must both be (B*L, D) = (", comp.batch * comp.length,
                                ", ", D, ")"));
-    check_dropout(ctx);
+    draw_attention_dropout(ctx, cache);
     const bool save = ctx.save_for_backward;
     cache.xc.resize(save ? S : 0, D);
     project(
@@ -198,7 +201,7 @@ class Gau {
       w.hr.middleRows(r0, n).array() = w.dhr.middleRows(r0, n).array() * cache.r.middleRows(r0, n).array();
     });
     const auto in = attention_input(comp, cache);
-    ops::local_attention_backward<T>(cfg_.attention, in, bias_data(), cache.saved, cmap(w.hr), w.dq, w.dk, w.dv,
+    ops::local_attention_backward<T>(attention_config(cache), in, bias_data(), cache.saved, cmap(w.hr), w.dq, w.dk, w.dv,
                                      has_bias_table() ? rel_pos_bias_.grad() : nullptr);
     dropout_backward_inplace(cache.v_mask, w.dv);
     // dbase = d act * silu'(base), d act = [dq g0 + dk g1 | dhr * att | dv]; z = silu(base[:, :Z]) feeds q and k
@@ -249,10 +252,17 @@ class Gau {
  private:
   const T* bias_data() const { return has_bias_table() ? rel_pos_bias_.data() : nullptr; }
 
-  void check_dropout(const Context& ctx) const {
-    if (ctx.training() && cfg_.attention_dropout > 0)
-      throw ValueError(str_cat("Gau: attention_dropout ", cfg_.attention_dropout,
-                               " is not implemented in training; set it to 0"));
+  // Training with attention dropout draws one seed per forward from ctx.rng; the op derives every mask bit from it.
+  void draw_attention_dropout(Context& ctx, Cache& cache) const {
+    cache.attention_dropout = ctx.training() ? cfg_.attention_dropout : 0.0;
+    cache.attention_seed = cache.attention_dropout > 0 ? ctx.rng() : 0;
+  }
+
+  ops::LocalAttentionConfig attention_config(const Cache& cache) const {
+    ops::LocalAttentionConfig ac = cfg_.attention;
+    ac.dropout = cache.attention_dropout;
+    ac.dropout_seed = cache.attention_seed;
+    return ac;
   }
 
   /// Per-thread grow-only scratch of the fused blocks (never holds anything between calls).
@@ -310,7 +320,7 @@ class Gau {
     const bool has_bias = h_proj_.has_bias();
     if (save) {
       cache.att.resize(S, H);
-      ops::local_attention_forward_into<T>(cfg_.attention, in, bias_data(), &cache.saved, map(cache.att));
+      ops::local_attention_forward_into<T>(attention_config(cache), in, bias_data(), &cache.saved, map(cache.att));
       detail::for_row_blocks(S, 2.0 * double(S) * double(H) * double(D), [&](Index s0, Index n) {
         T* buf = scratch(static_cast<std::size_t>(n * (H + D)));
         MatrixMap<T> hr(buf, n, H);
@@ -323,7 +333,7 @@ class Gau {
     } else {
       cache.att.resize(0, H);
       ops::local_attention_forward_blocks<T>(
-          cfg_.attention, in, bias_data(), &cache.saved, [&](Index q0, Index nq, Index k0, Index nk, const MatrixMap<T>& a) {
+          attention_config(cache), in, bias_data(), &cache.saved, [&](Index q0, Index nq, Index k0, Index nk, const MatrixMap<T>& a) {
             T* buf = scratch(static_cast<std::size_t>(nq * (H + D)));
             MatrixMap<T> hr(buf, nq, H);
             hr.noalias() = a * cache.v.middleRows(k0, nk);

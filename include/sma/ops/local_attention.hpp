@@ -13,7 +13,8 @@
 //          = 0.5 * (1 + erf((s_ij - mu) / (sigma sqrt 2)))      laplace (MEGA; mu = sqrt(1/2), sigma = sqrt(1/4pi);
 //                                                                         scale as relu2)
 //          and a_ij = 0 exactly where (i, j) is not visible
-//     out_i = sum_j a_ij v_j
+//     out_i = sum_j m_ij a_ij v_j                                  m_ij = 1 unless attention dropout is on:
+//                                                                  then 0 with probability p, else 1/(1-p)
 //   bias_ij: none -> 0; simple -> table[clamp(P-1 + pos_j - pos_i, 0, 2P-2)] with ORIGINAL positions pos;
 //            local_simple -> table[4W-1 + j - i] (slot indices); rotary -> 0 (the rotation carries position).
 //   A softmax query with no visible key (possible only for rows the caller discards) gets out_i = 0; the
@@ -28,6 +29,10 @@
 //   ASSIGNS dq (S, Z), dk (S, Z), dv (S, H); ADDS the table gradient into dbias_table (required when the
 //   configuration has a table). The result does not depend on the number of threads (see "Determinism" in
 //   docs/maths/local_attention.md).
+//
+// DROPOUT (the reference's attention_dropout, applied to the weights after the activation)
+//   m_ij is a pure function of (dropout_seed, i, j) (a counter-based hash of the packed slot indices), so the
+//   backward recomputes the mask instead of storing S x W bits, and the result does not depend on the threads.
 //
 // COST
 //   Work O(S * W * (Z + H)); memory O(S * (Z + H)): nothing of size S x W is ever stored. The forward saves one
@@ -110,6 +115,8 @@ struct LocalAttentionConfig {
   double rotary_theta = 10000.0;
   int threads = 0;                                      ///< OpenMP threads (0 = OpenMP's default)
   Index query_block = 0;                                ///< queries per block (0 = automatic, <= 64)
+  double dropout = 0.0;                                 ///< p in [0, 1): attention-weight dropout (training only)
+  std::uint64_t dropout_seed = 0;                       ///< the mask is a function of (seed, i, j): same in backward
 
   /// Entries of the bias table this configuration reads: 2P-1 (simple), 6W-1 (local_simple), else 0.
   Index bias_table_size() const {
@@ -133,6 +140,7 @@ struct LocalAttentionConfig {
       throw ValueError(str_cat(where, ": rotary_theta must be > 0, got ", rotary_theta));
     if (threads < 0) throw ValueError(str_cat(where, ": threads must be >= 0, got ", threads));
     if (query_block < 0) throw ValueError(str_cat(where, ": query_block must be >= 0, got ", query_block));
+    if (!(dropout >= 0 && dropout < 1)) throw ValueError(str_cat(where, ": dropout must be in [0, 1), got ", dropout));
   }
 };
 
@@ -307,6 +315,39 @@ inline Index visible_end(const LocalAttentionConfig& cfg, const QueryBlock& b, I
   return cfg.direction == Direction::causal ? i + 1 : std::min(b.row_end, i + cfg.window + 1);
 }
 
+/// SplitMix64's finaliser: a bijective 64-bit mix with good avalanche, cheap enough to run per attention pair.
+inline std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/// Attention-dropout mask as a function of (seed, query slot, key slot): the backward regenerates it exactly.
+struct DropoutMask {
+  bool on = false;
+  std::uint64_t seed = 0;
+  std::uint64_t threshold = 0;  // dropped when the hash's top 53 bits fall below p * 2^53
+  double keep_scale = 1.0;
+
+  DropoutMask() = default;
+  DropoutMask(double p, std::uint64_t s)
+      : on(p > 0), seed(mix64(s)), threshold(static_cast<std::uint64_t>(p * 9007199254740992.0)),
+        keep_scale(1.0 / (1.0 - p)) {}
+
+  bool keep(Index i, Index j) const {
+    const std::uint64_t h = mix64(seed ^ mix64(static_cast<std::uint64_t>(i) * 0x9e3779b97f4a7c15ULL +
+                                               static_cast<std::uint64_t>(j)));
+    return (h >> 11) >= threshold;
+  }
+
+  /// x[t] *= m(i, lo + t), t < n.
+  template <class T>
+  void apply(Index i, Index lo, Index n, T* x) const {
+    const T scale = static_cast<T>(keep_scale);
+    for (Index t = 0; t < n; ++t) x[t] = keep(i, lo + t) ? x[t] * scale : T(0);
+  }
+};
+
 /// What the per-row kernels read besides the scores.
 template <class T>
 struct RowContext {
@@ -315,6 +356,7 @@ struct RowContext {
   const std::uint8_t* key_valid = nullptr;
   Index max_positions = 1;
   Index window = 1;
+  DropoutMask dropout;
 };
 
 template <class T>
@@ -372,6 +414,12 @@ struct RowKernel {
   /// Turns the raw scores q'_i.k'_j (row[0..nk), keys k0..) into weights a_ij in place; returns the log-sum-exp
   /// (softmax; +inf when no key is visible) or 0.
   static T forward_row(const RowContext<T>& c, Index i, Index k0, Index nk, Index lo, Index hi, T* row) {
+    const T stat = forward_weights(c, i, k0, nk, lo, hi, row);
+    if (c.dropout.on) c.dropout.apply(i, lo, hi - lo, row + (lo - k0));
+    return stat;
+  }
+
+  static T forward_weights(const RowContext<T>& c, Index i, Index k0, Index nk, Index lo, Index hi, T* row) {
     std::fill(row, row + (lo - k0), T(0));
     std::fill(row + (hi - k0), row + nk, T(0));
     const Index n = hi - lo;
@@ -403,8 +451,9 @@ struct RowKernel {
     }
   }
 
-  /// In: row_s = raw scores, row_d = dA = dO V^T. Out: row_s = weights a, row_d = dS = d loss / d s. Scatters dS
-  /// into dbias[index - dbias_offset] when dbias is given. `lse` is used when have_lse (softmax only).
+  /// In: row_s = raw scores, row_d = dO V^T. Out: row_s = the weights as the forward used them (m * a), row_d =
+  /// dS = d loss / d s. Scatters dS into dbias[index - dbias_offset] when dbias is given. `lse` is used when
+  /// have_lse (softmax only).
   static void backward_row(const RowContext<T>& c, Index i, Index k0, Index nk, Index lo, Index hi, T lse,
                            bool have_lse, T* row_s, T* row_d, double* dbias, Index dbias_offset) {
     std::fill(row_s, row_s + (lo - k0), T(0));
@@ -414,6 +463,17 @@ struct RowKernel {
     const Index n = hi - lo;
     T* x = row_s + (lo - k0);
     T* d = row_d + (lo - k0);
+    if (c.dropout.on) c.dropout.apply(i, lo, n, d);  // dA = m * (dO V^T)
+    weights_and_score_grad(c, i, lo, n, lse, have_lse, x, d);
+    if (c.dropout.on) c.dropout.apply(i, lo, n, x);
+    if constexpr (kHasTable) {
+      if (dbias) add_bias_grad(c, i, lo, n, d, dbias, dbias_offset);
+    }
+  }
+
+  // x: raw scores -> a; d: dA -> dS, over the n visible keys lo.. of query i.
+  static void weights_and_score_grad(const RowContext<T>& c, Index i, Index lo, Index n, T lse, bool have_lse, T* x,
+                                     T* d) {
     Span seg(x, n), dseg(d, n);
     add_bias(c, i, lo, n, x);
     if constexpr (A == AttentionActivation::softmax) {
@@ -449,9 +509,6 @@ struct RowKernel {
       }
       mask_keys(c, lo, n, x, T(0));
       mask_keys(c, lo, n, d, T(0));
-    }
-    if constexpr (kHasTable) {
-      if (dbias) add_bias_grad(c, i, lo, n, d, dbias, dbias_offset);
     }
   }
 };
@@ -534,6 +591,7 @@ RowContext<T> make_row_context(const LocalAttentionConfig& cfg, const LocalAtten
   c.key_valid = in.key_valid ? in.key_valid->data() : nullptr;
   c.max_positions = cfg.max_positions;
   c.window = cfg.window;
+  c.dropout = DropoutMask(cfg.dropout, cfg.dropout_seed);
   return c;
 }
 
