@@ -13,6 +13,7 @@
 #include "../common/workspace.cuh"
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <map>
@@ -121,6 +122,31 @@ void gemm_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, const floa
   const float alpha = 1.f;
   SMA_CUDA_CHECK(cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb,
                              A, lda, &beta, C, ldc));
+}
+
+__global__ void to_bf16_kernel(long long n, const float* __restrict__ x, __nv_bfloat16* __restrict__ y) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    y[i] = __float2bfloat16_rn(x[i]);
+}
+
+/// gemm_rm for contiguous operands (ld = columns), optionally with bf16 copies of A and B made in `ws` and fp32
+/// accumulation and output on the tensor cores.
+void gemm_proj(cublasHandle_t h, bool bf16, detail::StreamWorkspace& ws, cudaStream_t s, bool ta, bool tb, int M,
+               int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+  if (!bf16) return gemm_rm(h, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (M <= 0 || N <= 0) return;
+  const long long na = static_cast<long long>(M) * K, nb = static_cast<long long>(N) * K;
+  __nv_bfloat16* a16 = ws.alloc<__nv_bfloat16>(na);
+  __nv_bfloat16* b16 = ws.alloc<__nv_bfloat16>(nb);
+  to_bf16_kernel<<<grid(na), 256, 0, s>>>(na, A, a16);
+  SMA_CUDA_CHECK_LAUNCH();
+  to_bf16_kernel<<<grid(nb), 256, 0, s>>>(nb, B, b16);
+  SMA_CUDA_CHECK_LAUNCH();
+  const float alpha = 1.f;
+  SMA_CUDA_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, b16,
+                              CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace
@@ -250,6 +276,11 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(SeqBoatLayerDevice&&) noexcept = default;
 SeqBoatLayerDevice& SeqBoatLayerDevice::operator=(SeqBoatLayerDevice&&) noexcept = default;
 
 const SeqBoatDeviceConfig& SeqBoatLayerDevice::config() const { return impl_->cfg; }
+void SeqBoatLayerDevice::set_router_shift(float shift) { impl_->cfg.router_shift = shift; }
+void SeqBoatLayerDevice::set_bf16_projections(bool on) {
+  if (impl_->has_forward && on != impl_->cfg.bf16_projections) impl_->has_forward = false;  // no mixed backward
+  impl_->cfg.bf16_projections = on;
+}
 
 void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const std::uint8_t* padding, float* out,
                                  void* stream) {
@@ -268,6 +299,8 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   }
   const int D = c.embed_dim, Z = c.zdim, H = c.hdim, P = Z + 2 * H;
   SMA_CUDA_CHECK(cublasSetStream(m.blas, s));
+  detail::StreamWorkspace ws(s);
+  const bool bf = c.bf16_projections;
   SMA_CUDA_CHECK(cudaMemcpyAsync(m.x.data(), x, N * D * sizeof(float), cudaMemcpyDeviceToDevice, s));
   m.has_padding = padding != nullptr;
   if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
@@ -286,8 +319,14 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   SMA_CUDA_CHECK(cudaMemsetAsync(m.hu.data(), 0, N * (2 + D) * sizeof(float), s));
   copy_cols_kernel<<<grid(N * (2 + D)), 256, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_rm(m.blas, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
-          m.hu.data(), 2 + D);
+  gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D,
+            1.f, m.hu.data(), 2 + D);
+  if (bf) {  // the router decides on fp32 logits: its two columns again, in fp32
+    copy_cols_kernel<<<grid(N * 2), 256, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
+    SMA_CUDA_CHECK_LAUNCH();
+    gemm_rm(m.blas, false, true, static_cast<int>(N), 2, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
+            m.hu.data(), 2 + D);
+  }
   // 3. router and the compression plan.
   router_forward(batch, length, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), pad, m.probs.data(),
                  m.active.data(), m.gate.data(), s);
@@ -298,8 +337,8 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   compress(m.mx.data(), D, pv, m.xc.data(), s);
   copy_cols_kernel<<<grid(N * P), 256, 0, s>>>(N, P, m.p("mx_proj.bias"), 0, 0, m.base.data(), P, 0);
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_rm(m.blas, false, true, static_cast<int>(N), P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 1.f,
-          m.base.data(), P);
+  gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 1.f,
+            m.base.data(), P);
   gau_act_kernel<<<grid(N * P), 256, 0, s>>>(N, Z, H, m.base.data(), m.p("gamma"), m.p("beta"), m.q.data(),
                                              m.k.data(), m.r.data(), m.v.data());
   SMA_CUDA_CHECK_LAUNCH();
@@ -310,8 +349,8 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   SMA_CUDA_CHECK_LAUNCH();
   copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, m.p("h_proj.bias"), 0, 0, m.hc.data(), D, 0);
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_rm(m.blas, false, true, static_cast<int>(N), D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f, m.hc.data(),
-          D);
+  gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f,
+            m.hc.data(), D);
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, m.hu.data(), 2 + D, 2, m.pre.data(), D, 0);
   SMA_CUDA_CHECK_LAUNCH();
@@ -336,6 +375,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   SMA_CUDA_CHECK(cublasSetStream(m.blas, s));
   detail::StreamWorkspace ws(s);
+  const bool bf = c.bf16_projections;
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
   const CompressionView pv = m.plan->view();
 
@@ -356,10 +396,11 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   SMA_CUDA_CHECK(cudaMemsetAsync(dgate, 0, N * sizeof(float), s));
   extract_backward(m.hc.data(), D, pv, m.gate.data(), dpre, dhc, dgate, s);
   // h_proj: dW += dhc^T hr, db += colsum(dhc), dhr = dhc W.
-  gemm_rm(m.blas, true, false, D, H, static_cast<int>(N), dhc, D, m.hr.data(), H, 1.f, m.g("h_proj.weight"), H);
+  gemm_proj(m.blas, bf, ws, s, true, false, D, H, static_cast<int>(N), dhc, D, m.hr.data(), H, 1.f,
+            m.g("h_proj.weight"), H);
   column_sum_add(N, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
   float* dhr = ws.alloc<float>(N * H);
-  gemm_rm(m.blas, false, false, static_cast<int>(N), H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
+  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
   float* datt = ws.alloc<float>(N * H);
   mul_kernel<<<grid(N * H), 256, 0, s>>>(N * H, dhr, m.r.data(), datt);
   SMA_CUDA_CHECK_LAUNCH();
@@ -386,21 +427,23 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   column_sum_add(N, Z, dq, Z, nullptr, dbeta, s);
   column_sum_add(N, Z, dk, Z, nullptr, dbeta + Z, s);
   // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W; then scattered back to the tokens.
-  gemm_rm(m.blas, true, false, P, D, static_cast<int>(N), dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D);
+  gemm_proj(m.blas, bf, ws, s, true, false, P, D, static_cast<int>(N), dbase, P, m.xc.data(), D, 1.f,
+            m.g("mx_proj.weight"), D);
   column_sum_add(N, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
   float* dxc = ws.alloc<float>(N * D);
-  gemm_rm(m.blas, false, false, static_cast<int>(N), D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D);
+  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D);
   // 3. router and hx_proj: dhu = [dlogits | dsum].
   float* dhu = ws.alloc<float>(N * (2 + D));
   router_backward(N, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
                   dhu, 2 + D, m.g("q_router.temp"), s);
   copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, dpre, D, 0, dhu, 2 + D, 2);
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_rm(m.blas, true, false, 2 + D, D, static_cast<int>(N), dhu, 2 + D, m.mx.data(), D, 1.f, m.g("hx_proj.weight"),
-          D);
+  gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, 2 + D, m.mx.data(), D, 1.f,
+            m.g("hx_proj.weight"), D);
   column_sum_add(N, 2 + D, dhu, 2 + D, nullptr, m.g("hx_proj.bias"), s);
   float* dmx = ws.alloc<float>(N * D);
-  gemm_rm(m.blas, false, false, static_cast<int>(N), D, 2 + D, dhu, 2 + D, m.p("hx_proj.weight"), D, 0.f, dmx, D);
+  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, 2 + D, dhu, 2 + D, m.p("hx_proj.weight"), D, 0.f,
+            dmx, D);
   compress_backward(dxc, D, pv, dmx, s);
   // 4. SiLU, EMA, pre-norm, residual.
   silu_backward(N * D, m.ema_out.data(), dmx, dmx, s);
@@ -421,19 +464,19 @@ void SeqBoatLayerDevice::zero_grad(void* stream) {
 
 std::vector<std::string> SeqBoatLayerDevice::param_names() const { return impl_->names; }
 
-std::vector<float> SeqBoatLayerDevice::param(const std::string& name) const {
+std::vector<float> SeqBoatLayerDevice::param(const std::string& name, void* stream) const {
   auto it = impl_->value.find(name);
   if (it == impl_->value.end()) throw KeyError(str_cat("SeqBoatLayerDevice: no parameter ", name));
-  return it->second.download();
+  return it->second.download(stream);
 }
 
-std::vector<float> SeqBoatLayerDevice::grad(const std::string& name) const {
+std::vector<float> SeqBoatLayerDevice::grad(const std::string& name, void* stream) const {
   auto it = impl_->grad.find(name);
   if (it == impl_->grad.end()) throw KeyError(str_cat("SeqBoatLayerDevice: no parameter ", name));
-  return it->second.download();
+  return it->second.download(stream);
 }
 
-std::vector<std::uint8_t> SeqBoatLayerDevice::active() const { return impl_->active.download(); }
+std::vector<std::uint8_t> SeqBoatLayerDevice::active(void* stream) const { return impl_->active.download(stream); }
 
 const DeviceCompression& SeqBoatLayerDevice::plan() const {
   if (!impl_->plan) throw ValueError("SeqBoatLayerDevice::plan: no forward yet");

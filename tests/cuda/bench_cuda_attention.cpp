@@ -2,11 +2,16 @@
 // D 512) for activation densities 0.1 / 0.5 / 1.0, with CUDA events (median of the repetitions). Everything is
 // launched for the B*L upper bound straight after plan_compression, as a model would (S never reaches the host).
 // Output: one line per measurement on stdout, and JSON lines in the file given as the first argument (optional).
+// Then the EMA (chunked scan) and the whole SeqBoat layer (SeqBoatLayerDevice, causal, relu2, layernorm pre-norm,
+// rotary; and the simple bias with P = L at L = 64K) at 64K tokens for L = 1K..64K, the density steered with the router shift (measured and printed).
 // Not a test: run it by hand on a GPU machine (docs/cuda.md), next to tests/cuda/bench_flex.py for the baseline.
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/compress.hpp>
 #include <sma/cuda/device.hpp>
+#include <sma/cuda/ema.hpp>
 #include <sma/cuda/local_attention.hpp>
+#include <sma/cuda/seqboat_layer.hpp>
+#include <sma/models/seqboat.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -161,6 +166,96 @@ int main(int argc, char** argv) {
                                        dk.data(), dv.data(), dtable.data(), s);
       }, s, reps);
       report("attention forward+backward", c.name, ms_fb, fwd_gflop + bwd_gflop);
+    }
+  }
+
+  // ---- EMA ----
+  for (bool bidir : {false, true}) {
+    cuda::EmaConfig ec;
+    ec.batch = sh.B;
+    ec.length = sh.L;
+    ec.dim = sh.D;
+    ec.order = 16;
+    ec.bidirectional = bidir;
+    const int R = ec.rows();
+    cuda::DeviceArray<float> delta(random_vector(static_cast<std::size_t>(R) * 16, 0.5f, 21)),
+        alpha(random_vector(static_cast<std::size_t>(R) * 16, 0.5f, 22)),
+        beta(random_vector(static_cast<std::size_t>(R) * 16, 1.f, 23)),
+        gamma(random_vector(static_cast<std::size_t>(R) * 16, 1.f, 24)), omega(random_vector(sh.D, 1.f, 25));
+    cuda::DeviceArray<float> gd(static_cast<std::size_t>(R) * 16), ga(static_cast<std::size_t>(R) * 16),
+        gb(static_cast<std::size_t>(R) * 16), gg(static_cast<std::size_t>(R) * 16), go(sh.D);
+    for (auto* g : {&gd, &ga, &gb, &gg, &go}) g->fill_bytes(0, s);
+    const cuda::EmaParams p{delta.data(), alpha.data(), beta.data(), gamma.data(), omega.data()};
+    const cuda::EmaGrads g{gd.data(), ga.data(), gb.data(), gg.data(), go.data()};
+    const char* name = bidir ? "B=16 L=4096 D=512 N=16 bidir" : "B=16 L=4096 D=512 N=16 causal";
+    const float ms_f = median_ms([&] { cuda::ema_forward(ec, p, x.data(), nullptr, y.data(), s); }, s, reps);
+    const float ms_fb = median_ms([&] {
+      cuda::ema_forward(ec, p, x.data(), nullptr, y.data(), s);
+      cuda::ema_backward(ec, p, x.data(), nullptr, x.data(), xc.data(), g, s);
+    }, s, reps);
+    std::printf("ema | %-34s | segment %4d | forward %8.3f ms | forward+backward %8.3f ms\n", name,
+                cuda::ema_segment_length(ec), ms_f, ms_fb);
+    if (json)
+      std::fprintf(json, "{\"device\": \"%s\", \"what\": \"ema\", \"config\": \"%s\", \"fwd_ms\": %.5f, "
+                         "\"fwd_bwd_ms\": %.5f}\n", device.c_str(), name, ms_f, ms_fb);
+  }
+
+  // ---- the whole layer ----
+  cuda::DeviceArray<float> lx(random_vector(static_cast<std::size_t>(N) * sh.D, 1.f, 31)),
+      ldy(random_vector(static_cast<std::size_t>(N) * sh.D, 1.f, 32)), lout(static_cast<std::size_t>(N) * sh.D),
+      ldx(static_cast<std::size_t>(N) * sh.D);
+  struct LayerRun {
+    int L;
+    ops::PositionEncoding pos;
+  };
+  const LayerRun runs[] = {{1024, ops::PositionEncoding::rotary}, {4096, ops::PositionEncoding::rotary},
+                           {16384, ops::PositionEncoding::rotary}, {65536, ops::PositionEncoding::rotary},
+                           {65536, ops::PositionEncoding::simple}};
+  for (const LayerRun& run : runs) {
+    const int L = run.L;
+    const int B = N / L;
+    SeqBoatLayerConfig lc;
+    lc.rel_pos = run.pos;
+    lc.embed_dim = sh.D;
+    lc.zdim = sh.Z;
+    lc.hdim = sh.H;
+    lc.ndim = 16;
+    lc.window_size = sh.W;
+    lc.max_positions = L;
+    SeqBoatLayer<float> cpu(lc, 7);
+    cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(cpu);
+    for (double target : {0.1, 0.5, 1.0}) {
+      // Steer the density with the router shift: bisection on the measured fraction of routed tokens.
+      double lo = -40, hi = 40, shift = 0, got = 0;
+      for (int it = 0; it < 24; ++it) {
+        shift = target >= 1.0 ? 1000.0 : 0.5 * (lo + hi);
+        dev.set_router_shift(static_cast<float>(shift));
+        dev.forward(B, L, lx.data(), nullptr, lout.data(), s);
+        const std::vector<std::uint8_t> a = dev.active(s);
+        got = 0;
+        for (auto v : a) got += v;
+        got /= static_cast<double>(a.size());
+        if (target >= 1.0 || std::abs(got - target) < 0.01) break;
+        (got < target ? lo : hi) = shift;
+      }
+      for (bool bf16 : {false, true}) {
+        dev.set_bf16_projections(bf16);
+        const float ms_f = median_ms([&] { dev.forward(B, L, lx.data(), nullptr, lout.data(), s); }, s, reps);
+        const float ms_fb = median_ms([&] {
+          dev.forward(B, L, lx.data(), nullptr, lout.data(), s);
+          dev.backward(ldy.data(), ldx.data(), s);
+        }, s, reps);
+        char name[128];
+        std::snprintf(name, sizeof name, "B=%d L=%d D=512 Z=128 H=1024 N=16 W=256 %s %s", B, L,
+                      run.pos == ops::PositionEncoding::rotary ? "rotary" : "simple(P=L)",
+                      bf16 ? "bf16-proj" : "fp32");
+        std::printf("layer | %-58s | density %.3f | forward %8.3f ms | forward+backward %8.3f ms\n", name, got, ms_f,
+                    ms_fb);
+        if (json)
+          std::fprintf(json, "{\"device\": \"%s\", \"what\": \"layer\", \"config\": \"%s\", \"density\": %.4f, "
+                             "\"fwd_ms\": %.5f, \"fwd_bwd_ms\": %.5f}\n", device.c_str(), name, got, ms_f, ms_fb);
+      }
+      dev.set_bf16_projections(false);
     }
   }
   if (json) std::fclose(json);

@@ -29,6 +29,10 @@ struct SeqBoatDeviceConfig {
   float norm_eps = 1e-5f;
   CompressionSemantics routing = CompressionSemantics::reference;
   float router_shift = 0.f;
+  /// The three projections (hx_proj, mx_proj, h_proj; forward and backward products) with bf16 operands on the
+  /// tensor cores, fp32 accumulation and fp32 results (cublasGemmEx); weights, gradients and every other op stay
+  /// fp32, and the two router logits are recomputed in fp32 so that routing decisions are taken on fp32 values.
+  bool bf16_projections = false;
 };
 
 class SeqBoatLayerDevice {
@@ -40,10 +44,15 @@ class SeqBoatLayerDevice {
   SeqBoatLayerDevice& operator=(SeqBoatLayerDevice&&) noexcept;
 
   /// The device copy of a CPU layer (its configuration and current parameter values). Throws ValueError for what
-  /// the device layer does not support (batchnorm, dropout > 0).
-  static SeqBoatLayerDevice from_cpu(SeqBoatLayer<float>& cpu);
+  /// the device layer does not support: batchnorm, and dropout rates > 0 unless `dropout_as_eval` (then the layer
+  /// runs as the CPU layer does in eval mode, where dropout is the identity).
+  static SeqBoatLayerDevice from_cpu(SeqBoatLayer<float>& cpu, bool dropout_as_eval = false);
 
   const SeqBoatDeviceConfig& config() const;
+  /// The router shift (SeqBoatLayerConfig::router_shift), e.g. to steer the density in benchmarks.
+  void set_router_shift(float shift);
+  /// SeqBoatDeviceConfig::bf16_projections, switchable between calls (a backward uses the forward's setting).
+  void set_bf16_projections(bool on);
 
   /// out (B, L, D) = layer(x); keeps what backward needs (x and padding are copied).
   void forward(int batch, int length, const float* x, const std::uint8_t* padding, float* out, void* stream = nullptr);
@@ -52,13 +61,16 @@ class SeqBoatLayerDevice {
 
   void zero_grad(void* stream = nullptr);
   std::vector<std::string> param_names() const;
-  std::vector<float> param(const std::string& name) const;
-  std::vector<float> grad(const std::string& name) const;
+  /// Host copies, taken after the work queued on `stream` (pass the stream the layer ran on).
+  std::vector<float> param(const std::string& name, void* stream = nullptr) const;
+  std::vector<float> grad(const std::string& name, void* stream = nullptr) const;
   /// Adds the device gradients into the CPU layer's Param::grad (same names).
-  void add_grads_to(SeqBoatLayer<float>& cpu) const;
+  void add_grads_to(SeqBoatLayer<float>& cpu, void* stream = nullptr) const;
 
-  /// The last forward's activation mask (B*L) and its compression plan (device memory), for inspection.
-  std::vector<std::uint8_t> active() const;
+  /// The last forward's activation mask (B*L), copied after the work queued on `stream` (the forward's stream;
+  /// a non-blocking stream is not ordered with the legacy one), and its compression plan (device memory; its
+  /// host accessors take the stream too).
+  std::vector<std::uint8_t> active(void* stream = nullptr) const;
   const DeviceCompression& plan() const;
 
  private:

@@ -9,7 +9,8 @@
 // SHAPES   x, out, dy, dx (B, L, D) device pointers; padding (B, L) uint8 (1 = pad) or nullptr.
 // PARAMS   the CPU layer's, by official name ("ssm.delta", "hx_proj.weight", "mx_proj.bias", "gamma", ...),
 //          uploaded from a SeqBoatLayer<float> by from_cpu().
-// LIMITS   fp32; no dropout (training dropout throws ValueError); norm_type batchnorm throws ValueError; Z <= 128
+// LIMITS   fp32; no dropout (a configuration with dropout throws ValueError, or runs as in eval mode with
+//          from_cpu(layer, true)); norm_type batchnorm throws ValueError; Z <= 128
 //          (the attention kernel's limit). The projections after compression run on the B*L upper bound of the
 //          compressed rows (cuBLAS takes host shapes; S is never read back), on zero rows past S.
 // ERRORS   ValueError (configuration, shapes, backward without forward), CudaError (failed CUDA/cuBLAS call).
@@ -29,9 +30,9 @@ namespace sma::cuda {
 
 // ---- implementation of the header-only parts ----
 
-inline SeqBoatLayerDevice SeqBoatLayerDevice::from_cpu(SeqBoatLayer<float>& cpu) {
+inline SeqBoatLayerDevice SeqBoatLayerDevice::from_cpu(SeqBoatLayer<float>& cpu, bool dropout_as_eval) {
   const SeqBoatLayerConfig& c = cpu.config();
-  if (c.dropout > 0 || c.attention_dropout > 0 || c.hidden_dropout > 0)
+  if (!dropout_as_eval && (c.dropout > 0 || c.attention_dropout > 0 || c.hidden_dropout > 0))
     throw ValueError("SeqBoatLayerDevice: dropout is not supported on the device; set the rates to 0");
   SeqBoatDeviceConfig d;
   d.embed_dim = static_cast<int>(c.embed_dim);
@@ -72,9 +73,9 @@ inline SeqBoatLayerDevice SeqBoatLayerDevice::from_cpu(SeqBoatLayer<float>& cpu)
   return SeqBoatLayerDevice(d, params);
 }
 
-inline void SeqBoatLayerDevice::add_grads_to(SeqBoatLayer<float>& cpu) const {
+inline void SeqBoatLayerDevice::add_grads_to(SeqBoatLayer<float>& cpu, void* stream) const {
   cpu.visit_params([&](const auto& name, Param<float>& p) {
-    const std::vector<float> g = grad(std::string(name));
+    const std::vector<float> g = grad(std::string(name), stream);
     if (static_cast<Index>(g.size()) != p.size())
       throw ShapeError(str_cat("SeqBoatLayerDevice::add_grads_to: ", std::string(name), " has ", g.size(),
                                " device entries for ", p.size(), " host ones"));

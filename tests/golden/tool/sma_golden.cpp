@@ -1,6 +1,6 @@
 // sma-golden: checks the library against golden cases computed with the official PyTorch implementation.
 //
-//   sma-golden [--float32] [--verbose] [--stream] CASE.safetensors...
+//   sma-golden [--float32] [--verbose] [--stream] [--device cpu|cuda] CASE.safetensors...
 //
 // For each case it builds the module from the file's metadata and weights, runs forward and backward, compares every
 // stored output, gradient and intermediate, and prints one line: "PASS name max_rel_err=..." or
@@ -8,7 +8,28 @@
 // With --stream, causal cases are instead run token by token through the streaming API and every position's output
 // (and router decision) is compared with the stored full-sequence results, same tolerances; bidirectional cases
 // print "SKIP name (bidirectional)".
+// With --device cuda, ema and layer cases run through the CUDA backend in float32 (golden_cuda.hpp; other kinds and
+// batchnorm layers SKIP); a build without the backend, or a machine without a GPU, says so and exits 2.
 #include "../golden_case.hpp"
+#ifdef SMA_WITH_CUDA
+#include "golden_cuda.hpp"
+#endif
+
+namespace {
+// Never reached without the backend: main returns before the loop when --device cuda was asked for.
+sma::golden::CaseResult run_on_device(const std::string& f, const sma::golden::RunOptions& opt) {
+#ifdef SMA_WITH_CUDA
+  return sma::golden::run_case_cuda(f, opt);
+#else
+  (void)opt;
+  sma::golden::CaseResult r;
+  r.name = f;
+  r.ok = false;
+  r.failure = "no CUDA backend in this build";
+  return r;
+#endif
+}
+}  // namespace
 
 #include <CLI/CLI.hpp>
 
@@ -25,9 +46,32 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbose, "print every compared tensor and its error");
   app.add_flag("--stream", stream,
                "causal cases: run token by token (streaming state) and compare every position with the stored output");
+  std::string device = "cpu";
+  app.add_option("--device", device, "cpu (default) or cuda: run ema and layer cases on the GPU in float32")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("cases", files, "golden case files (.safetensors)")->required()->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
 
+  const bool on_cuda = device == "cuda";
+  if (on_cuda) {
+#ifdef SMA_WITH_CUDA
+    if (stream) {
+      std::fprintf(stderr, "sma-golden: --stream and --device cuda cannot be combined\n");
+      return 2;
+    }
+    if (sma::cuda::device_count() == 0) {
+      std::fprintf(stderr, "sma-golden: --device cuda: no CUDA device is visible\n");
+      return 2;
+    }
+    std::printf("device: %s\n", sma::cuda::device_description().c_str());
+    float32 = true;  // the device path is float32
+#else
+    std::fprintf(stderr,
+                 "sma-golden: --device cuda: this build has no CUDA backend (configure with -DSMA_ENABLE_CUDA=ON on a "
+                 "machine with the CUDA toolkit)\n");
+    return 2;
+#endif
+  }
   sma::golden::RunOptions opt;
   if (float32) {
     opt.tolerance = 1e-4;
@@ -35,9 +79,10 @@ int main(int argc, char** argv) {
   }
   int failed = 0, skipped = 0;
   for (const auto& f : files) {
-    const auto r = stream ? (float32 ? sma::golden::run_case_stream<float>(f, opt)
-                                     : sma::golden::run_case_stream<double>(f, opt))
-                          : (float32 ? sma::golden::run_case<float>(f, opt) : sma::golden::run_case<double>(f, opt));
+    const auto r = on_cuda ? run_on_device(f, opt)
+                 : stream  ? (float32 ? sma::golden::run_case_stream<float>(f, opt)
+                                      : sma::golden::run_case_stream<double>(f, opt))
+                           : (float32 ? sma::golden::run_case<float>(f, opt) : sma::golden::run_case<double>(f, opt));
     if (r.skipped) {
       std::printf("SKIP %s (%s)\n", r.name.c_str(), r.note.c_str());
       ++skipped;
