@@ -53,6 +53,11 @@ def run_ref(args, cfg):
            "--densities", str(density), "--modes", ",".join(REF_MODE[m] for m in modes), "--reps", str(args.reps),
            "--threads", str(args.threads), "--max-seconds", "120"]
     env = dict(os.environ, PYTHONPATH=os.path.join(args.ref_bench, "einops_shim"))
+    if args.ref_keep_memory:
+        # The same malloc policy sma-bench-layer sets for itself (keep freed memory): without it the official layer
+        # spends most of its time faulting in fresh pages on a VM (measured: docs/benchmarks.md, CPU section).
+        env["GLIBC_TUNABLES"] = ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736:"
+                                 "glibc.malloc.top_pad=1073741824")
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     with open(out) as f:
         rows = [json.loads(l) for l in f if l.strip()]
@@ -84,6 +89,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default="default", choices=sorted(CONFIGS))
     ap.add_argument("--json", default=None, help="also write every measurement here (JSON lines)")
+    ap.add_argument("--ref-keep-memory", action="store_true",
+                    help="run the official layer with glibc told to keep freed memory, as sma-bench-layer does")
     args = ap.parse_args()
     args.ref_bench = os.path.abspath(args.ref_bench)
 
