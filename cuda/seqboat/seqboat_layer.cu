@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <string>
@@ -25,55 +26,66 @@
 namespace sma::cuda {
 namespace {
 
-// base (cap, Z+2H) -> q, k (cap, Z), r, v (cap, H): z = silu(base[:, :Z]), q = z g0 + b0, k = z g1 + b1.
-__global__ void gau_act_kernel(long long rows, int Z, int H, const float* __restrict__ base,
-                               const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ q,
-                               float* __restrict__ k, float* __restrict__ r, float* __restrict__ v) {
+// Row-wise element kernels: blocks stride over rows, threads over columns (no 64-bit division per element).
+constexpr int kRowThreads = 256;
+unsigned row_grid(long long rows) { return static_cast<unsigned>(std::min<long long>(std::max<long long>(rows, 1), 1 << 18)); }
+
+// base (rows, Z+2H) + bias -> q, k (rows, Z), r, v (rows, H): z = silu(.[:, :Z]), q = z g0 + b0, k = z g1 + b1.
+// `base` holds the product without its bias; the bias is added here and again in the backward.
+__global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, int Z, int H, const float* __restrict__ base,
+                                                              const float* __restrict__ bias,
+                                                              const float* __restrict__ gamma,
+                                                              const float* __restrict__ beta, float* __restrict__ q,
+                                                              float* __restrict__ k, float* __restrict__ r,
+                                                              float* __restrict__ v) {
   const int P = Z + 2 * H;
-  const long long n = rows * P;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long row = i / P;
-    const int c = static_cast<int>(i % P);
-    const float b = base[i];
-    const float a = b / (1.f + expf(-b));
-    if (c < Z) {
-      q[row * Z + c] = a * gamma[c] + beta[c];
-      k[row * Z + c] = a * gamma[Z + c] + beta[Z + c];
-    } else if (c < Z + H) {
-      r[row * H + (c - Z)] = a;
-    } else {
-      v[row * H + (c - Z - H)] = a;
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float* br = base + row * P;
+    for (int c = threadIdx.x; c < P; c += blockDim.x) {
+      const float b = br[c] + bias[c];
+      const float a = b / (1.f + expf(-b));
+      if (c < Z) {
+        q[row * Z + c] = a * gamma[c] + beta[c];
+        k[row * Z + c] = a * gamma[Z + c] + beta[Z + c];
+      } else if (c < Z + H) {
+        r[row * H + (c - Z)] = a;
+      } else {
+        v[row * H + (c - Z - H)] = a;
+      }
     }
   }
 }
 
 // dbase from dq, dk, d(att*r) = dhr, att, dv; tq = dq z, tk = dk z (for the gamma gradients).
-__global__ void gau_dbase_kernel(long long rows, int Z, int H, const float* __restrict__ base,
-                                 const float* __restrict__ gamma, const float* __restrict__ dq,
-                                 const float* __restrict__ dk, const float* __restrict__ dhr,
-                                 const float* __restrict__ att, const float* __restrict__ dv, float* __restrict__ dbase,
-                                 float* __restrict__ tq, float* __restrict__ tk) {
+__global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, int Z, int H,
+                                                                const float* __restrict__ base,
+                                                                const float* __restrict__ bias,
+                                                                const float* __restrict__ gamma,
+                                                                const float* __restrict__ dq,
+                                                                const float* __restrict__ dk,
+                                                                const float* __restrict__ dhr,
+                                                                const float* __restrict__ att,
+                                                                const float* __restrict__ dv, float* __restrict__ dbase,
+                                                                float* __restrict__ tq, float* __restrict__ tk) {
   const int P = Z + 2 * H;
-  const long long n = rows * P;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long row = i / P;
-    const int c = static_cast<int>(i % P);
-    const float b = base[i];
-    const float sg = 1.f / (1.f + expf(-b));
-    const float dsilu = sg * (1.f + b * (1.f - sg));
-    if (c < Z) {
-      const float z = b * sg;
-      const float gq = dq[row * Z + c], gk = dk[row * Z + c];
-      tq[row * Z + c] = gq * z;
-      tk[row * Z + c] = gk * z;
-      dbase[i] = (gq * gamma[c] + gk * gamma[Z + c]) * dsilu;
-    } else if (c < Z + H) {
-      const long long j = row * H + (c - Z);
-      dbase[i] = dhr[j] * att[j] * dsilu;
-    } else {
-      dbase[i] = dv[row * H + (c - Z - H)] * dsilu;
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    for (int c = threadIdx.x; c < P; c += blockDim.x) {
+      const long long i = row * P + c;
+      const float b = base[i] + bias[c];
+      const float sg = 1.f / (1.f + expf(-b));
+      const float dsilu = sg * (1.f + b * (1.f - sg));
+      if (c < Z) {
+        const float z = b * sg;
+        const float gq = dq[row * Z + c], gk = dk[row * Z + c];
+        tq[row * Z + c] = gq * z;
+        tk[row * Z + c] = gk * z;
+        dbase[i] = (gq * gamma[c] + gk * gamma[Z + c]) * dsilu;
+      } else if (c < Z + H) {
+        const long long j = row * H + (c - Z);
+        dbase[i] = dhr[j] * att[j] * dsilu;
+      } else {
+        dbase[i] = dv[row * H + (c - Z - H)] * dsilu;
+      }
     }
   }
 }
@@ -84,16 +96,12 @@ __global__ void mul_kernel(long long n, const float* a, const float* b, float* o
     out[i] = a[i] * b[i];
 }
 
-// dst (rows, D) = src[:, off:off+D] of a (rows, ld) matrix.
-__global__ void copy_cols_kernel(long long rows, int D, const float* __restrict__ src, int ld, int off,
-                                 float* __restrict__ dst, int ldd, int offd) {
-  const long long n = rows * D;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long r = i / D;
-    const int c = static_cast<int>(i % D);
-    dst[r * ldd + offd + c] = src[r * ld + off + c];
-  }
+// dst (rows, D) = src[:, off:off+D] of a (rows, ld) matrix (ld = 0: the same row, e.g. a bias, for every row).
+__global__ void __launch_bounds__(kRowThreads) copy_cols_kernel(long long rows, int D, const float* __restrict__ src,
+                                                                int ld, int off, float* __restrict__ dst, int ldd,
+                                                                int offd) {
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x)
+    for (int c = threadIdx.x; c < D; c += blockDim.x) dst[r * ldd + offd + c] = src[r * ld + off + c];
 }
 
 // pre += x; out = silu(pre).
@@ -118,7 +126,7 @@ unsigned grid(long long n) { return detail::grid_for(n, 256); }
 /// Row-major C (M x N) = alpha op(A) op(B) + beta C through column-major cuBLAS (C^T = op(B)^T op(A)^T).
 void gemm_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
              float beta, float* C, int ldc) {
-  if (M <= 0 || N <= 0) return;
+  if (M <= 0 || N <= 0 || (K <= 0 && beta == 1.f)) return;
   const float alpha = 1.f;
   SMA_CUDA_CHECK(cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb,
                              A, lda, &beta, C, ldc));
@@ -135,7 +143,7 @@ __global__ void to_bf16_kernel(long long n, const float* __restrict__ x, __nv_bf
 void gemm_proj(cublasHandle_t h, bool bf16, detail::StreamWorkspace& ws, cudaStream_t s, bool ta, bool tb, int M,
                int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
   if (!bf16) return gemm_rm(h, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
-  if (M <= 0 || N <= 0) return;
+  if (M <= 0 || N <= 0 || (K <= 0 && beta == 1.f)) return;
   const long long na = static_cast<long long>(M) * K, nb = static_cast<long long>(N) * K;
   __nv_bfloat16* a16 = ws.alloc<__nv_bfloat16>(na);
   __nv_bfloat16* b16 = ws.alloc<__nv_bfloat16>(nb);
@@ -159,6 +167,7 @@ struct SeqBoatLayerDevice::Impl {
 
   // Shapes of the last forward and what backward reads.
   int B = 0, L = 0;
+  long long rows_c = 0;  ///< rows the products after compression ran on: B*L, or S with host_compressed_length
   bool has_forward = false, has_padding = false;
   std::unique_ptr<DeviceCompression> plan;
   DeviceArray<float> x, xin, mean, rstd, ema_out, mx, hu, probs, gate, xc, base, q, k, r, v, att, row_stat, hr, hc,
@@ -277,6 +286,10 @@ SeqBoatLayerDevice& SeqBoatLayerDevice::operator=(SeqBoatLayerDevice&&) noexcept
 
 const SeqBoatDeviceConfig& SeqBoatLayerDevice::config() const { return impl_->cfg; }
 void SeqBoatLayerDevice::set_router_shift(float shift) { impl_->cfg.router_shift = shift; }
+void SeqBoatLayerDevice::set_host_compressed_length(bool on) {
+  if (on != impl_->cfg.host_compressed_length) impl_->has_forward = false;  // backward needs the forward's rows
+  impl_->cfg.host_compressed_length = on;
+}
 void SeqBoatLayerDevice::set_bf16_projections(bool on) {
   if (impl_->has_forward && on != impl_->cfg.bf16_projections) impl_->has_forward = false;  // no mixed backward
   impl_->cfg.bf16_projections = on;
@@ -316,13 +329,12 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   ema_forward(m.ema_cfg(), m.ema_params(), xin, pad, m.ema_out.data(), s);
   silu_forward(N * D, m.ema_out.data(), m.mx.data(), s);
   // 2. hx_proj: hu (N, 2+D) = mx W^T + b.
-  SMA_CUDA_CHECK(cudaMemsetAsync(m.hu.data(), 0, N * (2 + D) * sizeof(float), s));
-  copy_cols_kernel<<<grid(N * (2 + D)), 256, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
+  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
   SMA_CUDA_CHECK_LAUNCH();
   gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D,
             1.f, m.hu.data(), 2 + D);
   if (bf) {  // the router decides on fp32 logits: its two columns again, in fp32
-    copy_cols_kernel<<<grid(N * 2), 256, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
+    copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
     SMA_CUDA_CHECK_LAUNCH();
     gemm_rm(m.blas, false, true, static_cast<int>(N), 2, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
             m.hu.data(), 2 + D);
@@ -332,27 +344,35 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
                  m.active.data(), m.gate.data(), s);
   const CompressionView pv = m.plan->view();
   plan_compression(m.active.data(), c.routing, pv, s);
-  // 4. GAU on the compressed rows (rows past S are zero, so every product below stays finite there).
-  SMA_CUDA_CHECK(cudaMemsetAsync(m.xc.data(), 0, N * D * sizeof(float), s));
+  // 4. GAU on the compressed rows. Without the host's S the products run on all B*L rows, rows past S being zero
+  // (so everything stays finite there); with host_compressed_length on S rows only.
+  long long M = N;
+  const bool host_s = c.host_compressed_length;
+  if (host_s) {
+    int S = 0;
+    SMA_CUDA_CHECK(cudaMemcpyAsync(&S, pv.offsets + batch, sizeof(int), cudaMemcpyDeviceToHost, s));
+    SMA_CUDA_CHECK(cudaStreamSynchronize(s));
+    M = S;
+  } else {
+    SMA_CUDA_CHECK(cudaMemsetAsync(m.xc.data(), 0, N * D * sizeof(float), s));
+    SMA_CUDA_CHECK(cudaMemsetAsync(m.att.data(), 0, N * H * sizeof(float), s));
+  }
+  m.rows_c = M;
+  const int Mi = static_cast<int>(M);
   compress(m.mx.data(), D, pv, m.xc.data(), s);
-  copy_cols_kernel<<<grid(N * P), 256, 0, s>>>(N, P, m.p("mx_proj.bias"), 0, 0, m.base.data(), P, 0);
+  gemm_proj(m.blas, bf, ws, s, false, true, Mi, P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 0.f, m.base.data(), P);
+  gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
+                                                     m.p("beta"), m.q.data(), m.k.data(), m.r.data(), m.v.data());
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 1.f,
-            m.base.data(), P);
-  gau_act_kernel<<<grid(N * P), 256, 0, s>>>(N, Z, H, m.base.data(), m.p("gamma"), m.p("beta"), m.q.data(),
-                                             m.k.data(), m.r.data(), m.v.data());
-  SMA_CUDA_CHECK_LAUNCH();
-  SMA_CUDA_CHECK(cudaMemsetAsync(m.att.data(), 0, N * H * sizeof(float), s));
   local_attention_forward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"), m.att.data(),
                           m.row_stat.data(), s);
-  mul_kernel<<<grid(N * H), 256, 0, s>>>(N * H, m.att.data(), m.r.data(), m.hr.data());
+  mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, m.att.data(), m.r.data(), m.hr.data());
   SMA_CUDA_CHECK_LAUNCH();
-  copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, m.p("h_proj.bias"), 0, 0, m.hc.data(), D, 0);
+  copy_cols_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, D, m.p("h_proj.bias"), 0, 0, m.hc.data(), D, 0);
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f,
-            m.hc.data(), D);
+  gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f, m.hc.data(), D);
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
-  copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, m.hu.data(), 2 + D, 2, m.pre.data(), D, 0);
+  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, D, m.hu.data(), 2 + D, 2, m.pre.data(), D, 0);
   SMA_CUDA_CHECK_LAUNCH();
   extract_add(m.hc.data(), D, pv, m.gate.data(), m.pre.data(), s);
   float* act = c.prenorm ? out : m.act.data();
@@ -389,27 +409,31 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     dact = t;
   }
   silu_backward(N * D, m.pre.data(), dact, dpre, s);
-  // 2. extraction and the GAU.
+  // 2. extraction and the GAU, on rows_c rows (see forward).
+  const long long M = m.rows_c;
+  const int Mi = static_cast<int>(M);
+  const bool host_s = c.host_compressed_length;
   float* dhc = ws.alloc<float>(N * D);
   float* dgate = ws.alloc<float>(N);
-  SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
+  if (!host_s) SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
   SMA_CUDA_CHECK(cudaMemsetAsync(dgate, 0, N * sizeof(float), s));
   extract_backward(m.hc.data(), D, pv, m.gate.data(), dpre, dhc, dgate, s);
   // h_proj: dW += dhc^T hr, db += colsum(dhc), dhr = dhc W.
-  gemm_proj(m.blas, bf, ws, s, true, false, D, H, static_cast<int>(N), dhc, D, m.hr.data(), H, 1.f,
-            m.g("h_proj.weight"), H);
-  column_sum_add(N, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
+  gemm_proj(m.blas, bf, ws, s, true, false, D, H, Mi, dhc, D, m.hr.data(), H, 1.f, m.g("h_proj.weight"), H);
+  column_sum_add(M, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
   float* dhr = ws.alloc<float>(N * H);
-  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
+  gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
   float* datt = ws.alloc<float>(N * H);
-  mul_kernel<<<grid(N * H), 256, 0, s>>>(N * H, dhr, m.r.data(), datt);
+  mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt);
   SMA_CUDA_CHECK_LAUNCH();
   float* dq = ws.alloc<float>(N * Z);
   float* dk = ws.alloc<float>(N * Z);
   float* dv = ws.alloc<float>(N * H);
-  SMA_CUDA_CHECK(cudaMemsetAsync(dq, 0, N * Z * sizeof(float), s));
-  SMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, N * Z * sizeof(float), s));
-  SMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, N * H * sizeof(float), s));
+  if (!host_s) {
+    SMA_CUDA_CHECK(cudaMemsetAsync(dq, 0, N * Z * sizeof(float), s));
+    SMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, N * Z * sizeof(float), s));
+    SMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, N * H * sizeof(float), s));
+  }
   const bool softmax = c.attention.activation == Activation::softmax;
   local_attention_backward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"),
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
@@ -417,26 +441,25 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* dbase = ws.alloc<float>(N * P);
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
-  gau_dbase_kernel<<<grid(N * P), 256, 0, s>>>(N, Z, H, m.base.data(), m.p("gamma"), dq, dk, dhr, m.att.data(), dv,
-                                               dbase, tq, tk);
+  gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"), dq,
+                                                       dk, dhr, m.att.data(), dv, dbase, tq, tk);
   SMA_CUDA_CHECK_LAUNCH();
   float* dgamma = m.g("gamma");
   float* dbeta = m.g("beta");
-  column_sum_add(N, Z, tq, Z, nullptr, dgamma, s);
-  column_sum_add(N, Z, tk, Z, nullptr, dgamma + Z, s);
-  column_sum_add(N, Z, dq, Z, nullptr, dbeta, s);
-  column_sum_add(N, Z, dk, Z, nullptr, dbeta + Z, s);
+  column_sum_add(M, Z, tq, Z, nullptr, dgamma, s);
+  column_sum_add(M, Z, tk, Z, nullptr, dgamma + Z, s);
+  column_sum_add(M, Z, dq, Z, nullptr, dbeta, s);
+  column_sum_add(M, Z, dk, Z, nullptr, dbeta + Z, s);
   // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W; then scattered back to the tokens.
-  gemm_proj(m.blas, bf, ws, s, true, false, P, D, static_cast<int>(N), dbase, P, m.xc.data(), D, 1.f,
-            m.g("mx_proj.weight"), D);
-  column_sum_add(N, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
+  gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D);
+  column_sum_add(M, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
   float* dxc = ws.alloc<float>(N * D);
-  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D);
+  gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D);
   // 3. router and hx_proj: dhu = [dlogits | dsum].
   float* dhu = ws.alloc<float>(N * (2 + D));
   router_backward(N, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
                   dhu, 2 + D, m.g("q_router.temp"), s);
-  copy_cols_kernel<<<grid(N * D), 256, 0, s>>>(N, D, dpre, D, 0, dhu, 2 + D, 2);
+  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, D, dpre, D, 0, dhu, 2 + D, 2);
   SMA_CUDA_CHECK_LAUNCH();
   gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, 2 + D, m.mx.data(), D, 1.f,
             m.g("hx_proj.weight"), D);

@@ -63,6 +63,9 @@ int main(int argc, char** argv) {
   const std::string device = cuda::device_description(0);
   std::FILE* json = argc > 1 ? std::fopen(argv[1], "w") : nullptr;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 10;
+  // "profile": only the layer at B=16 L=4096, every token routed, one warm-up and one timed forward+backward per
+  // precision (fp32, then bf16 projections), for a kernel-by-kernel profile under ncu.
+  const bool profile = argc > 3 && std::string(argv[3]) == "profile";
   const Shape sh;
   const int N = sh.B * sh.L;
   std::printf("device: %s\nshape: B=%d L=%d (tokens %d) D=%d Z=%d H=%d W=%d, fp32, median of %d\n", device.c_str(),
@@ -85,6 +88,7 @@ int main(int argc, char** argv) {
   cuda::DeviceCompression plan(sh.B, sh.L);
 
   for (double density : {0.1, 0.5, 1.0}) {
+    if (profile) break;
     std::mt19937 rng(11);
     std::bernoulli_distribution on(density);
     std::vector<std::uint8_t> mask(static_cast<std::size_t>(N));
@@ -171,6 +175,7 @@ int main(int argc, char** argv) {
 
   // ---- EMA ----
   for (bool bidir : {false, true}) {
+    if (profile) break;
     cuda::EmaConfig ec;
     ec.batch = sh.B;
     ec.length = sh.L;
@@ -211,6 +216,32 @@ int main(int argc, char** argv) {
   const LayerRun runs[] = {{1024, ops::PositionEncoding::rotary}, {4096, ops::PositionEncoding::rotary},
                            {16384, ops::PositionEncoding::rotary}, {65536, ops::PositionEncoding::rotary},
                            {65536, ops::PositionEncoding::simple}};
+  if (profile) {
+    SeqBoatLayerConfig lc;
+    lc.rel_pos = ops::PositionEncoding::rotary;
+    lc.embed_dim = sh.D;
+    lc.zdim = sh.Z;
+    lc.hdim = sh.H;
+    lc.ndim = 16;
+    lc.window_size = sh.W;
+    lc.router_shift = 1000;
+    SeqBoatLayer<float> cpu(lc, 7);
+    cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(cpu);
+    for (bool bf16 : {false, true}) {
+      dev.set_bf16_projections(bf16);
+      for (int i = 0; i < 2; ++i) {
+        // Markers for the profile's reader: a one-element SiLU (grid 1) before and after the timed pass.
+        if (i == 1) cuda::silu_forward(1, lx.data(), lout.data(), s);
+        dev.forward(sh.B, sh.L, lx.data(), nullptr, lout.data(), s);
+        dev.backward(ldy.data(), ldx.data(), s);
+        if (i == 1) cuda::silu_forward(1, lx.data(), lout.data(), s);
+      }
+      stream.synchronize();
+    }
+    std::printf("profile run done\n");
+    if (json) std::fclose(json);
+    return 0;
+  }
   for (const LayerRun& run : runs) {
     const int L = run.L;
     const int B = N / L;
@@ -238,8 +269,15 @@ int main(int argc, char** argv) {
         if (target >= 1.0 || std::abs(got - target) < 0.01) break;
         (got < target ? lo : hi) = shift;
       }
-      for (bool bf16 : {false, true}) {
+      struct Variant {
+        bool bf16, host_s;
+        const char* name;
+      };
+      const Variant variants[] = {{false, false, "fp32"}, {true, false, "bf16-proj"}, {true, true, "bf16-proj host-S"}};
+      for (const Variant& var : variants) {
+        const bool bf16 = var.bf16;
         dev.set_bf16_projections(bf16);
+        dev.set_host_compressed_length(var.host_s);
         const float ms_f = median_ms([&] { dev.forward(B, L, lx.data(), nullptr, lout.data(), s); }, s, reps);
         const float ms_fb = median_ms([&] {
           dev.forward(B, L, lx.data(), nullptr, lout.data(), s);
@@ -248,7 +286,7 @@ int main(int argc, char** argv) {
         char name[128];
         std::snprintf(name, sizeof name, "B=%d L=%d D=512 Z=128 H=1024 N=16 W=256 %s %s", B, L,
                       run.pos == ops::PositionEncoding::rotary ? "rotary" : "simple(P=L)",
-                      bf16 ? "bf16-proj" : "fp32");
+                      var.name);
         std::printf("layer | %-58s | density %.3f | forward %8.3f ms | forward+backward %8.3f ms\n", name, got, ms_f,
                     ms_fb);
         if (json)
@@ -256,6 +294,7 @@ int main(int argc, char** argv) {
                              "\"fwd_ms\": %.5f, \"fwd_bwd_ms\": %.5f}\n", device.c_str(), name, got, ms_f, ms_fb);
       }
       dev.set_bf16_projections(false);
+      dev.set_host_compressed_length(false);
     }
   }
   if (json) std::fclose(json);

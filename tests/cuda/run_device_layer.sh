@@ -16,7 +16,8 @@ CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 el tests
 timeout 120 ./sma_test_cuda --durations yes > "$OUT/test_all.txt" 2>&1; echo "all tests rc=$?"; tail -2 "$OUT/test_all.txt"
 grep -B3 -A14 FAILED "$OUT/test_all.txt" | head -60
-timeout 60 ./sma_test_cuda "[ema],[seqboat]" -s > "$OUT/test_ema_layer.txt" 2>&1; echo "ema/layer -s rc=$?"
+timeout 60 ./sma_test_cuda "[ema],[seqboat]" -s > /tmp/test_ema_layer.txt 2>&1; echo "ema/layer -s rc=$?"
+{ echo "== accuracy lines of the [ema],[seqboat] cases (-s) =="; grep -E "gpu err|rel err|^  case|B=.*L=.*D=" /tmp/test_ema_layer.txt | sort | uniq -c | sort -rn | head -400; } >> "$OUT/test_all.txt"
 if [ -z "$SKIP_SANITIZE" ]; then
   el memcheck
   timeout 120 "$CS" --tool memcheck --leak-check full --error-exitcode 9 ./sma_test_cuda "[ema][quick],[seqboat][quick]" > "$OUT/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -2 "$OUT/memcheck.txt"
@@ -27,8 +28,14 @@ timeout 60 ./sma-golden --device cuda -v golden/*.safetensors > "$OUT/golden_cud
 grep -E "^(PASS|FAIL|SKIP|device|[0-9]+ cases)" "$OUT/golden_cuda.txt"
 if [ -z "$SKIP_BENCH" ]; then
   el bench
-  timeout 200 ./sma_bench_cuda "$OUT/bench.jsonl" 10 > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"
+  timeout 200 ./sma_bench_cuda /dev/null 10 > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"
   grep -E "^(device|ema|layer)" "$OUT/bench.txt"
+  if command -v ncu > /dev/null && [ -f ncu_summary.py ]; then
+    el profile
+    timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv ./sma_bench_cuda /dev/null 1 profile \
+        > /tmp/ncu.csv 2> /tmp/ncu.err; echo "ncu rc=$?"
+    python3 ncu_summary.py /tmp/ncu.csv > "$OUT/profile.txt" 2>&1; head -40 "$OUT/profile.txt"
+  fi
 fi
 if [ -z "$SKIP_REF" ] && [ -f ref/bench_gpu.py ]; then
   el reference

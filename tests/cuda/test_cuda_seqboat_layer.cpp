@@ -10,6 +10,7 @@
 #include <sma/cuda/seqboat_layer.hpp>
 #include <sma/models/seqboat.hpp>
 
+#include <cmath>
 #include <map>
 #include <random>
 #include <string>
@@ -25,7 +26,19 @@ struct LayerCase {
   SeqBoatLayerConfig cfg;
   bool ragged;
   unsigned seed;
+  bool bf16 = false;  // bf16 projections: normwise relative error against double instead of the fp32 rule
+  bool host_s = false;  // host_compressed_length: the products after compression on S rows
 };
+
+double rel_norm_err(const float* got, const double* ref, std::size_t n) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(got[i]) - ref[i];
+    num += d * d;
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
 
 SeqBoatLayerConfig base_config() {
   SeqBoatLayerConfig c;
@@ -95,6 +108,8 @@ void check_layer(const LayerCase& lc) {
   const std::size_t n = static_cast<std::size_t>(B) * L * D;
   cuda::Stream stream;
   cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(lf);
+  dev.set_bf16_projections(lc.bf16);
+  dev.set_host_compressed_length(lc.host_s);
   cuda::DeviceArray<float> d_x(std::vector<float>(xf.data(), xf.data() + n));
   cuda::DeviceArray<float> d_dy(std::vector<float>(dyf.data(), dyf.data() + n));
   cuda::DeviceArray<std::uint8_t> d_mask(flat);
@@ -119,6 +134,21 @@ void check_layer(const LayerCase& lc) {
   REQUIRE(differ_dev == 0);
 
   const std::vector<float> out = d_out.download(), dx = d_dx.download();
+  if (lc.bf16) {
+    // bf16 operands (8 significant bits) with fp32 accumulation: about 3e-3 relative per product.
+    const double e_out = rel_norm_err(out.data(), yd.data(), n), e_dx = rel_norm_err(dx.data(), dxd.data(), n);
+    INFO("bf16: out rel err " << e_out << ", dx rel err " << e_dx);
+    CHECK(e_out < 1e-2);
+    CHECK(e_dx < 1e-2);
+    for (auto& [name, p] : pd) {
+      const std::vector<float> g = dev.grad(name);
+      const double e = rel_norm_err(g.data(), p->grad(), g.size());
+      INFO("bf16: d " << name << " rel err " << e);
+      // Reductions with cancellation (q_router.temp, beta) lose more: 0.071 and 0.049 measured on an H100.
+      CHECK(e < 0.15);
+    }
+    return;
+  }
   {
     const auto a = cuda_test::accuracy(out.data(), yf.data(), yd.data(), n);
     INFO("out: " << a);
@@ -183,6 +213,24 @@ TEST_CASE("cuda SeqBoat layer matches the CPU layer", "[cuda][seqboat][quick]") 
     cases.push_back({"nothing routed", 2, 40, c, true, 6});
   }
   for (const auto& c : cases) check_layer(c);
+  // The same cases with the products after compression sized by S (read back to the host).
+  for (auto c : cases) {
+    c.host_s = true;
+    check_layer(c);
+  }
+}
+
+// Tagged [bf16] so that initcheck can leave it out: it reports the outputs of cuBLAS's bf16 tensor-core kernels
+// as uninitialized when the next kernel reads them (seen on an H100 with CUDA 13.0; the values are right, as the
+// checks here show, so this is taken for writes the tool does not track, e.g. bulk tensor stores).
+TEST_CASE("cuda SeqBoat layer with bf16 projections", "[cuda][seqboat][bf16][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatLayerConfig c = base_config();
+  check_layer({"bf16 causal layernorm simple relu2, ragged", 3, 50, c, true, 1, true});
+  c.direction = Direction::bidirectional;
+  c.attention_activation = ops::AttentionActivation::softmax;
+  c.rel_pos = ops::PositionEncoding::rotary;
+  check_layer({"bf16 bidirectional rotary softmax, ragged", 2, 61, c, true, 2, true});
 }
 
 TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][seqboat][quick]") {

@@ -33,6 +33,10 @@ struct SeqBoatDeviceConfig {
   /// tensor cores, fp32 accumulation and fp32 results (cublasGemmEx); weights, gradients and every other op stay
   /// fp32, and the two router logits are recomputed in fp32 so that routing decisions are taken on fp32 values.
   bool bf16_projections = false;
+  /// Reads S = offsets[B] back to the host once per forward (one stream synchronisation) and runs the products
+  /// after compression on S rows instead of the B*L bound, so that their cost falls with the density. Off by
+  /// default: then nothing in forward or backward waits for the host.
+  bool host_compressed_length = false;
 };
 
 class SeqBoatLayerDevice {
@@ -53,6 +57,8 @@ class SeqBoatLayerDevice {
   void set_router_shift(float shift);
   /// SeqBoatDeviceConfig::bf16_projections, switchable between calls (a backward uses the forward's setting).
   void set_bf16_projections(bool on);
+  /// SeqBoatDeviceConfig::host_compressed_length, switchable between calls.
+  void set_host_compressed_length(bool on);
 
   /// out (B, L, D) = layer(x); keeps what backward needs (x and padding are copied).
   void forward(int batch, int length, const float* x, const std::uint8_t* padding, float* out, void* stream = nullptr);
