@@ -105,6 +105,18 @@ inline void keep_freed_memory() {
 #endif
 }
 
+/// The main() of a Google Benchmark executable that keeps freed memory (a macro: this header is also used by
+/// sma-bench-layer, which does not link Google Benchmark).
+#define SMA_BENCHMARK_MAIN()                                                 \
+  int main(int argc, char** argv) {                                          \
+    ::sma::bench::keep_freed_memory();                                       \
+    ::benchmark::Initialize(&argc, argv);                                    \
+    if (::benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;      \
+    ::benchmark::RunSpecifiedBenchmarks();                                   \
+    ::benchmark::Shutdown();                                                 \
+    return 0;                                                                \
+  }
+
 /// FLOP count of one layer forward (multiply-add = 2), the matrix work only: projections on all tokens (hx_proj)
 /// and on the S activated tokens (mx_proj, h_proj), the visible attention scores and outputs, and the EMA as the
 /// scan computes it (2 N multiply-adds per channel, token and direction). Elementwise work is left out.

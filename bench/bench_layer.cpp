@@ -98,11 +98,4 @@ BENCHMARK_CAPTURE(layer_bench, density_infer / bidir, Run::infer, Direction::bid
 BENCHMARK_CAPTURE(layer_bench, density_train / bidir, Run::train, Direction::bidirectional)->Apply(density_grid);
 BENCHMARK_CAPTURE(layer_bench, density_infer / causal, Run::infer, Direction::causal)->Apply(density_grid);
 
-int main(int argc, char** argv) {
-  sma::bench::keep_freed_memory();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+SMA_BENCHMARK_MAIN()
