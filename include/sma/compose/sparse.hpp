@@ -166,7 +166,7 @@ class Sma {
   }
 
   Tensor3<T> forward(Context& ctx, const Tensor3<T>& x, Cache& c) const {
-    const Index B = x.dimension(0), L = x.dimension(1), D = x.dimension(2);
+    const Index B = x.dimension(0), L = x.dimension(1);
     (void)ctx.padding_for(B, L, "Sma::forward");
     c.x = x;
     router_.forward(ctx, as_matrix(x), B, L, c.router);

@@ -233,7 +233,7 @@ class SeqBoatLm {
 
   /// tokens (B, L) -> logits (B, L, V).
   Tensor3<T> forward(Context& ctx, const Tensor2<std::int32_t>& tokens, Cache& c) const {
-    const Index B = tokens.dimension(0), L = tokens.dimension(1), D = cfg_.embed_dim, V = cfg_.vocab_size;
+    const Index B = tokens.dimension(0), L = tokens.dimension(1), V = cfg_.vocab_size;
     const Mask* pad = ctx.padding_for(B, L, "SeqBoatLm::forward");
     check_tokens(tokens, "SeqBoatLm::forward");
     c.tokens = tokens;
