@@ -139,7 +139,7 @@ inline std::string line_chart(double x, double y, double w, double h, const std:
 
 /// A complete document of the given size around `body`.
 inline std::string document(double w, double h, const std::string& body) {
-  return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + num(w) + "\" height=\"" + num(h) + "\" viewBox=\"0 0 " +
+  return "<svg xmlns=\"http://www.w3.org/2000/svg\" xmlns:xlink=\"http://www.w3.org/1999/xlink\" width=\"" + num(w) + "\" height=\"" + num(h) + "\" viewBox=\"0 0 " +
          num(w) + " " + num(h) + "\" font-family=\"Helvetica, Arial, sans-serif\">\n" +
          rect(0, 0, w, h, "#ffffff") + body + "</svg>\n";
 }

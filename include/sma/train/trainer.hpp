@@ -143,6 +143,8 @@ struct FitOptions {
   std::FILE* progress_out = stderr;
   double progress_interval = 10.0;                   ///< seconds between lines when not on a terminal
   Index stop_after = -1;                             ///< stop (as if interrupted) once this many steps are done
+  double time_limit = 0;                             ///< seconds of training after which fit stops (as if
+                                                     ///< interrupted, with a checkpoint); <= 0: no limit
   std::function<void(const StepStats&)> on_step;     ///< called after each step
 };
 
@@ -256,12 +258,18 @@ class Trainer {
     double loss_avg = 0, acc_avg = 0, tps_avg = 0;
     std::vector<double> dens_avg;
     bool first = true;
+    const auto t_fit = std::chrono::steady_clock::now();
     auto save_now = [&]() {
       if (opt.checkpoint_path.empty()) return;
       save(opt.checkpoint_path, opt.checkpoint_metadata ? opt.checkpoint_metadata() : std::map<std::string, std::string>{});
     };
     while (step_ < cfg_.steps) {
       if (opt.stop_after >= 0 && step_ >= opt.stop_after) break;
+      if (opt.time_limit > 0 &&
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t_fit).count() >= opt.time_limit) {
+        if (opt.progress) bar.message(str_cat("time limit of ", fixed(opt.time_limit, 0), " s reached at step ", step_));
+        break;
+      }
       const StepStats s = train_step(opt.batch(step_));
       // Smoothed over about 20 steps for a readable bar; the history keeps the raw values.
       const double a = first ? 1.0 : 0.05;
