@@ -381,6 +381,8 @@ __global__ void omega_grad_kernel(Geometry g, const float* __restrict__ part, fl
   }
 }
 
+constexpr long long kMaxSegments = 65535;
+
 void check_config(const EmaConfig& c, const char* where) {
   if (c.batch < 0 || c.length < 0)
     throw ValueError(str_cat(where, ": negative batch ", c.batch, " or length ", c.length));
@@ -390,6 +392,8 @@ void check_config(const EmaConfig& c, const char* where) {
   if (c.batch > 65535) throw ValueError(str_cat(where, ": batch ", c.batch, " > 65535 is not supported"));
   if (static_cast<long long>(c.batch) * c.length * c.dim >= (1LL << 40))
     throw ValueError(str_cat(where, ": tensor too large"));
+  if (static_cast<long long>(c.length) > kMaxSegments * (1LL << 20))
+    throw ValueError(str_cat(where, ": length ", c.length, " is too long for one call"));
 }
 
 void check_params(const EmaParams& p, const char* where) {
@@ -432,9 +436,11 @@ Coefs make_coefs(const Geometry& g, const EmaParams& prm, detail::StreamWorkspac
 int ema_segment_length(const EmaConfig& c) {
   // Enough threads to fill the card (about 2^18 (batch row, channel, segment) triples), short segments otherwise;
   // longer segments shrink the carry buffers (B ceil(L/C) R N floats).
+  // The segment index is the grid's y dimension, so at most 65535 segments (longer segments for very long rows).
   const long long rows = static_cast<long long>(std::max(c.batch, 1)) * std::max(c.dim, 1);
+  const auto nseg = [&](int C) { return (static_cast<long long>(c.length) + C - 1) / C; };
   int C = 32;
-  while (C < 4096 && rows * ((static_cast<long long>(c.length) + C - 1) / C) > (1LL << 18)) C *= 2;
+  while (C < (1 << 20) && (nseg(C) > kMaxSegments || (C < 4096 && rows * nseg(C) > (1LL << 18)))) C *= 2;
   return C;
 }
 

@@ -138,19 +138,27 @@ __global__ void to_bf16_kernel(long long n, const float* __restrict__ x, __nv_bf
     y[i] = __float2bfloat16_rn(x[i]);
 }
 
-/// gemm_rm for contiguous operands (ld = columns), optionally with bf16 copies of A and B made in `ws` and fp32
-/// accumulation and output on the tensor cores.
+/// n floats -> bf16 into dst (or into a new `ws` buffer when dst is null); returns the copy.
+const __nv_bfloat16* to_bf16(detail::StreamWorkspace& ws, cudaStream_t s, const float* src, long long n,
+                             __nv_bfloat16* dst = nullptr) {
+  if (!dst) dst = ws.alloc<__nv_bfloat16>(n);
+  if (n > 0) {
+    to_bf16_kernel<<<grid(n), 256, 0, s>>>(n, src, dst);
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  return dst;
+}
+
+/// gemm_rm for contiguous operands (ld = columns), optionally with bf16 copies of A and B and fp32 accumulation
+/// and output on the tensor cores. a16 / b16: bf16 copies already made (reused across products), else converted
+/// here into `ws`.
 void gemm_proj(cublasHandle_t h, bool bf16, detail::StreamWorkspace& ws, cudaStream_t s, bool ta, bool tb, int M,
-               int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+               int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc,
+               const __nv_bfloat16* a16 = nullptr, const __nv_bfloat16* b16 = nullptr) {
   if (!bf16) return gemm_rm(h, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
   if (M <= 0 || N <= 0 || (K <= 0 && beta == 1.f)) return;
-  const long long na = static_cast<long long>(M) * K, nb = static_cast<long long>(N) * K;
-  __nv_bfloat16* a16 = ws.alloc<__nv_bfloat16>(na);
-  __nv_bfloat16* b16 = ws.alloc<__nv_bfloat16>(nb);
-  to_bf16_kernel<<<grid(na), 256, 0, s>>>(na, A, a16);
-  SMA_CUDA_CHECK_LAUNCH();
-  to_bf16_kernel<<<grid(nb), 256, 0, s>>>(nb, B, b16);
-  SMA_CUDA_CHECK_LAUNCH();
+  if (!a16) a16 = to_bf16(ws, s, A, static_cast<long long>(M) * K);
+  if (!b16) b16 = to_bf16(ws, s, B, static_cast<long long>(N) * K);
   const float alpha = 1.f;
   SMA_CUDA_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, b16,
                               CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
@@ -173,6 +181,13 @@ struct SeqBoatLayerDevice::Impl {
   DeviceArray<float> x, xin, mean, rstd, ema_out, mx, hu, probs, gate, xc, base, q, k, r, v, att, row_stat, hr, hc,
       pre, act, mean2, rstd2;
   DeviceArray<std::uint8_t> padding, active;
+  DeviceBuffer mx16, xc16, hr16;  ///< bf16 copies of the projections' inputs (bf16_projections), for the backward
+
+  __nv_bfloat16* bf16_buffer(DeviceBuffer& b, long long n) {
+    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(__nv_bfloat16);
+    if (b.bytes() < bytes) b = DeviceBuffer(bytes);
+    return static_cast<__nv_bfloat16*>(b.data());
+  }
 
   ~Impl() {
     if (blas) cublasDestroy(blas);
@@ -300,6 +315,9 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   if (batch < 0 || length < 0)
     throw ValueError(str_cat("SeqBoatLayerDevice::forward: negative batch ", batch, " or length ", length));
   if (batch > 0 && length > 0 && (!x || !out)) throw ValueError("SeqBoatLayerDevice::forward: x or out is null");
+  if (static_cast<long long>(batch) * length > 0x7fffffffLL)
+    throw ValueError(str_cat("SeqBoatLayerDevice::forward: B*L = ", static_cast<long long>(batch) * length,
+                             " tokens exceed the 32-bit slot indices"));
   Impl& m = *impl_;
   const SeqBoatDeviceConfig& c = m.cfg;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -331,8 +349,9 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   // 2. hx_proj: hu (N, 2+D) = mx W^T + b.
   copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
   SMA_CUDA_CHECK_LAUNCH();
+  const __nv_bfloat16* mx16 = bf ? to_bf16(ws, s, m.mx.data(), N * D, m.bf16_buffer(m.mx16, N * D)) : nullptr;
   gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D,
-            1.f, m.hu.data(), 2 + D);
+            1.f, m.hu.data(), 2 + D, mx16);
   if (bf) {  // the router decides on fp32 logits: its two columns again, in fp32
     copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
     SMA_CUDA_CHECK_LAUNCH();
@@ -360,7 +379,9 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   m.rows_c = M;
   const int Mi = static_cast<int>(M);
   compress(m.mx.data(), D, pv, m.xc.data(), s);
-  gemm_proj(m.blas, bf, ws, s, false, true, Mi, P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 0.f, m.base.data(), P);
+  const __nv_bfloat16* xc16 = bf ? to_bf16(ws, s, m.xc.data(), M * D, m.bf16_buffer(m.xc16, N * D)) : nullptr;
+  gemm_proj(m.blas, bf, ws, s, false, true, Mi, P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 0.f, m.base.data(), P,
+            xc16);
   gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
                                                      m.p("beta"), m.q.data(), m.k.data(), m.r.data(), m.v.data());
   SMA_CUDA_CHECK_LAUNCH();
@@ -370,7 +391,9 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   SMA_CUDA_CHECK_LAUNCH();
   copy_cols_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, D, m.p("h_proj.bias"), 0, 0, m.hc.data(), D, 0);
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f, m.hc.data(), D);
+  const __nv_bfloat16* hr16 = bf ? to_bf16(ws, s, m.hr.data(), M * H, m.bf16_buffer(m.hr16, N * H)) : nullptr;
+  gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f, m.hc.data(), D,
+            hr16);
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, D, m.hu.data(), 2 + D, 2, m.pre.data(), D, 0);
   SMA_CUDA_CHECK_LAUNCH();
@@ -419,10 +442,14 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   SMA_CUDA_CHECK(cudaMemsetAsync(dgate, 0, N * sizeof(float), s));
   extract_backward(m.hc.data(), D, pv, m.gate.data(), dpre, dhc, dgate, s);
   // h_proj: dW += dhc^T hr, db += colsum(dhc), dhr = dhc W.
-  gemm_proj(m.blas, bf, ws, s, true, false, D, H, Mi, dhc, D, m.hr.data(), H, 1.f, m.g("h_proj.weight"), H);
+  // bf16 copies: the forward's inputs are reused, each gradient operand is converted once for its two products.
+  const auto b16 = [&](DeviceBuffer& b) { return bf ? static_cast<const __nv_bfloat16*>(b.data()) : nullptr; };
+  const __nv_bfloat16* dhc16 = bf ? to_bf16(ws, s, dhc, M * D) : nullptr;
+  gemm_proj(m.blas, bf, ws, s, true, false, D, H, Mi, dhc, D, m.hr.data(), H, 1.f, m.g("h_proj.weight"), H, dhc16,
+            b16(m.hr16));
   column_sum_add(M, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
   float* dhr = ws.alloc<float>(N * H);
-  gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
+  gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H, dhc16);
   float* datt = ws.alloc<float>(N * H);
   mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt);
   SMA_CUDA_CHECK_LAUNCH();
@@ -451,22 +478,25 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   column_sum_add(M, Z, dq, Z, nullptr, dbeta, s);
   column_sum_add(M, Z, dk, Z, nullptr, dbeta + Z, s);
   // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W; then scattered back to the tokens.
-  gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D);
+  const __nv_bfloat16* dbase16 = bf ? to_bf16(ws, s, dbase, M * P) : nullptr;
+  gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D, dbase16,
+            b16(m.xc16));
   column_sum_add(M, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
   float* dxc = ws.alloc<float>(N * D);
-  gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D);
+  gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D, dbase16);
   // 3. router and hx_proj: dhu = [dlogits | dsum].
   float* dhu = ws.alloc<float>(N * (2 + D));
   router_backward(N, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
                   dhu, 2 + D, m.g("q_router.temp"), s);
   copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, D, dpre, D, 0, dhu, 2 + D, 2);
   SMA_CUDA_CHECK_LAUNCH();
+  const __nv_bfloat16* dhu16 = bf ? to_bf16(ws, s, dhu, N * (2 + D)) : nullptr;
   gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, 2 + D, m.mx.data(), D, 1.f,
-            m.g("hx_proj.weight"), D);
+            m.g("hx_proj.weight"), D, dhu16, b16(m.mx16));
   column_sum_add(N, 2 + D, dhu, 2 + D, nullptr, m.g("hx_proj.bias"), s);
   float* dmx = ws.alloc<float>(N * D);
   gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, 2 + D, dhu, 2 + D, m.p("hx_proj.weight"), D, 0.f,
-            dmx, D);
+            dmx, D, dhu16);
   compress_backward(dxc, D, pv, dmx, s);
   // 4. SiLU, EMA, pre-norm, residual.
   silu_backward(N * D, m.ema_out.data(), dmx, dmx, s);

@@ -162,6 +162,14 @@ TEST_CASE("cuda ema long rows (many segments, carry chain)", "[cuda][ema]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   check_ema({2, 4096, 64, 16, true, 0, true, 11});
   check_ema({1, 8192, 128, 8, false, 1000, false, 12});
+  // One narrow row of 3M steps: more than 65535 segments of 32, so the segments must grow (grid y limit).
+  cuda::EmaConfig narrow;
+  narrow.batch = 1;
+  narrow.length = 3000000;
+  narrow.dim = 1;
+  narrow.order = 2;
+  CHECK((narrow.length + cuda::ema_segment_length(narrow) - 1) / cuda::ema_segment_length(narrow) <= 65535);
+  check_ema({1, 3000000, 1, 2, true, 0, false, 13});
 }
 
 TEST_CASE("cuda ema argument errors", "[cuda][ema][quick]") {

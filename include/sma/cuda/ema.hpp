@@ -60,7 +60,8 @@ struct EmaGrads {
   float* omega = nullptr;
 };
 
-/// The segment length C the chunked scan uses for this shape (a power of two in [32, 4096]).
+/// The segment length C the chunked scan uses for this shape: a power of two, 32 to 4096, and longer only when a
+/// row would otherwise have more than 65535 segments (rows of more than 268M steps).
 int ema_segment_length(const EmaConfig& cfg);
 
 /// out (B, L, D) = EMA(x) + omega x. `padding` may be nullptr.
