@@ -17,6 +17,7 @@
 #include <sma/data/listops.hpp>
 #include <sma/data/mnist.hpp>
 #include <sma/data/spam_assassin.hpp>
+#include <sma/io/npy.hpp>
 #include <sma/models/seqboat.hpp>
 #include <sma/train/batches.hpp>
 #include <sma/train/model_config.hpp>
@@ -83,6 +84,7 @@ struct Options {
   Index eval_every = 0;
   std::string out_dir = ".";
   std::string checkpoint = "default";
+  std::string predictions;  // classification: write the test logits and labels as .npy
   Index checkpoint_every = 500;
   double time_limit = 0;    // seconds of training; 0 = none
   bool resume = false, figures = true, compare = true;
@@ -484,6 +486,29 @@ int run_classification(const Options& o, ClassData& d, Model& model, const nlohm
     print_compare(sparse, dense, nb, d.what);
   }
 
+  if (!o.predictions.empty()) {  // the test set's logits (N, classes) float32 and labels (N) int64, as .npy
+    train::SequentialBatches<T> eb(d.test, d.images ? 100 : 16, d.length, pad_to, n_test);
+    std::vector<float> logits;
+    std::vector<std::int64_t> labels;
+    data::Batch<T> b;
+    Index classes = 0;
+    while (eb(b)) {
+      Context ctx(Mode::eval);
+      typename Model::Cache cache;
+      const Tensor2<T> y = Task::forward(model, ctx, b, cache);
+      classes = y.dimension(1);
+      logits.insert(logits.end(), y.data(), y.data() + y.size());
+      labels.insert(labels.end(), b.labels.begin(), b.labels.end());
+    }
+    const Index n = static_cast<Index>(labels.size());
+    std::string stem = o.predictions;
+    if (stem.size() > 4 && stem.compare(stem.size() - 4, 4, ".npy") == 0) stem.resize(stem.size() - 4);
+    io::save_npy(stem + ".npy", logits.data(), {n, classes}, io::DType::F32);
+    io::save_npy(stem + "-labels.npy", labels.data(), {n}, io::DType::I64);
+    std::printf("\nwrote %s.npy (test logits, %lld x %lld float32) and %s-labels.npy\n", stem.c_str(),
+                static_cast<long long>(n), static_cast<long long>(classes), stem.c_str());
+  }
+
   if (o.figures) {
     const std::string curves = o.out_dir + "/sma-demo-" + o.task + "-curves.svg";
     const std::string pattern = o.out_dir + "/sma-demo-" + o.task + "-activations.svg";
@@ -692,6 +717,8 @@ int main(int argc, char** argv) {
   app.add_option("--checkpoint", o.checkpoint, "checkpoint file (default <out-dir>/sma-demo-<task>.safetensors; \"\" = none)");
   app.add_option("--checkpoint-every", o.checkpoint_every, "steps between checkpoints (and one at the end)")->capture_default_str();
   app.add_option("--time-limit", o.time_limit, "stop training after this many seconds (0 = no limit)")->capture_default_str();
+  app.add_option("--predictions", o.predictions,
+                 "classification: write the test logits to FILE.npy and the labels to FILE-labels.npy");
   app.add_flag("--resume", o.resume, "continue from the checkpoint up to --steps");
   app.add_flag("!--no-figures", o.figures, "do not write the SVG pictures");
   app.add_flag("!--no-compare", o.compare, "skip the sparse-vs-dense table");
