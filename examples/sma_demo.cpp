@@ -516,13 +516,12 @@ int run_classification(const Options& o, ClassData& d, Model& model, const nlohm
     // A few test examples of different classes, routed by the trained model.
     std::vector<Index> pick;
     const Index classes = d.test.num_classes;
+    const Index per_class = classes <= 3 ? 2 : 1;  // two-class tasks: two examples of each class
     for (Index want = 0; want < 6 && want < classes; ++want) {
       const Index c = classes <= 6 ? want : want * classes / 6;
-      for (Index i = 0; i < d.test.size(); ++i)
-        if (d.test.examples[static_cast<std::size_t>(i)].label == c) {
-          pick.push_back(i);
-          break;
-        }
+      Index found = 0;
+      for (Index i = 0; i < d.test.size() && found < per_class; ++i)
+        if (d.test.examples[static_cast<std::size_t>(i)].label == c) pick.push_back(i), ++found;
     }
     const data::Batch<T> b = data::make_batch<T>(d.test, pick, d.length, pad_to);
     Context ctx(Mode::eval);
@@ -569,7 +568,9 @@ int run_classification(const Options& o, ClassData& d, Model& model, const nlohm
             row.push_back(s == "[MIN" ? "m" : s == "[MAX" ? "M" : s == "[MED" ? "D" : s == "[SM" ? "S" : s);
           } else {
             const char ch = static_cast<char>(id);
-            row.push_back(id < 32 || id > 126 ? std::string("\xC2\xB7") : std::string(1, ch));
+            // a space as a middle dot, a line break as a return arrow, other control or non-ASCII bytes as a box
+            row.push_back(id == ' ' ? std::string("\xC2\xB7") : id == '\n' ? std::string("\xE2\x86\xB5")
+                          : id < 32 || id > 126 ? std::string("\xE2\x96\xA1") : std::string(1, ch));
           }
         }
         toks.push_back(std::move(row));
