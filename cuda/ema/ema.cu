@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 namespace sma::cuda {
 namespace {
@@ -140,17 +141,34 @@ __global__ void carry_kernel(Geometry g, Coefs cf, float* __restrict__ s_buf, fl
     const long long o = static_cast<long long>(n) * g.R + r;
     const float qC = cf.qC[o], dC = cf.dC[o];
     float S = 0.f, U = 0.f;
-    for (int k = 0; k < g.nseg; ++k) {
-      const int seg = dir > 0 ? k : g.nseg - 1 - k;
-      const long long at = ((static_cast<long long>(b) * g.nseg + seg) * g.N + n) * g.R + r;
-      const float ls = s_buf[at];
-      s_buf[at] = S;
-      if (u_buf) {
-        const float lu = u_buf[at];
-        u_buf[at] = U;
-        U = fmaf(qC, U, fmaf(dC, S, lu));
+    const long long stride = static_cast<long long>(g.N) * g.R;  // between consecutive segments
+    const long long base = static_cast<long long>(b) * g.nseg * stride + static_cast<long long>(n) * g.R + r;
+    // Blocks of 8 segments: the 8 loads are issued before the dependent chain (the stores would otherwise keep the
+    // compiler from hoisting the next loads).
+    constexpr int kAhead = 8;
+    for (int k0 = 0; k0 < g.nseg; k0 += kAhead) {
+      float ls[kAhead], lu[kAhead];
+#pragma unroll
+      for (int j = 0; j < kAhead; ++j) {
+        const int k = k0 + j;
+        const int seg = dir > 0 ? k : g.nseg - 1 - k;
+        const long long at = base + seg * stride;
+        ls[j] = k < g.nseg ? s_buf[at] : 0.f;
+        lu[j] = (u_buf && k < g.nseg) ? u_buf[at] : 0.f;
       }
-      S = fmaf(qC, S, ls);
+#pragma unroll
+      for (int j = 0; j < kAhead; ++j) {
+        const int k = k0 + j;
+        if (k >= g.nseg) break;
+        const int seg = dir > 0 ? k : g.nseg - 1 - k;
+        const long long at = base + seg * stride;
+        s_buf[at] = S;
+        if (u_buf) {
+          u_buf[at] = U;
+          U = fmaf(qC, U, fmaf(dC, S, lu[j]));
+        }
+        S = fmaf(qC, S, ls[j]);
+      }
     }
   }
 }
@@ -417,6 +435,18 @@ Geometry geometry(const EmaConfig& c) {
 
 constexpr int kThreads = 128;
 
+/// Orders per register group in the backward kernels: 4 for N <= 4, else 16, or 8 with the environment variable
+/// SMA_CUDA_EMA_BWD_GROUP=8 (the 16-order apply kernel holds 234 registers per thread; the variable exists to
+/// time the trade between occupancy and re-reading the segment).
+int backward_group(int N) {
+  if (N <= 4) return 4;
+  static const int group = [] {
+    const char* e = std::getenv("SMA_CUDA_EMA_BWD_GROUP");
+    return e != nullptr && std::atoi(e) == 8 ? 8 : 16;
+  }();
+  return group;
+}
+
 dim3 segment_block(const Geometry& g) { return dim3(std::min(kThreads, (g.D + 31) / 32 * 32)); }
 dim3 segment_grid(const Geometry& g) {
   const unsigned bx = segment_block(g).x;
@@ -490,9 +520,11 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   float* cg = ws.alloc<float>(cn);
   float* dom = ws.alloc<float>(static_cast<long long>(g.B) * g.nseg * g.D);
   const dim3 grid = segment_grid(g), block = segment_block(g);
-  const bool small = g.N <= 4;
-  if (small)
+  const int group = backward_group(g.N);
+  if (group == 4)
     bwd_local_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, dout, cv, cu, cg);
+  else if (group == 8)
+    bwd_local_kernel<8><<<grid, block, 0, s>>>(g, cf, x, padding, dout, cv, cu, cg);
   else
     bwd_local_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, cv, cu, cg);
   SMA_CUDA_CHECK_LAUNCH();
@@ -501,8 +533,10 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   SMA_CUDA_CHECK_LAUNCH();
   carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, cg, nullptr, 1);
   SMA_CUDA_CHECK_LAUNCH();
-  if (small)
+  if (group == 4)
     bwd_apply_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
+  else if (group == 8)
+    bwd_apply_kernel<8><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
   else
     bwd_apply_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
   SMA_CUDA_CHECK_LAUNCH();
