@@ -54,7 +54,7 @@ inline void validate(const LocalAttentionConfig& cfg, const LocalAttentionInputs
   if (in.capacity < 0) throw ValueError(str_cat(where, ": capacity must be >= 0, got ", in.capacity));
   if (in.z < 1 || in.h < 1)
     throw ValueError(str_cat(where, ": widths must be >= 1, got Z = ", in.z, ", H = ", in.h));
-  if (in.z > DefaultTraits::kMaxZ)
+  if (!cfg.bf16 && in.z > DefaultTraits::kMaxZ)
     throw ValueError(str_cat(where, ": Z = ", in.z, " is not supported on the device yet (at most ",
                              DefaultTraits::kMaxZ, ")"));
   if (cfg.position == Position::rotary && in.z % 2 != 0)

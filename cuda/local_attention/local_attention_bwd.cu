@@ -1,8 +1,10 @@
 // sma::cuda::local_attention_backward: the launchers of the three backward kernels (dq + bias gradient, dk, dv), the
-// softmax row deltas, the bias-gradient reduction and the rotary transforms. One instantiation: DefaultTraits.
+// softmax row deltas, the bias-gradient reduction and the rotary transforms. One instantiation: DefaultTraits. With
+// cfg.bf16: the band path of band_bf16_bwd.cuh (after the same softmax row deltas).
 #include <sma/cuda/local_attention.hpp>
 
 #include "backward_kernel.cuh"
+#include "band_bf16_bwd.cuh"
 #include "launch.cuh"
 
 namespace sma::cuda {
@@ -28,15 +30,6 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
   attn::LocalAttentionBackwardParams p{};
   static_cast<attn::LocalAttentionParams&>(p) = attn::make_params(cfg, in, bias_table);
   p.vec_h = p.vec_h && attn::aligned16(dout);
-  if (cfg.position == Position::rotary) {
-    float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
-    float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
-    attn::launch_rotary(in.q, qr, in, cfg.rotary_theta, 1.0, s);
-    attn::launch_rotary(in.k, kr, in, cfg.rotary_theta, 1.0, s);
-    p.q = qr;
-    p.k = kr;
-    p.vec_z = in.z % 4 == 0;
-  }
   p.dout = dout;
   p.dq = dq;
   p.dk = dk;
@@ -48,6 +41,19 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
     SMA_CUDA_CHECK_LAUNCH();
     p.lse = row_stat;
     p.delta = delta;
+  }
+  if (cfg.bf16) {
+    attn::local_attention_backward_bf16(cfg, in, p, dbias_table, s);
+    return;
+  }
+  if (cfg.position == Position::rotary) {
+    float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+    float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+    attn::launch_rotary(in.q, qr, in, cfg.rotary_theta, 1.0, s);
+    attn::launch_rotary(in.k, kr, in, cfg.rotary_theta, 1.0, s);
+    p.q = qr;
+    p.k = kr;
+    p.vec_z = in.z % 4 == 0;
   }
   const int rows = attn::row_blocks(in.capacity);
   if (table_size > 0) {

@@ -1,6 +1,8 @@
-// sma::cuda::local_attention_forward: the launcher of the fused forward kernel (one instantiation: DefaultTraits).
+// sma::cuda::local_attention_forward: the launcher of the fused fp32 forward kernel (one instantiation:
+// DefaultTraits), or of the bf16 band path (band_bf16.cuh) when cfg.bf16.
 #include <sma/cuda/local_attention.hpp>
 
+#include "band_bf16.cuh"
 #include "forward_kernel.cuh"
 #include "launch.cuh"
 
@@ -13,8 +15,14 @@ void local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttenti
   if (in.capacity == 0) return;
   if (!out) throw ValueError(str_cat(where, ": out is nullptr"));
   const auto s = static_cast<cudaStream_t>(stream);
-  attn::AsyncWorkspace ws(s);
   attn::LocalAttentionParams p = attn::make_params(cfg, in, bias_table);
+  if (cfg.bf16) {
+    p.out = out;
+    p.row_stat = cfg.activation == Activation::softmax ? row_stat : nullptr;
+    attn::local_attention_forward_bf16(cfg, in, p, out, s);
+    return;
+  }
+  attn::AsyncWorkspace ws(s);
   if (cfg.position == Position::rotary) {
     float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
     float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);

@@ -2,8 +2,10 @@
 // D 512) for activation densities 0.1 / 0.5 / 1.0, with CUDA events (median of the repetitions). Everything is
 // launched for the B*L upper bound straight after plan_compression, as a model would (S never reaches the host).
 // Output: one line per measurement on stdout, and JSON lines in the file given as the first argument (optional).
-// Then the EMA (chunked scan) and the whole SeqBoat layer (SeqBoatLayerDevice, causal, relu2, layernorm pre-norm,
-// rotary; and the simple bias with P = L at L = 64K) at 64K tokens for L = 1K..64K, the density steered with the router shift (measured and printed).
+// Every attention configuration runs in fp32 and on the bf16 path (LocalAttentionConfig::bf16). Then (unless the
+// third argument is "attention") the EMA (chunked scan) and the whole SeqBoat layer (SeqBoatLayerDevice, causal,
+// relu2, layernorm pre-norm, rotary; and the simple bias with P = L at L = 64K) at 64K tokens for L = 1K..64K, the
+// density steered with the router shift (measured and printed).
 // Not a test: run it by hand on a GPU machine (docs/cuda.md), next to tests/cuda/bench_flex.py for the baseline.
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/compress.hpp>
@@ -66,10 +68,12 @@ int main(int argc, char** argv) {
   // "profile": only the layer at B=16 L=4096, every token routed, one warm-up and one timed forward+backward per
   // precision (fp32, then bf16 projections), for a kernel-by-kernel profile under ncu.
   const bool profile = argc > 3 && std::string(argv[3]) == "profile";
+  // "attention": only the attention rows (the densities loop), no EMA and no layer.
+  const bool attention_only = argc > 3 && std::string(argv[3]) == "attention";
   const Shape sh;
   const int N = sh.B * sh.L;
-  std::printf("device: %s\nshape: B=%d L=%d (tokens %d) D=%d Z=%d H=%d W=%d, fp32, median of %d\n", device.c_str(),
-              sh.B, sh.L, N, sh.D, sh.Z, sh.H, sh.W, reps);
+  std::printf("device: %s\nshape: B=%d L=%d (tokens %d) D=%d Z=%d H=%d W=%d, fp32 unless marked bf16, median of %d\n",
+              device.c_str(), sh.B, sh.L, N, sh.D, sh.Z, sh.H, sh.W, reps);
 
   cuda::Stream stream;
   void* s = stream.handle();
@@ -125,11 +129,18 @@ int main(int argc, char** argv) {
       cuda::Activation act;
       cuda::Position pos;
       bool causal;
+      bool bf16 = false;  // LocalAttentionConfig::bf16: the tensor-core band path
     };
     const Cfg cfgs[] = {{"relu2 rotary causal", cuda::Activation::relu2, cuda::Position::rotary, true},
                         {"relu2 rotary bidirectional", cuda::Activation::relu2, cuda::Position::rotary, false},
                         {"relu2 simple(P=1024) causal", cuda::Activation::relu2, cuda::Position::simple, true},
-                        {"softmax rotary causal", cuda::Activation::softmax, cuda::Position::rotary, true}};
+                        {"softmax rotary causal", cuda::Activation::softmax, cuda::Position::rotary, true},
+                        {"bf16 relu2 rotary causal", cuda::Activation::relu2, cuda::Position::rotary, true, true},
+                        {"bf16 relu2 rotary bidirectional", cuda::Activation::relu2, cuda::Position::rotary, false,
+                         true},
+                        {"bf16 relu2 simple(P=1024) causal", cuda::Activation::relu2, cuda::Position::simple, true,
+                         true},
+                        {"bf16 softmax rotary causal", cuda::Activation::softmax, cuda::Position::rotary, true, true}};
     for (const Cfg& c : cfgs) {
       cuda::LocalAttentionConfig cfg;
       cfg.window = sh.W;
@@ -137,6 +148,7 @@ int main(int argc, char** argv) {
       cfg.activation = c.act;
       cfg.position = c.pos;
       cfg.max_positions = 1024;
+      cfg.bf16 = c.bf16;
       cuda::LocalAttentionInputs in;
       in.batch = sh.B;
       in.capacity = N;
@@ -175,7 +187,7 @@ int main(int argc, char** argv) {
 
   // ---- EMA ----
   for (bool bidir : {false, true}) {
-    if (profile) break;
+    if (profile || attention_only) break;
     cuda::EmaConfig ec;
     ec.batch = sh.B;
     ec.length = sh.L;
@@ -216,6 +228,10 @@ int main(int argc, char** argv) {
   const LayerRun runs[] = {{1024, ops::PositionEncoding::rotary}, {4096, ops::PositionEncoding::rotary},
                            {16384, ops::PositionEncoding::rotary}, {65536, ops::PositionEncoding::rotary},
                            {65536, ops::PositionEncoding::simple}};
+  if (attention_only) {
+    if (json) std::fclose(json);
+    return 0;
+  }
   if (profile) {
     SeqBoatLayerConfig lc;
     lc.rel_pos = ops::PositionEncoding::rotary;

@@ -3,7 +3,8 @@
 // than the compressed length, masked keys and queries that see no key), with the FlashAttention accuracy rule
 // (device error <= 2x the float CPU error against the double CPU path + a small floor). Also: launches for a
 // capacity larger than S (rows past S neither read, they hold NaN, nor written), bitwise determinism of the
-// backward, the compress -> attention pipeline with S left on the device, and the error messages.
+// backward, the compress -> attention pipeline with S left on the device, and the error messages. The same cases
+// again on the bf16 tensor-core path (LocalAttentionConfig::bf16) with a bf16 accuracy rule (see bf16_ok).
 #include "cuda_test_support.hpp"
 
 #include <sma/cuda/compress.hpp>
@@ -42,13 +43,14 @@ struct Case {
   double valid_prob = 1.0;  // < 1: random key_valid mask
   Index extra = 5;          // capacity - S
   unsigned seed = 1;
+  bool bf16 = false;        // the bf16 tensor-core path
 };
 
 std::string describe(const Case& c) {
   std::string lens;
   for (Index l : c.lengths) lens += str_cat(l, ",");
   return str_cat(ops::to_string(c.act), " ", ops::to_string(c.pos), " ", to_string(c.dir), " Z=", c.Z, " H=", c.H,
-                 " W=", c.W, " P=", c.P, " rows=", lens, " valid_prob=", c.valid_prob);
+                 " W=", c.W, " P=", c.P, " rows=", lens, " valid_prob=", c.valid_prob, c.bf16 ? " bf16" : "");
 }
 
 ops::LocalAttentionConfig cpu_config(const Case& c) {
@@ -68,7 +70,37 @@ cuda::LocalAttentionConfig gpu_config(const Case& c) {
   cfg.activation = static_cast<cuda::Activation>(static_cast<int>(c.act));
   cfg.position = static_cast<cuda::Position>(static_cast<int>(c.pos));
   cfg.max_positions = static_cast<int>(c.P);
+  cfg.bf16 = c.bf16;
   return cfg;
+}
+
+Case as_bf16(Case c) {
+  c.bf16 = true;
+  return c;
+}
+
+bool all_zero(const std::vector<float>& v, std::size_t from) {
+  for (std::size_t i = from; i < v.size(); ++i)
+    if (v[i] != 0.f) return false;
+  return true;
+}
+
+// The bf16 rule. bf16 keeps 8 significant bits (unit roundoff u = 2^-9 ~ 2e-3); the path rounds q', k', v, dout
+// once and the weights A and dS once more, and accumulates in fp32. A result that sums n terms of random sign
+// (out = sum_j a_ij v_j, dq, dk, dv, the bias gradient) carries about sqrt(n) u |term| of rounding error, the same
+// order as its own magnitude sqrt(n) |term| times u, i.e. a few u relative to the tensor's largest entry, plus the
+// error of the scores (u relative to sum_z |q'_z k'_z|) propagated through the activation. 2e-2 (about 10 u) bounds
+// that with margin and still fails for any indexing or masking error (those are O(1) relative).
+struct Bf16Accuracy {
+  double err = 0, scale = 0;
+  bool ok() const { return err <= 2e-2 * std::max(scale, 1e-3); }
+};
+std::ostream& operator<<(std::ostream& os, const Bf16Accuracy& a) {
+  return os << "bf16 err " << a.err << ", max |ref| " << a.scale << ", relative " << a.err / std::max(a.scale, 1e-3)
+            << (a.ok() ? " (ok)" : " (FAIL)");
+}
+Bf16Accuracy bf16_accuracy(const float* gpu, const double* ref, std::size_t n) {
+  return {cuda_test::max_abs_diff(gpu, ref, n), cuda_test::max_abs(ref, n)};
 }
 
 // The problem in double (the reference) and its float copy.
@@ -135,7 +167,7 @@ struct GpuResult {
 };
 
 // Runs forward + backward on the device with `capacity` = S + c.extra rows (NaN past S), checks that no row past S
-// was written, and returns the first S rows.
+// was written (the bf16 path: set to zero, row_stat untouched), and returns the first S rows.
 GpuResult run_gpu(const Case& c, const Problem& p, float dbias_init) {
   const Index cap = p.S + c.extra;
   std::vector<int> off(p.offsets.begin(), p.offsets.end());
@@ -183,10 +215,13 @@ GpuResult run_gpu(const Case& c, const Problem& p, float dbias_init) {
   r.dv = d_dv.download();
   r.dbias = d_dtable.download();
   const auto S = static_cast<std::size_t>(p.S);
-  CHECK(cuda_test::all_sentinel(r.out, S * c.H));
-  CHECK(cuda_test::all_sentinel(r.dq, S * c.Z));
-  CHECK(cuda_test::all_sentinel(r.dk, S * c.Z));
-  CHECK(cuda_test::all_sentinel(r.dv, S * c.H));
+  const auto untouched = [&](const std::vector<float>& v, std::size_t from) {
+    return c.bf16 ? all_zero(v, from) : cuda_test::all_sentinel(v, from);
+  };
+  CHECK(untouched(r.out, S * c.H));
+  CHECK(untouched(r.dq, S * c.Z));
+  CHECK(untouched(r.dk, S * c.Z));
+  CHECK(untouched(r.dv, S * c.H));
   if (c.act == AA::softmax) CHECK(cuda_test::all_sentinel(r.row_stat, S));
   r.out.resize(S * c.H);
   r.row_stat.resize(S);
@@ -226,6 +261,44 @@ void check_case(const Case& c) {
   CHECK(cuda_test::all_finite(g.dq, g.dq.size()));
   CHECK(cuda_test::all_finite(g.dk, g.dk.size()));
   CHECK(cuda_test::all_finite(g.dv, g.dv.size()));
+  if (c.bf16) {
+    const auto b_out = bf16_accuracy(g.out.data(), out_d.data(), S * c.H);
+    const auto b_dq = bf16_accuracy(g.dq.data(), dq_d.data(), S * c.Z);
+    const auto b_dk = bf16_accuracy(g.dk.data(), dk_d.data(), S * c.Z);
+    const auto b_dv = bf16_accuracy(g.dv.data(), dv_d.data(), S * c.H);
+    INFO("out: " << b_out);
+    INFO("dq: " << b_dq);
+    INFO("dk: " << b_dk);
+    INFO("dv: " << b_dv);
+    CHECK(b_out.ok());
+    CHECK(b_dq.ok());
+    CHECK(b_dk.ok());
+    CHECK(b_dv.ok());
+    if (!p.table.empty()) {
+      std::vector<double> ref(dtab_d.begin(), dtab_d.end());
+      for (double& x : ref) x -= init;  // the gradient itself, not the value it was added to
+      std::vector<float> got(g.dbias.begin(), g.dbias.end());
+      for (float& x : got) x -= init;
+      const auto b_db = bf16_accuracy(got.data(), ref.data(), ref.size());
+      INFO("dbias: " << b_db);
+      CHECK(b_db.ok());
+    }
+    if (c.act == AA::softmax) {
+      std::size_t mismatched_inf = 0;
+      std::vector<double> lse_d(saved_d.row_stat.data(), saved_d.row_stat.data() + S);
+      std::vector<float> lse_g(g.row_stat.begin(), g.row_stat.end());
+      for (std::size_t i = 0; i < S; ++i) {
+        if (std::isinf(lse_d[i]) != std::isinf(lse_g[i])) ++mismatched_inf;
+        if (std::isinf(lse_d[i])) lse_g[i] = 0, lse_d[i] = 0;
+      }
+      CHECK(mismatched_inf == 0);
+      auto b_lse = bf16_accuracy(lse_g.data(), lse_d.data(), S);
+      b_lse.scale = std::max(b_lse.scale, 1.0);  // a log: absolute error against scores of order one
+      INFO("row_stat: " << b_lse);
+      CHECK(b_lse.ok());
+    }
+    return;
+  }
   const auto a_out = accuracy(g.out.data(), out_f.data(), out_d.data(), S * c.H);
   const auto a_dq = accuracy(g.dq.data(), dq_f.data(), dq_d.data(), S * c.Z);
   const auto a_dk = accuracy(g.dk.data(), dk_f.data(), dk_d.data(), S * c.Z);
@@ -283,6 +356,30 @@ TEST_CASE("cuda local attention matches the CPU op (forward and backward)", "[cu
   for (const Case& c : cases) check_case(c);
 }
 
+TEST_CASE("cuda local attention bf16 matches the CPU op (forward and backward)", "[cuda][attention][bf16][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  const Direction C = Direction::causal, Bi = Direction::bidirectional;
+  const std::vector<Case> cases = {
+      {{37, 0, 150, 5, 70}, 16, 24, 8, C, AA::relu2, PE::simple, 16, 1.0, 5, 1},
+      {{100, 3, 0, 64, 129}, 32, 40, 40, Bi, AA::relu2, PE::simple, 64, 0.8, 9, 2},
+      {{65, 64, 1, 200}, 64, 72, 16, C, AA::softmax, PE::rotary, 16, 0.6, 3, 3},
+      {{33, 17, 0, 90}, 8, 300, 5, Bi, AA::softmax, PE::simple, 8, 1.0, 64, 4},
+      {{50, 0, 77}, 10, 19, 7, C, AA::laplace, PE::local_simple, 16, 1.0, 1, 5},
+      {{300, 150}, 128, 256, 64, Bi, AA::relu2, PE::none, 16, 1.0, 0, 6},
+      {{250, 0, 40}, 128, 130, 100, Bi, AA::softmax, PE::local_simple, 16, 0.9, 70, 7},
+      {{1, 2, 3, 4, 5, 50}, 6, 8, 3, Bi, AA::relu2, PE::rotary, 16, 1.0, 2, 8},
+      {{20, 30, 9}, 4, 4, 600, C, AA::softmax, PE::none, 16, 0.15, 4, 9},  // the window longer than every row
+      {{129, 1, 128}, 20, 64, 1, C, AA::relu2, PE::local_simple, 16, 0.7, 63, 10},
+      {{200}, 36, 48, 33, C, AA::laplace, PE::rotary, 16, 1.0, 200, 11},
+      {{45, 70}, 64, 100, 12, Bi, AA::laplace, PE::simple, 4, 0.5, 1, 12},
+      {{300, 41}, 16, 16, 70, Bi, AA::relu2, PE::simple, 20, 1.0, 3, 13},  // most pairs hit the clamped ends
+      {{200, 5}, 8, 8, 90, C, AA::softmax, PE::simple, 1, 0.7, 3, 14},     // a one-entry table
+      {{500, 300}, 160, 96, 130, C, AA::relu2, PE::rotary, 16, 1.0, 17, 15},  // Z > 128: bf16 only
+      {{700, 0, 333}, 64, 256, 256, C, AA::relu2, PE::rotary, 16, 1.0, 40, 16},  // several 64-slot blocks of W
+  };
+  for (const Case& c : cases) check_case(as_bf16(c));
+}
+
 TEST_CASE("cuda local attention: every activation x position x direction", "[cuda][attention]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   unsigned seed = 100;
@@ -292,29 +389,40 @@ TEST_CASE("cuda local attention: every activation x position x direction", "[cud
         check_case({{90, 0, 13, 161}, 24, 36, 20, dir, act, pos, 32, 0.85, 7, seed++});
 }
 
-TEST_CASE("cuda local attention: nothing to do when S = 0", "[cuda][attention][quick]") {
+TEST_CASE("cuda local attention bf16: every activation x position x direction", "[cuda][attention][bf16]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  for (Index extra : {0, 7}) {
-    Case c{{0, 0}, 8, 8, 4, Direction::causal, AA::softmax, PE::simple, 8, 1.0, extra, 1};
-    const Problem p = make_problem(c);
-    const GpuResult g = run_gpu(c, p, 0.5f);
-    for (float d : g.dbias) CHECK(d == 0.5f);
-  }
+  unsigned seed = 200;
+  for (AA act : {AA::relu2, AA::softmax, AA::laplace})
+    for (PE pos : {PE::none, PE::simple, PE::local_simple, PE::rotary})
+      for (Direction dir : {Direction::causal, Direction::bidirectional})
+        check_case(as_bf16({{90, 0, 13, 161}, 24, 36, 20, dir, act, pos, 32, 0.85, 7, seed++}));
 }
 
-TEST_CASE("cuda local attention backward is deterministic", "[cuda][attention][quick]") {
+TEST_CASE("cuda local attention: nothing to do when S = 0", "[cuda][attention][quick][bf16]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  for (AA act : {AA::relu2, AA::softmax}) {
-    Case c{{400, 77, 300}, 64, 96, 48, Direction::bidirectional, act, PE::simple, 64, 0.9, 11, 21};
-    INFO(describe(c));
-    const Problem p = make_problem(c);
-    const GpuResult a = run_gpu(c, p, 0.f), b = run_gpu(c, p, 0.f);
-    CHECK(cuda_test::bitwise_equal(a.out, b.out));
-    CHECK(cuda_test::bitwise_equal(a.dq, b.dq));
-    CHECK(cuda_test::bitwise_equal(a.dk, b.dk));
-    CHECK(cuda_test::bitwise_equal(a.dv, b.dv));
-    CHECK(cuda_test::bitwise_equal(a.dbias, b.dbias));
-  }
+  for (Index extra : {0, 7, 70})
+    for (bool bf16 : {false, true}) {
+      Case c{{0, 0}, 8, 8, 4, Direction::causal, AA::softmax, PE::simple, 8, 1.0, extra, 1, bf16};
+      const Problem p = make_problem(c);
+      const GpuResult g = run_gpu(c, p, 0.5f);
+      for (float d : g.dbias) CHECK(d == 0.5f);
+    }
+}
+
+TEST_CASE("cuda local attention backward is deterministic", "[cuda][attention][quick][bf16]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  for (AA act : {AA::relu2, AA::softmax})
+    for (bool bf16 : {false, true}) {
+      Case c{{400, 77, 300}, 64, 96, 48, Direction::bidirectional, act, PE::simple, 64, 0.9, 11, 21, bf16};
+      INFO(describe(c));
+      const Problem p = make_problem(c);
+      const GpuResult a = run_gpu(c, p, 0.f), b = run_gpu(c, p, 0.f);
+      CHECK(cuda_test::bitwise_equal(a.out, b.out));
+      CHECK(cuda_test::bitwise_equal(a.dq, b.dq));
+      CHECK(cuda_test::bitwise_equal(a.dk, b.dk));
+      CHECK(cuda_test::bitwise_equal(a.dv, b.dv));
+      CHECK(cuda_test::bitwise_equal(a.dbias, b.dbias));
+    }
 }
 
 TEST_CASE("cuda compress -> local attention with S left on the device", "[cuda][attention][compress][quick]") {
@@ -434,4 +542,10 @@ TEST_CASE("cuda local attention: small cases for the race checker", "[cuda][atte
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   check_case({{70, 0, 9}, 8, 12, 6, Direction::causal, AA::relu2, PE::simple, 8, 0.8, 3, 31});
   check_case({{66, 5}, 12, 20, 4, Direction::bidirectional, AA::softmax, PE::local_simple, 8, 1.0, 60, 32});
+}
+
+TEST_CASE("cuda local attention bf16: small cases for the race checker", "[cuda][attention][race][bf16]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  check_case(as_bf16({{70, 0, 9}, 8, 12, 6, Direction::causal, AA::relu2, PE::simple, 8, 0.8, 3, 31}));
+  check_case(as_bf16({{66, 5}, 12, 20, 4, Direction::bidirectional, AA::softmax, PE::local_simple, 8, 1.0, 60, 32}));
 }

@@ -1,4 +1,4 @@
-// sma/cuda/local_attention.hpp: the working-memory local attention over compressed tokens on the device, fp32,
+// sma/cuda/local_attention.hpp: the working-memory local attention over compressed tokens on the device (fp32, or bf16 tensor cores),
 // forward and backward (the CUDA counterpart of sma/ops/local_attention.hpp; definitions in cuda/local_attention/).
 // No CUDA header is included: tensors are plain device pointers, the stream an opaque `void*` (a cudaStream_t).
 //
@@ -16,11 +16,22 @@
 //   offsets (B+1) int32; positions (capacity) int32, nondecreasing within each row (true for every compression
 //   plan); key_valid (capacity) uint8 or nullptr; row_stat (capacity) float (softmax only);
 //   bias_table / dbias_table: bias_table_size() floats (2P-1 simple, 6W-1 local_simple).
-// LIMITS of this first version: Z <= 128 (any H); fp32 only.
+// LIMITS: fp32 kernels: Z <= 128 (any H). bf16 (cfg.bf16): any Z, H; every activation, position, direction.
+// PRECISION (cfg.bf16 = true; cuda/local_attention/band_bf16.cuh): q', k', v (and dout) are rounded to bf16 once
+//   (the rounding folded into the rotary pre-pass), products run on tensor cores (cuBLAS, bf16 in, fp32 accumulate);
+//   scores, bias, masks, softmax statistics (max, sum, log-sum-exp, delta) and dS stay fp32, the attention weights
+//   and dS are rounded to bf16 as operands of the second products, the bias gradient is summed from the fp32 dS in
+//   double. Inputs and outputs at this API stay fp32, so a caller (SeqBoatLayerDevice) needs no change. Expect
+//   about 1e-2 of the largest magnitude as error (8-bit mantissas), not the fp32 path's 1e-6.
+//   Differences of the bf16 path: it sets rows [S, capacity) of out, dq, dk, dv to ZERO (written; row_stat rows
+//   >= S stay untouched); its temporaries hold a band of capacity x (64 + 2 W') scores (W' = min(W, capacity)
+//   rounded up to 64; one side only when causal): about 16 bytes per band entry in the backward, 6 in the forward.
+//   It takes a cuBLAS handle per device and host thread on first use and keeps it for the process.
 // GRADIENTS: backward ASSIGNS dq, dk, dv (rows < S) and ADDS into dbias_table, deterministically (the bias
 //   gradient is reduced per tile in a fixed order, in double, then over tiles in a fixed order). The softmax
 //   backward needs the forward's `out` and `row_stat`; relu2 and laplace need neither (pass nullptr).
-// ERRORS: ValueError (bad configuration, Z > 128, missing pointers), CudaError (a failed CUDA call).
+// ERRORS: ValueError (bad configuration, Z > 128 in fp32, missing pointers), CudaError (a failed CUDA or cuBLAS
+// call).
 #pragma once
 
 #include <cstdint>
@@ -39,6 +50,10 @@ struct LocalAttentionConfig {
   Position position = Position::simple;
   int max_positions = 1024;                  ///< P of the simple table (2P-1 entries)
   double rotary_theta = 10000.0;
+  /// false: the fp32 fused kernels (CUDA cores). true: bf16 operands on tensor cores, fp32 accumulation and fp32
+  /// softmax statistics, fp32 inputs/outputs (PRECISION above). SeqBoatLayerDevice passes its `attention` config
+  /// through, so setting this in SeqBoatDeviceConfig::attention switches the layer's attention.
+  bool bf16 = false;
 
   /// 2P-1 (simple), 6W-1 (local_simple), else 0.
   int bias_table_size() const {

@@ -1,0 +1,217 @@
+// cuda/local_attention/band_bf16_bwd.cuh: the backward of the bf16 band path (band_bf16.cuh says why and how the
+// bands are laid out). Products: scores S = Q' K'^T and dA = dout V^T over the query-major band; an elementwise pass
+// gives the weights A and dS (bf16) and, with a bias table, dS in fp32; 64 x 64 tile transposes give the key-major
+// bands A^T and dS^T; then dq = scale dS K', dk = scale dS^T Q', dv = A^T dout, each a batched product over blocks
+// of 64 slots (no two blocks write the same row, so no atomics and nothing order-dependent). The bias gradient:
+// per block of 64 queries, each table entry summed in double by one thread in a fixed order, then the blocks added
+// in order by bias_reduce_kernel (backward_kernel.cuh), as in the fp32 path.
+#pragma once
+
+#include "backward_kernel.cuh"
+#include "band_bf16.cuh"
+
+namespace sma::cuda::attn {
+
+namespace {
+
+/// Backward elementwise pass, one warp per band row i (rows >= S: zeros). In: scores (sband) and dA (dband, fp32).
+/// Out: weights aq and dS dsq (bf16); dS in fp32 over dband when ds32 (the bias gradient's input).
+__global__ void band_backward_kernel(const LocalAttentionBackwardParams p, const BandParams g,
+                                     const float* __restrict__ sband, float* __restrict__ dband,
+                                     __nv_bfloat16* __restrict__ aq, __nv_bfloat16* __restrict__ dsq, int ds32) {
+  const int S = p.offsets[p.batch];
+  const int lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
+  const int n = g.nb * kBandRows;
+  const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
+  for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < n; i += warps) {
+    const long long o = static_cast<long long>(i) * g.width;
+    if (i >= S) {
+      for (int c = lane; c < g.width; c += 32) {
+        aq[o + c] = zero;
+        dsq[o + c] = zero;
+        if (ds32) dband[o + c] = 0.f;
+      }
+      continue;
+    }
+    const int b = find_row(p.offsets, p.batch, i);
+    const int rb = p.offsets[b], re = p.offsets[b + 1];
+    const int pos_i = p.positions ? p.positions[i] : 0;
+    const int base = i / kBandRows * kBandRows - g.wpad;
+    int lo, hi;
+    visible_range(p, i, rb, re, lo, hi);
+    const float lse = p.activation == kSoftmax ? p.lse[i] : 0.f;
+    const float delta = p.activation == kSoftmax ? p.delta[i] : 0.f;
+    for (int c = lane; c < g.width; c += 32) {
+      const int j = base + c;
+      float a = 0.f, ds = 0.f;
+      if (j >= lo && j < hi && (!p.key_valid || p.key_valid[j])) {
+        const float x = sband[o + c] + bias_value(p, i, j, pos_i, p.positions ? p.positions[j] : 0);
+        a = pair_weight(p.activation, x, lse);
+        ds = score_grad(p.activation, x, dband[o + c], lse, delta);
+      }
+      aq[o + c] = __float2bfloat16_rn(a);
+      dsq[o + c] = __float2bfloat16_rn(ds);
+      if (ds32) dband[o + c] = ds;
+    }
+  }
+}
+
+/// Key-major bands from the query-major ones: tile (key block kb, tile t') = transpose of (query block
+/// kb - wlo/64 + t', tile wpad/64 + kb - qb); zero where that query block does not exist. blockDim (32, 8).
+__global__ void band_transpose_kernel(const BandParams g, const __nv_bfloat16* __restrict__ a_src,
+                                      const __nv_bfloat16* __restrict__ b_src, __nv_bfloat16* __restrict__ a_dst,
+                                      __nv_bfloat16* __restrict__ b_dst) {
+  __shared__ __nv_bfloat16 ta[kBandRows][kBandRows + 2], tb[kBandRows][kBandRows + 2];
+  const int kb = blockIdx.x, tk = blockIdx.y;
+  const int qb = kb - g.wlo / kBandRows + tk, tq = g.wpad / kBandRows + kb - qb;
+  const bool have = qb >= 0 && qb < g.nb;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  if (have) {
+    for (int r = ty; r < kBandRows; r += 8) {
+      const long long o = static_cast<long long>(qb * kBandRows + r) * g.width + tq * kBandRows;
+      ta[r][tx] = a_src[o + tx];
+      ta[r][tx + 32] = a_src[o + tx + 32];
+      tb[r][tx] = b_src[o + tx];
+      tb[r][tx + 32] = b_src[o + tx + 32];
+    }
+  }
+  __syncthreads();
+  const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
+  for (int r = ty; r < kBandRows; r += 8) {  // r: key within the block; columns: queries
+    const long long o = static_cast<long long>(kb * kBandRows + r) * g.width + tk * kBandRows;
+    a_dst[o + tx] = have ? ta[tx][r] : zero;
+    a_dst[o + tx + 32] = have ? ta[tx + 32][r] : zero;
+    b_dst[o + tx] = have ? tb[tx][r] : zero;
+    b_dst[o + tx + 32] = have ? tb[tx + 32][r] : zero;
+  }
+}
+
+/// The bias gradient of block blockIdx.x (64 queries) from the fp32 dS band: partial[block, e] for e in the
+/// block's [lo, hi) (written to range). Entry e is summed by one thread over the rows in order and, within a row,
+/// over the run of visible keys with index e (indices are nondecreasing along a row's keys).
+__global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const BandParams g,
+                                  const float* __restrict__ dsband) {
+  __shared__ int r_a[kBandRows], r_e[kBandRows], r_uf[kBandRows], r_ul[kBandRows], r_pos[kBandRows];
+  __shared__ int s_lo, s_hi;
+  const int S = p.offsets[p.batch];
+  const int q0 = blockIdx.x * kBandRows, tid = threadIdx.x;
+  const int base = q0 - g.wpad;
+  if (tid < kBandRows) {
+    const int i = q0 + tid;
+    int a = 0, e = 0, uf = 0x7fffffff, ul = -0x7fffffff, pos = 0;
+    if (i < S) {
+      const int b = find_row(p.offsets, p.batch, i);
+      int lo, hi;
+      visible_range(p, i, p.offsets[b], p.offsets[b + 1], lo, hi);
+      pos = p.positions ? p.positions[i] : 0;
+      if (lo < hi) {
+        a = lo - base;
+        e = hi - base;
+        uf = bias_index(p, i, lo, pos, p.positions ? p.positions[lo] : 0);
+        ul = bias_index(p, i, hi - 1, pos, p.positions ? p.positions[hi - 1] : 0);
+      }
+    }
+    r_a[tid] = a;
+    r_e[tid] = e;
+    r_uf[tid] = uf;
+    r_ul[tid] = ul;
+    r_pos[tid] = pos;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int lo = 0x7fffffff, hi = -0x7fffffff;
+    for (int r = 0; r < kBandRows; ++r) {
+      lo = min(lo, r_uf[r]);
+      hi = max(hi, r_ul[r]);
+    }
+    if (lo > hi) lo = hi = 0;
+    else ++hi;
+    s_lo = lo;
+    s_hi = hi;
+    p.dbias_range[2 * blockIdx.x] = lo;
+    p.dbias_range[2 * blockIdx.x + 1] = hi;
+  }
+  __syncthreads();
+  double* part = p.dbias_partial + static_cast<long long>(blockIdx.x) * p.table_size;
+  for (int e = s_lo + tid; e < s_hi; e += blockDim.x) {
+    double sum = 0.0;
+    for (int r = 0; r < kBandRows; ++r) {
+      if (e < r_uf[r] || e > r_ul[r]) continue;
+      const int i = q0 + r;
+      const auto u = [&](int c) {
+        const int j = base + c;
+        return bias_index(p, i, j, r_pos[r], p.positions ? p.positions[j] : 0);
+      };
+      int lo = r_a[r], hi = r_e[r];
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (u(mid) < e) lo = mid + 1;
+        else hi = mid;
+      }
+      const float* row = dsband + static_cast<long long>(i) * g.width;
+      for (int c = lo; c < r_e[r] && u(c) == e; ++c) sum += static_cast<double>(row[c]);
+    }
+    part[e] = sum;
+  }
+}
+
+}  // namespace
+
+/// The bf16 backward (local_attention_backward when cfg.bf16). p: the parameter block with dout, dq, dk, dv, lse,
+/// delta set (q, k: the caller's, unrotated: rotation happens in the padded copies).
+inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
+                                          LocalAttentionBackwardParams p, float* dbias_table, cudaStream_t s) {
+  const BandGeometry g(cfg, in.capacity);
+  AsyncWorkspace ws(s);
+  const bool rot = cfg.position == Position::rotary;
+  const long long Z = in.z, H = in.h, blk = kBandRows;
+  __nv_bfloat16* qp = ws.alloc<__nv_bfloat16>(g.rows * Z);
+  __nv_bfloat16* kp = ws.alloc<__nv_bfloat16>(g.rows * Z);
+  __nv_bfloat16* vp = ws.alloc<__nv_bfloat16>(g.rows * H);
+  __nv_bfloat16* dop = ws.alloc<__nv_bfloat16>(g.rows * H);
+  launch_pad_bf16(in.q, qp, in.z, g, in, cfg, rot, s);
+  launch_pad_bf16(in.k, kp, in.z, g, in, cfg, rot, s);
+  launch_pad_bf16(in.v, vp, in.h, g, in, cfg, false, s);
+  launch_pad_bf16(p.dout, dop, in.h, g, in, cfg, false, s);
+  float* sband = ws.alloc<float>(g.band());
+  float* dband = ws.alloc<float>(g.band());
+  __nv_bfloat16* aq = ws.alloc<__nv_bfloat16>(g.band());
+  __nv_bfloat16* dsq = ws.alloc<__nv_bfloat16>(g.band());
+  __nv_bfloat16* ak = ws.alloc<__nv_bfloat16>(g.band());
+  __nv_bfloat16* dsk = ws.alloc<__nv_bfloat16>(g.band());
+  cublasHandle_t h = band_blas_handle();
+  SMA_CUDA_CHECK(cublasSetStream(h, s));
+  const long long qoff = g.wpad;            // padded row of slot 64t: the queries of block t
+  const long long koff = g.wpad - g.wlo;    // padded row of the first query of key block t's window
+  band_gemm(h, true, kBandRows, g.width, in.z, p.scale, qp + qoff * Z, in.z, blk * Z, kp, in.z, blk * Z, sband,
+            g.width, blk * g.width, g.nb);
+  band_gemm(h, true, kBandRows, g.width, in.h, 1.f, dop + qoff * H, in.h, blk * H, vp, in.h, blk * H, dband, g.width,
+            blk * g.width, g.nb);
+  const bool table = p.table_size > 0;
+  band_backward_kernel<<<band_grid(g.nb * blk, 8), 256, 0, s>>>(p, band_params(g), sband, dband, aq, dsq,
+                                                                table ? 1 : 0);
+  SMA_CUDA_CHECK_LAUNCH();
+  band_transpose_kernel<<<dim3(g.nb, g.width / kBandRows), dim3(32, 8), 0, s>>>(band_params(g), aq, dsq, ak, dsk);
+  SMA_CUDA_CHECK_LAUNCH();
+  const long long sband_stride = blk * g.width;
+  band_gemm_rows(h, in.capacity, in.z, g.width, p.scale, dsq, g.width, sband_stride, kp, in.z, blk * Z, p.dq, in.z);
+  band_gemm_rows(h, in.capacity, in.z, g.width, p.scale, dsk, g.width, sband_stride, qp + koff * Z, in.z, blk * Z,
+                 p.dk, in.z);
+  band_gemm_rows(h, in.capacity, in.h, g.width, 1.f, ak, g.width, sband_stride, dop + koff * H, in.h, blk * H, p.dv,
+                 in.h);
+  if (table) {
+    p.dbias_partial = ws.alloc<double>(static_cast<long long>(g.nb) * p.table_size);
+    p.dbias_range = ws.alloc<int>(2LL * g.nb);
+    band_dbias_kernel<<<g.nb, 256, 0, s>>>(p, band_params(g), dband);
+    SMA_CUDA_CHECK_LAUNCH();
+    bias_reduce_kernel<<<(p.table_size + 255) / 256, 256, 0, s>>>(p.dbias_partial, p.dbias_range, g.nb, p.table_size,
+                                                                  dbias_table);
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  if (rot) {
+    launch_rotary(p.dq, p.dq, in, cfg.rotary_theta, -1.0, s);
+    launch_rotary(p.dk, p.dk, in, cfg.rotary_theta, -1.0, s);
+  }
+}
+
+}  // namespace sma::cuda::attn
