@@ -49,39 +49,71 @@ struct BandGeometry {
 
 namespace {
 
-/// dst (rows, width) bf16: row wpad + s = bf16(R(positions[s]) src row s) for s < S (rotation only when `rotary`),
-/// every other row zero. Angles and rotation in double, as rotary_kernel. One thread per pair of columns.
+/// dst (rows, width) bf16: row wpad + s = bf16(R(positions[s]) src row s) for s < S (rotation only when kRot),
+/// every other row zero. One warp per row, V consecutive columns per lane and step (V divides width; with kRot
+/// V is even, so a lane holds whole rotary pairs); `vec`: src rows may be read as float2/float4. Frequencies as
+/// rotary_kernel, angles reduced in double, then sincosf (rotary_angle<false>).
+template <int V, bool kRot>
 __global__ void pad_bf16_kernel(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst, int width,
                                 long long rows, int wpad, const int* __restrict__ offsets, int batch,
-                                const int* __restrict__ positions, int rotary, double theta) {
+                                const int* __restrict__ positions, double theta, int vec) {
+  extern __shared__ double pad_inv[];
+  if constexpr (kRot) rotary_frequencies(pad_inv, width, theta);
   const int S = offsets[batch];
-  const int half = (width + 1) / 2;
-  const long long n = rows * half;
-  for (long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long r = idx / half;
-    const int c = 2 * static_cast<int>(idx - r * half);
+  const int lane = threadIdx.x & 31;
+  const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
+  for (long long r = blockIdx.x * static_cast<long long>(blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
     const long long s = r - wpad;
-    float x0 = 0.f, x1 = 0.f;
-    if (s >= 0 && s < S) {
-      const float* row = src + s * width;
-      x0 = row[c];
-      x1 = c + 1 < width ? row[c + 1] : 0.f;
-      if (rotary) {
-        const double inv = 1.0 / pow(theta, static_cast<double>(c) / static_cast<double>(width));
-        double sn, cs;
-        sincos(static_cast<double>(positions[s]) * inv, &sn, &cs);
-        const double y0 = x0 * cs - x1 * sn, y1 = x0 * sn + x1 * cs;
-        x0 = static_cast<float>(y0);
-        x1 = static_cast<float>(y1);
+    const bool in = s >= 0 && s < S;
+    const float* row = src + (in ? s : 0) * width;
+    __nv_bfloat16* d = dst + r * width;
+    const double pos = kRot && in ? static_cast<double>(positions[s]) : 0.0;
+    for (int c = V * lane; c < width; c += 32 * V) {
+      float x[V];
+#pragma unroll
+      for (int t = 0; t < V; ++t) x[t] = 0.f;
+      if (in) {
+        if constexpr (V == 4) {
+          if (vec) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(row + c));
+            x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+          }
+        } else if constexpr (V == 2) {
+          if (vec) {
+            const float2 v = __ldg(reinterpret_cast<const float2*>(row + c));
+            x[0] = v.x, x[1] = v.y;
+          }
+        }
+        if (V == 1 || !vec) {
+#pragma unroll
+          for (int t = 0; t < V; ++t) x[t] = __ldg(row + c + t);
+        }
+        if constexpr (kRot) {
+#pragma unroll
+          for (int t = 0; t < V; t += 2) {
+            double sn, cs;
+            rotary_angle<false>(pos * pad_inv[(c + t) / 2], cs, sn);
+            const double x0 = x[t], x1 = x[t + 1];
+            x[t] = static_cast<float>(x0 * cs - x1 * sn);
+            x[t + 1] = static_cast<float>(x0 * sn + x1 * cs);
+          }
+        }
       }
-    }
-    __nv_bfloat16* d = dst + r * width + c;
-    if (c + 1 < width && (width % 2 == 0)) {
-      *reinterpret_cast<__nv_bfloat162*>(d) = __floats2bfloat162_rn(x0, x1);
-    } else {
-      d[0] = __float2bfloat16_rn(x0);
-      if (c + 1 < width) d[1] = __float2bfloat16_rn(x1);
+      if constexpr (V == 1) {
+        d[c] = __float2bfloat16_rn(x[0]);
+      } else {
+        // dst comes from cudaMallocAsync and V divides width, so these stores are aligned.
+        __nv_bfloat162* d2 = reinterpret_cast<__nv_bfloat162*>(d + c);
+        if constexpr (V == 4) {
+          uint2 u;
+          const __nv_bfloat162 lo = __floats2bfloat162_rn(x[0], x[1]), hi = __floats2bfloat162_rn(x[2], x[3]);
+          u.x = *reinterpret_cast<const unsigned*>(&lo);
+          u.y = *reinterpret_cast<const unsigned*>(&hi);
+          *reinterpret_cast<uint2*>(d2) = u;
+        } else {
+          d2[0] = __floats2bfloat162_rn(x[0], x[1]);
+        }
+      }
     }
   }
 }
@@ -158,15 +190,24 @@ __global__ void band_forward_kernel(const LocalAttentionParams p, const BandPara
 
 }  // namespace
 
-/// The cuBLAS handle of the current device for this host thread, created on first use and kept (a handle costs
-/// milliseconds to create; the attention is called every step).
+/// The cuBLAS handles of this host thread, one per device, created on first use (a handle costs milliseconds to
+/// create; the attention runs every step) and destroyed when the thread ends (for the main thread: before the
+/// static destructors and the CUDA runtime's exit handlers, which were registered earlier).
+struct BandBlasHandles {
+  std::vector<cublasHandle_t> h;
+  ~BandBlasHandles() {
+    for (cublasHandle_t x : h)
+      if (x) cublasDestroy(x);
+  }
+};
+
 inline cublasHandle_t band_blas_handle() {
-  thread_local std::vector<cublasHandle_t> handles;
+  thread_local BandBlasHandles handles;
   int dev = 0;
   SMA_CUDA_CHECK(cudaGetDevice(&dev));
-  if (static_cast<int>(handles.size()) <= dev) handles.resize(static_cast<std::size_t>(dev) + 1, nullptr);
-  if (!handles[dev]) SMA_CUDA_CHECK(cublasCreate(&handles[dev]));
-  return handles[dev];
+  if (static_cast<int>(handles.h.size()) <= dev) handles.h.resize(static_cast<std::size_t>(dev) + 1, nullptr);
+  if (!handles.h[dev]) SMA_CUDA_CHECK(cublasCreate(&handles.h[dev]));
+  return handles.h[dev];
 }
 
 /// Row-major, batched: C[t] (M x N, ldc) = alpha A[t] (M x K, lda) op(B[t]) for t < batch; op(B) = B^T with B
@@ -200,10 +241,41 @@ inline int band_grid(long long n, int per_block) {
 inline void launch_pad_bf16(const float* src, __nv_bfloat16* dst, int width, const BandGeometry& g,
                             const LocalAttentionInputs& in, const LocalAttentionConfig& cfg, bool rotary,
                             cudaStream_t s) {
-  const long long n = g.rows * ((width + 1) / 2);
-  pad_bf16_kernel<<<band_grid(n, 256), 256, 0, s>>>(src, dst, width, g.rows, g.wpad, in.offsets, in.batch,
-                                                    in.positions, rotary ? 1 : 0, cfg.rotary_theta);
+  const auto a = reinterpret_cast<std::uintptr_t>(src);
+  const int grid = band_grid(g.rows, 8);
+  const std::size_t smem = rotary ? static_cast<std::size_t>(width / 2) * sizeof(double) : 0;
+  const auto go = [&](auto kernel, int vec) {
+    kernel<<<grid, 256, smem, s>>>(src, dst, width, g.rows, g.wpad, in.offsets, in.batch, in.positions,
+                                   cfg.rotary_theta, vec);
+  };
+  if (width % 4 == 0) {
+    const int vec = (a & 15u) == 0;
+    if (rotary) go(pad_bf16_kernel<4, true>, vec);
+    else go(pad_bf16_kernel<4, false>, vec);
+  } else if (width % 2 == 0) {
+    const int vec = (a & 7u) == 0;
+    if (rotary) go(pad_bf16_kernel<2, true>, vec);
+    else go(pad_bf16_kernel<2, false>, vec);
+  } else {
+    go(pad_bf16_kernel<1, false>, 0);  // rotary widths are even (validate)
+  }
   SMA_CUDA_CHECK_LAUNCH();
+}
+
+/// Lets the stream-ordered pool of the current device keep `bytes` across synchronisations. The default release
+/// threshold (0) hands the pool's memory back at every synchronisation, so each call would map its workspace
+/// (hundreds of MB at the issue's shape) afresh, which measurably costs time. The threshold is only raised.
+inline void retain_workspace(std::size_t bytes) {
+  int dev = 0;
+  SMA_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaMemPool_t pool;
+  SMA_CUDA_CHECK(cudaDeviceGetMemPool(&pool, dev));
+  std::uint64_t threshold = 0;  // the attribute is a cuuint64_t (64 bits)
+  SMA_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  if (threshold < bytes) {
+    threshold = bytes;
+    SMA_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  }
 }
 
 inline BandParams band_params(const BandGeometry& g) { return BandParams{g.nb, g.wpad, g.wlo, g.width}; }
@@ -212,6 +284,7 @@ inline BandParams band_params(const BandGeometry& g) { return BandParams{g.nb, g
 inline void local_attention_forward_bf16(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
                                          LocalAttentionParams p, float* out, cudaStream_t s) {
   const BandGeometry g(cfg, in.capacity);
+  retain_workspace(static_cast<std::size_t>(g.rows * (2LL * in.z + in.h) * 2 + g.band() * 6 + (4 << 20)));
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
   __nv_bfloat16* qp = ws.alloc<__nv_bfloat16>(g.rows * in.z);

@@ -162,6 +162,9 @@ __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const Ba
 inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
                                           LocalAttentionBackwardParams p, float* dbias_table, cudaStream_t s) {
   const BandGeometry g(cfg, in.capacity);
+  const long long table_bytes = p.table_size > 0 ? static_cast<long long>(g.nb) * p.table_size * 8 : 0;
+  retain_workspace(static_cast<std::size_t>(g.rows * (2LL * in.z + 2LL * in.h) * 2 + g.band() * 16 + table_bytes +
+                                            in.capacity * 4LL + (4 << 20)));
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
   const long long Z = in.z, H = in.h, blk = kBandRows;
@@ -209,8 +212,8 @@ inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const
     SMA_CUDA_CHECK_LAUNCH();
   }
   if (rot) {
-    launch_rotary(p.dq, p.dq, in, cfg.rotary_theta, -1.0, s);
-    launch_rotary(p.dk, p.dk, in, cfg.rotary_theta, -1.0, s);
+    launch_rotary(p.dq, p.dq, in, cfg.rotary_theta, -1.0, s, false);
+    launch_rotary(p.dk, p.dk, in, cfg.rotary_theta, -1.0, s, false);
   }
 }
 

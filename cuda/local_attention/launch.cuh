@@ -37,6 +37,9 @@ inline const char* position_name(Position p) {
   return "?";
 }
 
+/// The rotary kernels keep a table of Z/2 frequencies (doubles) in shared memory: wider rotary Z is refused.
+constexpr int kMaxRotaryZ = 8192;
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 /// Throws ValueError naming the first problem of the configuration or the inputs.
@@ -57,6 +60,8 @@ inline void validate(const LocalAttentionConfig& cfg, const LocalAttentionInputs
   if (!cfg.bf16 && in.z > DefaultTraits::kMaxZ)
     throw ValueError(str_cat(where, ": Z = ", in.z, " is not supported on the device yet (at most ",
                              DefaultTraits::kMaxZ, ")"));
+  if (cfg.position == Position::rotary && in.z > kMaxRotaryZ)
+    throw ValueError(str_cat(where, ": rotary positions support Z <= ", kMaxRotaryZ, ", got ", in.z));
   if (cfg.position == Position::rotary && in.z % 2 != 0)
     throw ValueError(str_cat(where, ": rotary positions need an even width Z, got ", in.z));
   if (!in.offsets) throw ValueError(str_cat(where, ": offsets is nullptr (expected B+1 device ints)"));
@@ -121,32 +126,63 @@ class AsyncWorkspace {
 
 namespace {
 
-// dst row s = R(sign * positions[s]) src row s for s < S (dst may be src). Angles and the rotation in double.
+/// Rotary frequencies 1 / theta^(2m/z), m < z/2, in double: the first thing each rotary CTA does (one pow per
+/// column and CTA rather than per element; the values are the same as computed per element).
+__device__ __forceinline__ void rotary_frequencies(double* inv, int z, double theta) {
+  for (int m = threadIdx.x; m < z / 2; m += blockDim.x)
+    inv[m] = 1.0 / pow(theta, static_cast<double>(2 * m) / static_cast<double>(z));
+  __syncthreads();
+}
+
+/// cos and sin of the angle sign * pos * inv. kPrecise: in double (the fp32 path). Otherwise (the bf16 path, whose
+/// operands carry 8 bits) the angle is reduced modulo 2 pi in double and sincosf takes the rest: about 1e-7
+/// relative, far below bf16's rounding, at a fraction of double sincos's cost.
+template <bool kPrecise>
+__device__ __forceinline__ void rotary_angle(double angle, double& cs, double& sn) {
+  if constexpr (kPrecise) {
+    sincos(angle, &sn, &cs);
+  } else {
+    constexpr double kTwoPi = 6.283185307179586476925;
+    const float r = static_cast<float>(angle - rint(angle * (1.0 / kTwoPi)) * kTwoPi);
+    float s, c;
+    sincosf(r, &s, &c);
+    sn = s;
+    cs = c;
+  }
+}
+
+// dst row s = R(sign * positions[s]) src row s for s < S (dst may be src). One warp per row; dynamic shared
+// memory: z/2 doubles (the frequencies).
+template <bool kPrecise>
 __global__ void rotary_kernel(const float* src, float* dst, int z, const int* __restrict__ offsets, int batch,
                               const int* __restrict__ positions, double theta, double sign) {
-  const int half = z / 2;
-  const long long n = static_cast<long long>(offsets[batch]) * half;
-  for (long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long s = idx / half;
-    const int m = static_cast<int>(idx - s * half);
-    const double inv = 1.0 / pow(theta, static_cast<double>(2 * m) / static_cast<double>(z));
-    double sn, cs;
-    sincos(sign * static_cast<double>(positions[s]) * inv, &sn, &cs);
-    const long long o = s * z + 2 * m;
-    const double x0 = src[o], x1 = src[o + 1];
-    dst[o] = static_cast<float>(x0 * cs - x1 * sn);
-    dst[o + 1] = static_cast<float>(x0 * sn + x1 * cs);
+  extern __shared__ double rotary_inv[];
+  rotary_frequencies(rotary_inv, z, theta);
+  const int S = offsets[batch];
+  const int lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
+  for (int s = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; s < S; s += warps) {
+    const double pos = sign * static_cast<double>(positions[s]);
+    const long long o = static_cast<long long>(s) * z;
+    for (int m = lane; m < z / 2; m += 32) {
+      double sn, cs;
+      rotary_angle<kPrecise>(pos * rotary_inv[m], cs, sn);
+      const double x0 = src[o + 2 * m], x1 = src[o + 2 * m + 1];
+      dst[o + 2 * m] = static_cast<float>(x0 * cs - x1 * sn);
+      dst[o + 2 * m + 1] = static_cast<float>(x0 * sn + x1 * cs);
+    }
   }
 }
 
 }  // namespace
 
 inline void launch_rotary(const float* src, float* dst, const LocalAttentionInputs& in, double theta, double sign,
-                          cudaStream_t s) {
-  const long long n = static_cast<long long>(in.capacity) * (in.z / 2);
-  const int blocks = static_cast<int>(std::min<long long>(std::max<long long>((n + 255) / 256, 1), 132LL * 16));
-  rotary_kernel<<<blocks, 256, 0, s>>>(src, dst, in.z, in.offsets, in.batch, in.positions, theta, sign);
+                          cudaStream_t s, bool precise = true) {
+  const int blocks = static_cast<int>(std::min<long long>(std::max<long long>((in.capacity + 7) / 8, 1), 132LL * 16));
+  const std::size_t smem = static_cast<std::size_t>(in.z / 2) * sizeof(double);
+  if (precise)
+    rotary_kernel<true><<<blocks, 256, smem, s>>>(src, dst, in.z, in.offsets, in.batch, in.positions, theta, sign);
+  else
+    rotary_kernel<false><<<blocks, 256, smem, s>>>(src, dst, in.z, in.offsets, in.batch, in.positions, theta, sign);
   SMA_CUDA_CHECK_LAUNCH();
 }
 

@@ -69,7 +69,9 @@ int main(int argc, char** argv) {
   // precision (fp32, then bf16 projections), for a kernel-by-kernel profile under ncu.
   const bool profile = argc > 3 && std::string(argv[3]) == "profile";
   // "attention": only the attention rows (the densities loop), no EMA and no layer.
-  const bool attention_only = argc > 3 && std::string(argv[3]) == "attention";
+  // "attention-profile": two bf16 forward+backward passes (relu2 rotary causal, density 1), nothing else, for ncu.
+  const bool attention_profile = argc > 3 && std::string(argv[3]) == "attention-profile";
+  const bool attention_only = attention_profile || (argc > 3 && std::string(argv[3]) == "attention");
   const Shape sh;
   const int N = sh.B * sh.L;
   std::printf("device: %s\nshape: B=%d L=%d (tokens %d) D=%d Z=%d H=%d W=%d, fp32 unless marked bf16, median of %d\n",
@@ -93,6 +95,7 @@ int main(int argc, char** argv) {
 
   for (double density : {0.1, 0.5, 1.0}) {
     if (profile) break;
+    if (attention_profile && density != 1.0) continue;
     std::mt19937 rng(11);
     std::bernoulli_distribution on(density);
     std::vector<std::uint8_t> mask(static_cast<std::size_t>(N));
@@ -172,6 +175,16 @@ int main(int argc, char** argv) {
       const double fwd_gflop = 2.0 * pairs * (sh.Z + sh.H) * 1e-9;
       // Backward as counted for FlashAttention: the recomputed scores, dA, dV, dQ, dK (5 products).
       const double bwd_gflop = 2.0 * pairs * (3.0 * sh.Z + 2.0 * sh.H) * 1e-9;
+      if (attention_profile) {
+        if (!(c.bf16 && c.act == cuda::Activation::relu2 && c.causal && c.pos == cuda::Position::rotary)) continue;
+        for (int r = 0; r < 2; ++r) {
+          cuda::local_attention_forward(cfg, in, table.data(), out.data(), stat.data(), s);
+          cuda::local_attention_backward(cfg, in, table.data(), out.data(), stat.data(), dout.data(), dq.data(),
+                                         dk.data(), dv.data(), dtable.data(), s);
+        }
+        stream.synchronize();
+        continue;
+      }
       const float ms_f = median_ms([&] {
         cuda::local_attention_forward(cfg, in, table.data(), out.data(), stat.data(), s);
       }, s, reps);

@@ -279,7 +279,11 @@ void check_case(const Case& c) {
       for (double& x : ref) x -= init;  // the gradient itself, not the value it was added to
       std::vector<float> got(g.dbias.begin(), g.dbias.end());
       for (float& x : got) x -= init;
-      const auto b_db = bf16_accuracy(got.data(), ref.data(), ref.size());
+      auto b_db = bf16_accuracy(got.data(), ref.data(), ref.size());
+      // A table entry's gradient is a sum over many pairs that can cancel to nothing: the one-entry softmax table's
+      // is exactly zero (each query's weights sum to one). Its rounding error still scales with the terms, which
+      // are of order one here (v, dout in (-1, 1)), hence the floor of 1 under the scale.
+      b_db.scale = std::max(b_db.scale, 1.0);
       INFO("dbias: " << b_db);
       CHECK(b_db.ok());
     }
