@@ -1,6 +1,7 @@
 // Tests of sma/io/npy.hpp.
 #include <catch2/catch.hpp>
 #include <sma/io/npy.hpp>
+#include <sma/testing/temp_dir.hpp>
 
 #include <cstdint>
 #include <cstdlib>
@@ -15,20 +16,6 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct NpyTempDir {
-  fs::path path;
-  NpyTempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "sma_npy_test_XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~NpyTempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 // A .npy file from its parts, unchecked: version bytes, header text (sent as is) and data.
 std::vector<std::uint8_t> npy_raw(int major, int minor, const std::string& header, const std::vector<std::uint8_t>& data,
@@ -91,7 +78,7 @@ const char* const kNumpyBoolHex =
 }  // namespace
 
 TEST_CASE("npy round trip for every dtype, in NumPy's exact 1.0 layout", "[io][npy]") {
-  NpyTempDir dir;
+  testing::TempDir dir("sma_npy_test");
   Tensor2<double> f64(2, 3);
   f64.setValues({{1.0, -2.5, 1e-300}, {std::numeric_limits<double>::infinity(), 0.1, -0.0}});
   const std::string p64 = dir.file("f64.npy");
@@ -280,7 +267,7 @@ TEST_CASE("npy reader survives random corruption: IoError or a consistent array,
 }
 
 TEST_CASE("npy saves are atomic through the shared helper", "[io][npy][atomic]") {
-  NpyTempDir dir;
+  testing::TempDir dir("sma_npy_test");
   const std::string path = dir.file("a.npy");
   Tensor1<double> a(4), b(1000);
   a.setConstant(1.0);
@@ -309,4 +296,22 @@ TEST_CASE("npy files written by NumPy read back: Fortran order, format 2.0, bool
   const auto b = parse_npy(hex_bytes(kNumpyBoolHex), "bool.npy");
   CHECK(b.dtype == DType::BOOL);
   CHECK(b.values<bool>() == std::vector<bool>{true, false, false, true, false, false, true, false, false});
+}
+
+TEST_CASE("testing::TempDir: a fresh folder per object, removed with its files", "[core][testing]") {
+  fs::path kept;
+  {
+    testing::TempDir a("sma_tempdir_test"), b("sma_tempdir_test");
+    REQUIRE(fs::is_directory(a.path()));
+    CHECK(fs::is_empty(a.path()));
+    CHECK(a.path() != b.path());
+    CHECK(a.path().parent_path() == fs::temp_directory_path());
+    CHECK(fs::path(a.file("x.npy")).parent_path() == a.path());
+    Tensor2<float> t(2, 3);
+    t.setZero();
+    save_npy(a.file("x.npy"), t);
+    REQUIRE(fs::exists(a.file("x.npy")));
+    kept = a.path();
+  }
+  CHECK_FALSE(fs::exists(kept));
 }

@@ -1,6 +1,7 @@
 // Tests of sma/io/safetensors.hpp, sma/io/dtype.hpp (half / bfloat16) and sma/io/atomic_file.hpp.
 #include <catch2/catch.hpp>
 #include <sma/io/safetensors.hpp>
+#include <sma/testing/temp_dir.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -21,22 +22,6 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-// A fresh folder under the system temp folder, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "sma_io_test_XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::permissions(path, fs::perms::owner_all, fs::perm_options::add, ec);
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 std::vector<std::uint8_t> file_bytes(const std::string& path) { return read_file_bytes(path); }
 
@@ -209,7 +194,7 @@ TEST_CASE("half and bfloat16 conversions round to nearest even and widen exactly
 }
 
 TEST_CASE("safetensors round trip for every dtype", "[io][safetensors]") {
-  TempDir dir;
+  testing::TempDir dir("sma_io_test");
   const std::string path = dir.file("all.safetensors");
 
   Tensor3<double> f64(2, 3, 4);
@@ -472,7 +457,7 @@ TEST_CASE("safetensors reader rejects every malformed layout with a precise IoEr
     CHECK(ok.size() == 0);
   }
   SECTION("file-level messages name the path") {
-    TempDir dir;
+    testing::TempDir dir("sma_io_test");
     const std::string p = dir.file("trunc.safetensors");
     const auto bytes = build_file(R"({"a":)" + ok_entry + "}", std::vector<std::uint8_t>(8));
     write_file_atomic(p, bytes.data(), bytes.size() - 3);  // truncated in the data block
@@ -480,7 +465,7 @@ TEST_CASE("safetensors reader rejects every malformed layout with a precise IoEr
     CHECK_THROWS_WITH(SafetensorsFile(p), Contains(p) && Contains("reach past the end of the data block"));
     CHECK_THROWS_WITH(SafetensorsFile(dir.file("absent.safetensors")),
                       Contains("absent.safetensors") && Contains("cannot open"));
-    CHECK_THROWS_WITH(SafetensorsFile(dir.path.string()), Contains("not a regular file"));
+    CHECK_THROWS_WITH(SafetensorsFile(dir.path().string()), Contains("not a regular file"));
   }
 }
 
@@ -529,7 +514,7 @@ TEST_CASE("safetensors reader survives random corruption: IoError or a consisten
 }
 
 TEST_CASE("safetensors saves are atomic: a failed save leaves the old file and no temporary file", "[io][atomic]") {
-  TempDir dir;
+  testing::TempDir dir("sma_io_test");
   const std::string path = dir.file("model.safetensors");
   Tensor2<double> v1(4, 4), v2(64, 64);
   v1.setConstant(1.0);
@@ -572,9 +557,9 @@ TEST_CASE("safetensors saves are atomic: a failed save leaves the old file and n
     if (::geteuid() == 0) {
       WARN("running as root: permission bits do not stop root, the read-only-folder case is not exercised");
     } else {
-      fs::permissions(dir.path, fs::perms::owner_read | fs::perms::owner_exec, fs::perm_options::replace);
+      fs::permissions(dir.path(), fs::perms::owner_read | fs::perms::owner_exec, fs::perm_options::replace);
       CHECK_THROWS_AS(second.save(path), IoError);
-      fs::permissions(dir.path, fs::perms::owner_all, fs::perm_options::replace);
+      fs::permissions(dir.path(), fs::perms::owner_all, fs::perm_options::replace);
       CHECK(file_bytes(path) == original);
       CHECK_FALSE(fs::exists(temp_path_for(path)));
     }

@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 #include <sma/io/xtensor.hpp>
+#include <sma/testing/temp_dir.hpp>
 
 #include <xtensor/xnpy.hpp>
 #include <xtensor/xview.hpp>
@@ -19,20 +20,6 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct XtTempDir {
-  fs::path path;
-  XtTempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "sma_xt_test_XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~XtTempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 template <class T>
 Tensor3<T> iota3(Index a, Index b, Index c) {
@@ -84,7 +71,7 @@ TEST_CASE("sma tensors copy to and from xtensor, and a view shares memory", "[io
 
 TEMPLATE_TEST_CASE("npy files written by sma and by xtensor read back in the other", "[io][xtensor][npy]", double,
                    float, std::int64_t, std::int32_t, std::uint8_t) {
-  XtTempDir dir;
+  testing::TempDir dir("sma_xt_test");
   const Tensor3<TestType> t = iota3<TestType>(2, 3, 5);
 
   // sma writes, xtensor reads.
@@ -121,7 +108,7 @@ TEMPLATE_TEST_CASE("npy files written by sma and by xtensor read back in the oth
 }
 
 TEST_CASE("xtensor reads sma's 1-D and scalar .npy files", "[io][xtensor][npy]") {
-  XtTempDir dir;
+  testing::TempDir dir("sma_xt_test");
   Tensor1<double> v(4);
   v.setValues({1.0, -2.0, 0.5, 8.0});
   save_npy(dir.file("v.npy"), v);
