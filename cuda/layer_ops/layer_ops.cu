@@ -146,6 +146,122 @@ void column_reduce(long long rows, int cols, const float* a, int lda, const floa
   SMA_CUDA_CHECK_LAUNCH();
 }
 
+
+// BatchNorm channel sums. mode 0: x; mode 1: (x - mean)^2; mode 2: dy (into p1) and dy xhat (into p2). One thread per
+// channel and 256-row chunk; loads are coalesced over channels.
+__global__ void bn_partial_kernel(int mode, long long rows, int D, const float* __restrict__ x,
+                                  const float* __restrict__ dy, const float* __restrict__ mean,
+                                  const float* __restrict__ invstd, double* __restrict__ p1, double* __restrict__ p2) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= D) return;
+  const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
+  const long long r1 = min(rows, r0 + kColRows);
+  const float m = mode == 0 ? 0.f : mean[c];
+  const float is = mode == 2 ? invstd[c] : 0.f;
+  double s1 = 0, s2 = 0;
+  for (long long r = r0; r < r1; ++r) {
+    const float v = x[r * D + c];
+    if (mode == 0) {
+      s1 += v;
+    } else if (mode == 1) {
+      const float d = v - m;
+      s1 += d * d;
+    } else {
+      const float g = dy[r * D + c];
+      s1 += g;
+      s2 += g * ((v - m) * is);
+    }
+  }
+  const long long o = static_cast<long long>(blockIdx.y) * D + c;
+  p1[o] = s1;
+  if (mode == 2) p2[o] = s2;
+}
+
+__global__ void bn_mean_kernel(int chunks, long long rows, int D, const double* __restrict__ p, float* __restrict__ mean) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= D) return;
+  double s = 0;
+  for (int k = 0; k < chunks; ++k) s += p[static_cast<long long>(k) * D + c];
+  mean[c] = static_cast<float>(s / static_cast<double>(rows));
+}
+
+// var from the partials; invstd; the running statistics, in float as the CPU layer updates them.
+__global__ void bn_var_kernel(int chunks, long long rows, int D, float eps, float momentum,
+                              const double* __restrict__ p, const float* __restrict__ mean, float* __restrict__ invstd,
+                              float* running_mean, float* running_var, float* nbt) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= D) return;
+  double s = 0;
+  for (int k = 0; k < chunks; ++k) s += p[static_cast<long long>(k) * D + c];
+  const float var = static_cast<float>(s / static_cast<double>(rows));
+  invstd[c] = 1.f / sqrtf(var + eps);
+  const float unbias = static_cast<float>(rows) / static_cast<float>(rows - 1);
+  if (running_mean) running_mean[c] = (1.f - momentum) * running_mean[c] + momentum * mean[c];
+  if (running_var) running_var[c] = (1.f - momentum) * running_var[c] + momentum * unbias * var;
+  if (nbt && c == 0) nbt[0] += 1.f;
+}
+
+__global__ void bn_eval_stats_kernel(int D, float eps, const float* __restrict__ running_mean,
+                                     const float* __restrict__ running_var, float* __restrict__ mean,
+                                     float* __restrict__ invstd) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= D) return;
+  mean[c] = running_mean[c];
+  invstd[c] = 1.f / sqrtf(running_var[c] + eps);
+}
+
+__global__ void bn_apply_kernel(long long n, int D, const float* __restrict__ x, const float* __restrict__ mean,
+                                const float* __restrict__ invstd, const float* __restrict__ w,
+                                const float* __restrict__ b, float* __restrict__ y) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(i % D);
+    float v = (x[i] - mean[c]) * invstd[c];
+    if (w) v = v * w[c] + b[c];
+    y[i] = v;
+  }
+}
+
+// Sums of the backward (float, as the CPU keeps them); dweight / dbias added.
+__global__ void bn_grad_sums_kernel(int chunks, int D, const double* __restrict__ p1, const double* __restrict__ p2,
+                                    float* __restrict__ sum_dy, float* __restrict__ sum_dyx, float* dweight,
+                                    float* dbias) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= D) return;
+  double s1 = 0, s2 = 0;
+  for (int k = 0; k < chunks; ++k) {
+    s1 += p1[static_cast<long long>(k) * D + c];
+    s2 += p2[static_cast<long long>(k) * D + c];
+  }
+  sum_dy[c] = static_cast<float>(s1);
+  sum_dyx[c] = static_cast<float>(s2);
+  if (dweight) dweight[c] += static_cast<float>(s2);
+  if (dbias) dbias[c] += static_cast<float>(s1);
+}
+
+__global__ void bn_dx_kernel(long long n, int D, float inv_rows, int training, const float* __restrict__ x,
+                             const float* __restrict__ mean, const float* __restrict__ invstd,
+                             const float* __restrict__ w, const float* __restrict__ sum_dy,
+                             const float* __restrict__ sum_dyx, const float* __restrict__ dy, float* __restrict__ dx) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(i % D);
+    const float scale = w ? invstd[c] * w[c] : invstd[c];
+    if (training) {
+      const float xh = (x[i] - mean[c]) * invstd[c];
+      dx[i] = ((dy[i] - sum_dy[c] * inv_rows) - xh * (sum_dyx[c] * inv_rows)) * scale;
+    } else {
+      dx[i] = dy[i] * scale;
+    }
+  }
+}
+
+int bn_chunks(long long rows, const char* where) {
+  const long long chunks = (rows + kColRows - 1) / kColRows;
+  if (chunks > 65535) throw ValueError(str_cat(where, ": too many rows (", rows, ")"));
+  return static_cast<int>(chunks);
+}
+
 __global__ void silu_kernel(long long n, const float* x, float* y) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -212,6 +328,7 @@ cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
 void norm_forward(NormKind kind, long long rows, int D, float eps, const float* x, const float* weight,
                   const float* bias, float* y, float* mean, float* rstd, void* stream) {
+  if (kind == NormKind::batchnorm) throw ValueError("sma::cuda::norm_forward: batchnorm is not a row norm (batchnorm_forward)");
   if (rows < 0 || D < 1) throw ValueError(str_cat("sma::cuda::norm_forward: bad sizes rows=", rows, " D=", D));
   if (rows == 0) return;
   if (!x || !y || !rstd || (kind == NormKind::layernorm && !mean))
@@ -224,6 +341,8 @@ void norm_forward(NormKind kind, long long rows, int D, float eps, const float* 
 
 void norm_backward(NormKind kind, long long rows, int D, const float* x, const float* weight, const float* mean,
                    const float* rstd, const float* dy, float* dx, float* dweight, float* dbias, void* stream) {
+  if (kind == NormKind::batchnorm)
+    throw ValueError("sma::cuda::norm_backward: batchnorm is not a row norm (batchnorm_backward)");
   if (rows < 0 || D < 1) throw ValueError(str_cat("sma::cuda::norm_backward: bad sizes rows=", rows, " D=", D));
   if (rows == 0) return;
   if (!x || !dy || !dx || !rstd || (kind == NormKind::layernorm && !mean))
@@ -238,6 +357,69 @@ void norm_backward(NormKind kind, long long rows, int D, const float* x, const f
                                        kind == NormKind::scalenorm, s);
   if (dbias && kind == NormKind::layernorm) column_reduce(rows, D, dy, D, nullptr, 0, nullptr, nullptr, nullptr, dbias,
                                                           false, s);
+}
+
+void batchnorm_forward(long long rows, int D, float eps, bool training, float momentum, const float* x,
+                       const float* weight, const float* bias, float* running_mean, float* running_var,
+                       float* num_batches_tracked, float* y, float* mean, float* invstd, void* stream) {
+  if (rows < 0 || D < 1) throw ValueError(str_cat("sma::cuda::batchnorm_forward: bad sizes rows=", rows, " D=", D));
+  if (training && rows <= 1)
+    throw ValueError(str_cat("sma::cuda::batchnorm_forward: train mode needs more than one value per channel, got ",
+                             rows, " rows"));
+  if (rows == 0) return;
+  if (!x || !y || !mean || !invstd) throw ValueError("sma::cuda::batchnorm_forward: x, y, mean, invstd must not be null");
+  if (!training && (!running_mean || !running_var))
+    throw ValueError("sma::cuda::batchnorm_forward: eval mode needs running_mean and running_var");
+  if ((weight == nullptr) != (bias == nullptr))
+    throw ValueError("sma::cuda::batchnorm_forward: weight and bias must be both given or both null");
+  const cudaStream_t s = as_stream(stream);
+  const int bx = std::min(128, (D + 31) / 32 * 32);
+  const int cgrid = (D + bx - 1) / bx;
+  if (training) {
+    const int chunks = bn_chunks(rows, "sma::cuda::batchnorm_forward");
+    detail::StreamWorkspace ws(s);
+    double* part = ws.alloc<double>(static_cast<long long>(chunks) * D);
+    bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(0, rows, D, x, nullptr, nullptr, nullptr, part, nullptr);
+    SMA_CUDA_CHECK_LAUNCH();
+    bn_mean_kernel<<<cgrid, bx, 0, s>>>(chunks, rows, D, part, mean);
+    SMA_CUDA_CHECK_LAUNCH();
+    bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(1, rows, D, x, nullptr, mean, nullptr, part, nullptr);
+    SMA_CUDA_CHECK_LAUNCH();
+    bn_var_kernel<<<cgrid, bx, 0, s>>>(chunks, rows, D, eps, momentum, part, mean, invstd, running_mean, running_var,
+                                       num_batches_tracked);
+    SMA_CUDA_CHECK_LAUNCH();
+  } else {
+    bn_eval_stats_kernel<<<cgrid, bx, 0, s>>>(D, eps, running_mean, running_var, mean, invstd);
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  const long long n = rows * D;
+  bn_apply_kernel<<<detail::grid_for(n, 256), 256, 0, s>>>(n, D, x, mean, invstd, weight, bias, y);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+void batchnorm_backward(long long rows, int D, bool training, const float* x, const float* weight, const float* mean,
+                        const float* invstd, const float* dy, float* dx, float* dweight, float* dbias, void* stream) {
+  if (rows < 0 || D < 1) throw ValueError(str_cat("sma::cuda::batchnorm_backward: bad sizes rows=", rows, " D=", D));
+  if (rows == 0) return;
+  if (!x || !mean || !invstd || !dy || !dx)
+    throw ValueError("sma::cuda::batchnorm_backward: x, mean, invstd, dy, dx must not be null");
+  const cudaStream_t s = as_stream(stream);
+  const int bx = std::min(128, (D + 31) / 32 * 32);
+  const int cgrid = (D + bx - 1) / bx;
+  const int chunks = bn_chunks(rows, "sma::cuda::batchnorm_backward");
+  detail::StreamWorkspace ws(s);
+  double* p1 = ws.alloc<double>(static_cast<long long>(chunks) * D);
+  double* p2 = ws.alloc<double>(static_cast<long long>(chunks) * D);
+  float* sums = ws.alloc<float>(2LL * D);
+  bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(2, rows, D, x, dy, mean, invstd, p1, p2);
+  SMA_CUDA_CHECK_LAUNCH();
+  bn_grad_sums_kernel<<<cgrid, bx, 0, s>>>(chunks, D, p1, p2, sums, sums + D, weight ? dweight : nullptr,
+                                           weight ? dbias : nullptr);
+  SMA_CUDA_CHECK_LAUNCH();
+  const long long n = rows * D;
+  bn_dx_kernel<<<detail::grid_for(n, 256), 256, 0, s>>>(n, D, 1.f / static_cast<float>(rows), training ? 1 : 0, x,
+                                                        mean, invstd, weight, sums, sums + D, dy, dx);
+  SMA_CUDA_CHECK_LAUNCH();
 }
 
 void silu_forward(long long n, const float* x, float* y, void* stream) {

@@ -177,6 +177,8 @@ struct SeqBoatLayerDevice::Impl {
   int B = 0, L = 0;
   long long rows_c = 0;  ///< rows the products after compression ran on: B*L, or S with host_compressed_length
   bool has_forward = false, has_padding = false;
+  bool bn_batch_stats = false;  ///< the last forward's batchnorm used batch statistics (train mode)
+  DeviceArray<float> bn_mean, bn_invstd, bn_mean2, bn_invstd2;  ///< (D) batchnorm statistics of the pre / post norm
   std::unique_ptr<DeviceCompression> plan;
   DeviceArray<float> x, xin, mean, rstd, ema_out, mx, hu, probs, gate, xc, base, q, k, r, v, att, row_stat, hr, hc,
       pre, act, mean2, rstd2;
@@ -206,6 +208,29 @@ struct SeqBoatLayerDevice::Impl {
   }
   float* norm_dweight() const {
     return cfg.norm == NormKind::scalenorm ? g("norm.norm.scalar") : g("norm.norm.weight");
+  }
+  float* pm(const char* n) const { return const_cast<float*>(p(n)); }
+  /// The layer's norm, forward: per-row statistics into mean / rstd (N), batchnorm's into bm / bi (D).
+  void norm_fwd(long long N, const float* in, float* out, float* mean_, float* rstd_, float* bm, float* bi,
+                cudaStream_t s) {
+    if (cfg.norm == NormKind::batchnorm) {
+      const bool tr = cfg.training;
+      batchnorm_forward(N, cfg.embed_dim, cfg.norm_eps, tr, cfg.norm_momentum, in, p("norm.norm.weight"),
+                        p("norm.norm.bias"), pm("norm.norm.running_mean"), pm("norm.norm.running_var"),
+                        tr ? pm("norm.norm.num_batches_tracked") : nullptr, out, bm, bi, s);
+    } else {
+      norm_forward(cfg.norm, N, cfg.embed_dim, cfg.norm_eps, in, norm_weight(), p("norm.norm.bias"), out, mean_, rstd_,
+                   s);
+    }
+  }
+  void norm_bwd(long long N, const float* in, const float* mean_, const float* rstd_, const float* bm, const float* bi,
+                const float* dy, float* dx, cudaStream_t s) {
+    if (cfg.norm == NormKind::batchnorm)
+      batchnorm_backward(N, cfg.embed_dim, bn_batch_stats, in, p("norm.norm.weight"), bm, bi, dy, dx,
+                         g("norm.norm.weight"), g("norm.norm.bias"), s);
+    else
+      norm_backward(cfg.norm, N, cfg.embed_dim, in, norm_weight(), mean_, rstd_, dy, dx, norm_dweight(),
+                    g("norm.norm.bias"), s);
   }
   EmaConfig ema_cfg() const {
     EmaConfig e;
@@ -249,6 +274,7 @@ struct SeqBoatLayerDevice::Impl {
     plan = std::make_unique<DeviceCompression>(B, L);
     for (auto* a : {&x, &xin, &ema_out, &mx, &xc, &hc, &pre, &act}) ensure(*a, N * D);
     for (auto* a : {&mean, &rstd, &gate, &row_stat, &mean2, &rstd2}) ensure(*a, N);
+    for (auto* a : {&bn_mean, &bn_invstd, &bn_mean2, &bn_invstd2}) ensure(*a, D);
     ensure(hu, N * (2 + D));
     ensure(probs, N * 2);
     ensure(base, N * P);
@@ -286,6 +312,12 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
   }
   for (const auto& [name, n] : expected)
     if (!impl_->value.count(name)) throw ValueError(str_cat("SeqBoatLayerDevice: parameter ", name, " is missing"));
+  if (cfg.norm == NormKind::batchnorm)
+    for (const char* name : {"norm.norm.running_mean", "norm.norm.running_var"}) {
+      auto it = impl_->value.find(name);
+      if (it == impl_->value.end() || static_cast<long long>(it->second.size()) != D)
+        throw ValueError(str_cat("SeqBoatLayerDevice: batchnorm needs the buffer ", name, " of ", D, " values"));
+    }
   const int table = cfg.attention.bias_table_size();
   if (table > 0) {
     auto it = impl_->value.find("rel_pos_bias.rel_pos_bias");
@@ -305,6 +337,8 @@ void SeqBoatLayerDevice::set_host_compressed_length(bool on) {
   if (on != impl_->cfg.host_compressed_length) impl_->has_forward = false;  // backward needs the forward's rows
   impl_->cfg.host_compressed_length = on;
 }
+void SeqBoatLayerDevice::set_training(bool on) { impl_->cfg.training = on; }
+bool SeqBoatLayerDevice::training() const { return impl_->cfg.training; }
 void SeqBoatLayerDevice::set_bf16_projections(bool on) {
   if (impl_->has_forward && on != impl_->cfg.bf16_projections) impl_->has_forward = false;  // no mixed backward
   impl_->cfg.bf16_projections = on;
@@ -339,9 +373,9 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
 
   // 1. pre-norm, EMA, SiLU.
   const float* xin = m.x.data();
+  m.bn_batch_stats = c.training;
   if (c.prenorm) {
-    norm_forward(c.norm, N, D, c.norm_eps, m.x.data(), m.norm_weight(), m.p("norm.norm.bias"), m.xin.data(),
-                 m.mean.data(), m.rstd.data(), s);
+    m.norm_fwd(N, m.x.data(), m.xin.data(), m.mean.data(), m.rstd.data(), m.bn_mean.data(), m.bn_invstd.data(), s);
     xin = m.xin.data();
   }
   ema_forward(m.ema_cfg(), m.ema_params(), xin, pad, m.ema_out.data(), s);
@@ -402,8 +436,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   residual_silu_kernel<<<grid(N * D), 256, 0, s>>>(N * D, m.x.data(), m.pre.data(), act);
   SMA_CUDA_CHECK_LAUNCH();
   if (!c.prenorm)
-    norm_forward(c.norm, N, D, c.norm_eps, m.act.data(), m.norm_weight(), m.p("norm.norm.bias"), out, m.mean2.data(),
-                 m.rstd2.data(), s);
+    m.norm_fwd(N, m.act.data(), out, m.mean2.data(), m.rstd2.data(), m.bn_mean2.data(), m.bn_invstd2.data(), s);
   m.has_forward = true;
 }
 
@@ -427,8 +460,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   const float* dact = dy;
   if (!c.prenorm) {
     float* t = ws.alloc<float>(N * D);
-    norm_backward(c.norm, N, D, m.act.data(), m.norm_weight(), m.mean2.data(), m.rstd2.data(), dy, t,
-                  m.norm_dweight(), m.g("norm.norm.bias"), s);
+    m.norm_bwd(N, m.act.data(), m.mean2.data(), m.rstd2.data(), m.bn_mean2.data(), m.bn_invstd2.data(), dy, t, s);
     dact = t;
   }
   silu_backward(N * D, m.pre.data(), dact, dpre, s);
@@ -505,8 +537,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   ema_backward(m.ema_cfg(), m.ema_params(), xin, pad, dmx, dxin,
                {m.g("ssm.delta"), m.g("ssm.alpha"), m.g("ssm.beta"), m.g("ssm.gamma"), m.g("ssm.omega")}, s);
   if (c.prenorm)
-    norm_backward(c.norm, N, D, m.x.data(), m.norm_weight(), m.mean.data(), m.rstd.data(), dxin, dx,
-                  m.norm_dweight(), m.g("norm.norm.bias"), s);
+    m.norm_bwd(N, m.x.data(), m.mean.data(), m.rstd.data(), m.bn_mean.data(), m.bn_invstd.data(), dxin, dx, s);
   add_kernel<<<grid(N * D), 256, 0, s>>>(N * D, dpre, dx);
   SMA_CUDA_CHECK_LAUNCH();
 }
@@ -516,6 +547,15 @@ void SeqBoatLayerDevice::zero_grad(void* stream) {
 }
 
 std::vector<std::string> SeqBoatLayerDevice::param_names() const { return impl_->names; }
+
+std::vector<DeviceParamRef> SeqBoatLayerDevice::param_refs() {
+  std::vector<DeviceParamRef> out;
+  for (const std::string& n : impl_->names) {
+    DeviceArray<float>& v = impl_->value.at(n);
+    out.push_back({n, v.data(), impl_->grad.at(n).data(), static_cast<long long>(v.size())});
+  }
+  return out;
+}
 
 std::vector<float> SeqBoatLayerDevice::param(const std::string& name, void* stream) const {
   auto it = impl_->value.find(name);

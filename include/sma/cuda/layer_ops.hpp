@@ -8,6 +8,13 @@
 //   scalenorm  y = x rstd * scalar                    (scalar (1) or nullptr)
 //   forward keeps mean (layernorm; nullptr allowed otherwise) and rstd per row; backward recomputes xhat from x and
 //   ADDS the weight / bias gradients (summed in double over row chunks, in a fixed order).
+// BATCHNORM (the CPU's sma::BatchNorm = nn.BatchNorm1d over (B, D, L)), per channel over all rows (B*L tokens;
+//   padded tokens are counted, as the CPU layer and the reference do):
+//   train  mean, var (biased) of the rows; y = (x - mean) invstd * weight + bias, invstd = 1/sqrt(var + eps);
+//          running_mean = (1 - m) running_mean + m mean, running_var = (1 - m) running_var + m var N/(N-1),
+//          num_batches_tracked += 1 (each of the three may be nullptr: not updated). Needs rows > 1.
+//   eval   the same with running_mean, running_var (constants for the backward).
+//   Channel sums in double over 256-row chunks, added in chunk order (deterministic).
 // ROUTER  logits (rows, 2) with row stride ld, u = logits + (-shift/2, +shift/2); probs = softmax(u / exp(temp));
 //   choice = argmax (ties -> 0); active = choice == 1 and not padding; gate = p_1 if active else 0.
 //   backward: for active rows ds_m = dgate p_1 (delta_1m - p_m), dlogits = ds / tau; dtemp -= sum ds_m u_m / tau
@@ -19,7 +26,8 @@
 
 namespace sma::cuda {
 
-enum class NormKind : int { layernorm, rmsnorm, scalenorm };
+/// batchnorm is not a per-row norm: norm_forward / norm_backward reject it, batchnorm_forward / _backward run it.
+enum class NormKind : int { layernorm, rmsnorm, scalenorm, batchnorm };
 
 /// y, x (rows, D); mean (rows) (layernorm only, else may be nullptr), rstd (rows).
 void norm_forward(NormKind kind, long long rows, int D, float eps, const float* x, const float* weight,
@@ -29,6 +37,18 @@ void norm_forward(NormKind kind, long long rows, int D, float eps, const float* 
 void norm_backward(NormKind kind, long long rows, int D, const float* x, const float* weight, const float* mean,
                    const float* rstd, const float* dy, float* dx, float* dweight, float* dbias,
                    void* stream = nullptr);
+
+/// y, x (rows, D); mean, invstd (D) written (the statistics used: the batch's in training, the running ones in
+/// eval); weight, bias (D) or nullptr; the running statistics updated in training (see above).
+void batchnorm_forward(long long rows, int D, float eps, bool training, float momentum, const float* x,
+                       const float* weight, const float* bias, float* running_mean, float* running_var,
+                       float* num_batches_tracked, float* y, float* mean, float* invstd, void* stream = nullptr);
+
+/// dx (rows, D) assigned (through the batch statistics when `training`, i.e. when the forward used them);
+/// dweight += sum dy xhat, dbias += sum dy (nullptr: skipped).
+void batchnorm_backward(long long rows, int D, bool training, const float* x, const float* weight, const float* mean,
+                        const float* invstd, const float* dy, float* dx, float* dweight, float* dbias,
+                        void* stream = nullptr);
 
 /// y = x sigmoid(x), n elements (y may alias x).
 void silu_forward(long long n, const float* x, float* y, void* stream = nullptr);

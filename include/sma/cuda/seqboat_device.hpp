@@ -27,6 +27,10 @@ struct SeqBoatDeviceConfig {
   NormKind norm = NormKind::layernorm;
   bool prenorm = true;
   float norm_eps = 1e-5f;
+  float norm_momentum = 0.1f;  ///< batchnorm's running-statistics momentum
+  /// Train mode (batchnorm: batch statistics, running statistics updated) or eval mode (running statistics).
+  /// Nothing else in the layer depends on the mode (there is no dropout on the device).
+  bool training = true;
   CompressionSemantics routing = CompressionSemantics::reference;
   float router_shift = 0.f;
   /// The three projections (hx_proj, mx_proj, h_proj; forward and backward products) with bf16 operands on the
@@ -39,6 +43,14 @@ struct SeqBoatDeviceConfig {
   bool host_compressed_length = false;
 };
 
+/// A parameter's device storage (value and gradient, `size` floats each), for optimisers over the layer.
+struct DeviceParamRef {
+  std::string name;
+  float* value = nullptr;
+  float* grad = nullptr;
+  long long size = 0;
+};
+
 class SeqBoatLayerDevice {
  public:
   /// `params`: every parameter by official name with its values (sizes checked against the configuration).
@@ -48,8 +60,8 @@ class SeqBoatLayerDevice {
   SeqBoatLayerDevice& operator=(SeqBoatLayerDevice&&) noexcept;
 
   /// The device copy of a CPU layer (its configuration and current parameter values). Throws ValueError for what
-  /// the device layer does not support: batchnorm, and dropout rates > 0 unless `dropout_as_eval` (then the layer
-  /// runs as the CPU layer does in eval mode, where dropout is the identity).
+  /// the device layer does not support: dropout rates > 0 unless `dropout_as_eval` (then the layer runs as the CPU
+  /// layer does with its dropout rates at 0). The layer starts in train mode.
   static SeqBoatLayerDevice from_cpu(SeqBoatLayer<float>& cpu, bool dropout_as_eval = false);
 
   const SeqBoatDeviceConfig& config() const;
@@ -59,6 +71,9 @@ class SeqBoatLayerDevice {
   void set_bf16_projections(bool on);
   /// SeqBoatDeviceConfig::host_compressed_length, switchable between calls.
   void set_host_compressed_length(bool on);
+  /// SeqBoatDeviceConfig::training, switchable between calls (a backward uses the forward's statistics).
+  void set_training(bool on);
+  bool training() const;
 
   /// out (B, L, D) = layer(x); keeps what backward needs (x and padding are copied).
   void forward(int batch, int length, const float* x, const std::uint8_t* padding, float* out, void* stream = nullptr);
@@ -67,6 +82,9 @@ class SeqBoatLayerDevice {
 
   void zero_grad(void* stream = nullptr);
   std::vector<std::string> param_names() const;
+  /// Every parameter's device storage, in param_names() order (the batchnorm buffers running_mean, running_var and
+  /// num_batches_tracked included: they have gradients that stay 0).
+  std::vector<DeviceParamRef> param_refs();
   /// Host copies, taken after the work queued on `stream` (pass the stream the layer ran on).
   std::vector<float> param(const std::string& name, void* stream = nullptr) const;
   std::vector<float> grad(const std::string& name, void* stream = nullptr) const;

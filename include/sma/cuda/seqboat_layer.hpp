@@ -10,7 +10,7 @@
 // PARAMS   the CPU layer's, by official name ("ssm.delta", "hx_proj.weight", "mx_proj.bias", "gamma", ...),
 //          uploaded from a SeqBoatLayer<float> by from_cpu().
 // LIMITS   fp32; no dropout (a configuration with dropout throws ValueError, or runs as in eval mode with
-//          from_cpu(layer, true)); norm_type batchnorm throws ValueError; Z <= 128
+//          from_cpu(layer, true)); Z <= 128
 //          (the attention kernel's limit). The projections after compression run on the B*L upper bound of the
 //          compressed rows (cuBLAS takes host shapes; S is never read back), on zero rows past S.
 // ERRORS   ValueError (configuration, shapes, backward without forward), CudaError (failed CUDA/cuBLAS call).
@@ -24,6 +24,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 namespace sma::cuda {
@@ -60,7 +61,10 @@ inline SeqBoatLayerDevice SeqBoatLayerDevice::from_cpu(SeqBoatLayer<float>& cpu,
     case NormType::layernorm: d.norm = NormKind::layernorm; break;
     case NormType::rmsnorm: d.norm = NormKind::rmsnorm; break;
     case NormType::scalenorm: d.norm = NormKind::scalenorm; break;
-    default: throw ValueError("SeqBoatLayerDevice: norm_type batchnorm is not supported on the device");
+    case NormType::batchnorm:
+      d.norm = NormKind::batchnorm;
+      d.norm_momentum = static_cast<float>(std::get<BatchNorm<float>>(cpu.norm().variant()).config().momentum);
+      break;
   }
   d.prenorm = c.prenorm;
   d.norm_eps = 1e-5f;  // SequenceNorm's eps, as the CPU layer builds it

@@ -1,0 +1,122 @@
+// AdamW on the device (include/sma/cuda/adamw.hpp): one launch per step over a chunk table that maps every block
+// to (range, first element), built once, so that dozens of small parameters cost no extra launches.
+#include <sma/cuda/adamw.hpp>
+
+#include <sma/core/error.hpp>
+
+#include "../common/check.cuh"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <utility>
+
+namespace sma::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr long long kChunk = 4096;  // elements per block
+
+struct RangeDesc {
+  float* w;
+  float* g;
+  long long moment_offset;
+  long long n;
+  int decay;
+};
+
+struct ChunkDesc {
+  int range;
+  long long start;
+};
+
+struct StepArgs {
+  float b1, b2, eps, lr, lr_wd, inv_bc1, inv_sqrt_bc2;
+  int zero_grads;
+};
+
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const RangeDesc* __restrict__ ranges,
+                                                         const ChunkDesc* __restrict__ chunks,
+                                                         float* __restrict__ m, float* __restrict__ v, StepArgs a) {
+  const ChunkDesc ch = chunks[blockIdx.x];
+  const RangeDesc r = ranges[ch.range];
+  const long long end = min(r.n, ch.start + kChunk);
+  const float decay = r.decay ? 1.f - a.lr_wd : 1.f;
+  for (long long i = ch.start + threadIdx.x; i < end; i += kThreads) {
+    const long long k = r.moment_offset + i;
+    const float g = r.g[i];
+    const float mk = a.b1 * m[k] + (1.f - a.b1) * g;
+    const float vk = a.b2 * v[k] + (1.f - a.b2) * g * g;
+    m[k] = mk;
+    v[k] = vk;
+    const float denom = sqrtf(vk) * a.inv_sqrt_bc2 + a.eps;
+    r.w[i] = r.w[i] * decay - a.lr * (mk * a.inv_bc1) / denom;
+    if (a.zero_grads) r.g[i] = 0.f;
+  }
+}
+
+}  // namespace
+
+struct DeviceAdamW::Impl {
+  AdamWConfig cfg;
+  long long total = 0, step = 0;
+  int nchunks = 0;
+  DeviceArray<RangeDesc> ranges;
+  DeviceArray<ChunkDesc> chunks;
+  DeviceArray<float> m, v;
+};
+
+DeviceAdamW::DeviceAdamW(std::vector<AdamWRange> ranges, const AdamWConfig& cfg) : impl_(std::make_unique<Impl>()) {
+  if (!(cfg.beta1 >= 0 && cfg.beta1 < 1 && cfg.beta2 >= 0 && cfg.beta2 < 1))
+    throw ValueError(str_cat("DeviceAdamW: betas must be in [0, 1), got ", cfg.beta1, ", ", cfg.beta2));
+  if (!(cfg.eps > 0)) throw ValueError(str_cat("DeviceAdamW: eps must be > 0, got ", cfg.eps));
+  impl_->cfg = cfg;
+  std::vector<RangeDesc> rd;
+  std::vector<ChunkDesc> cd;
+  for (const AdamWRange& r : ranges) {
+    if (r.size < 0 || (r.size > 0 && (!r.value || !r.grad)))
+      throw ValueError("DeviceAdamW: a range has a negative size or a null pointer");
+    if (r.size == 0) continue;
+    const int idx = static_cast<int>(rd.size());
+    rd.push_back({r.value, r.grad, impl_->total, r.size, r.decay ? 1 : 0});
+    for (long long s = 0; s < r.size; s += kChunk) cd.push_back({idx, s});
+    impl_->total += r.size;
+  }
+  impl_->nchunks = static_cast<int>(cd.size());
+  impl_->ranges = DeviceArray<RangeDesc>(rd);
+  impl_->chunks = DeviceArray<ChunkDesc>(cd);
+  impl_->m = DeviceArray<float>(static_cast<std::size_t>(impl_->total));
+  impl_->v = DeviceArray<float>(static_cast<std::size_t>(impl_->total));
+  impl_->m.fill_bytes(0);
+  impl_->v.fill_bytes(0);
+  device_synchronize();  // the fills above ran on the legacy stream; a step may come on any stream
+}
+
+DeviceAdamW::~DeviceAdamW() = default;
+DeviceAdamW::DeviceAdamW(DeviceAdamW&&) noexcept = default;
+DeviceAdamW& DeviceAdamW::operator=(DeviceAdamW&&) noexcept = default;
+
+const AdamWConfig& DeviceAdamW::config() const { return impl_->cfg; }
+long long DeviceAdamW::steps() const { return impl_->step; }
+long long DeviceAdamW::size() const { return impl_->total; }
+
+void DeviceAdamW::step(double lr, void* stream, bool zero_grads) {
+  Impl& m = *impl_;
+  ++m.step;
+  if (m.nchunks == 0) return;
+  const double t = static_cast<double>(m.step);
+  StepArgs a;
+  a.b1 = static_cast<float>(m.cfg.beta1);
+  a.b2 = static_cast<float>(m.cfg.beta2);
+  a.eps = static_cast<float>(m.cfg.eps);
+  a.lr = static_cast<float>(lr);
+  a.lr_wd = static_cast<float>(lr * m.cfg.weight_decay);
+  a.inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(m.cfg.beta1, t)));
+  a.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(m.cfg.beta2, t)));
+  a.zero_grads = zero_grads ? 1 : 0;
+  adamw_kernel<<<m.nchunks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(m.ranges.data(), m.chunks.data(),
+                                                                              m.m.data(), m.v.data(), a);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace sma::cuda

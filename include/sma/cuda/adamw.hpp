@@ -1,0 +1,50 @@
+// sma/cuda/adamw.hpp: AdamW on the device (definitions in cuda/model/adamw.cu), the update of sma::optim::Adam's
+// adamw variant: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, w = w (1 - lr wd) - lr (m/bc1) / (sqrt(v/bc2) + eps),
+// bc_i = 1 - b_i^t, with weight decay only on the ranges marked `decay` (sma::train::Optimizer decays the matrices,
+// rank >= 2, by default). One fused kernel over every range (a chunk table built once); the bias corrections are
+// computed on the host in double from the step count, so a step never waits for the device. The moments are fp32
+// (the CPU keeps doubles); the update is computed in fp32.
+#pragma once
+
+#include <sma/cuda/buffer.hpp>
+
+#include <memory>
+#include <vector>
+
+namespace sma::cuda {
+
+/// The defaults are sma::train::OptimizerConfig's (note beta2 = 0.98).
+struct AdamWConfig {
+  double beta1 = 0.9, beta2 = 0.98, eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+/// `size` floats of parameter values and their gradients (device memory).
+struct AdamWRange {
+  float* value = nullptr;
+  float* grad = nullptr;
+  long long size = 0;
+  bool decay = true;
+};
+
+class DeviceAdamW {
+ public:
+  DeviceAdamW(std::vector<AdamWRange> ranges, const AdamWConfig& cfg);
+  ~DeviceAdamW();
+  DeviceAdamW(DeviceAdamW&&) noexcept;
+  DeviceAdamW& operator=(DeviceAdamW&&) noexcept;
+
+  const AdamWConfig& config() const;
+  long long steps() const;
+  /// Elements over all ranges.
+  long long size() const;
+  /// One update with learning rate `lr`, queued on `stream`. With `zero_grads` the kernel also clears each
+  /// gradient after reading it (saving the separate zero_grad pass of a training step).
+  void step(double lr, void* stream = nullptr, bool zero_grads = false);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sma::cuda
