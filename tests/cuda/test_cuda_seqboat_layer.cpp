@@ -28,6 +28,7 @@ struct LayerCase {
   unsigned seed;
   bool bf16 = false;  // bf16 projections: normwise relative error against double instead of the fp32 rule
   bool host_s = false;  // host_compressed_length: the products after compression on S rows
+  bool train = false;   // train mode (batchnorm: batch statistics and running-statistics update)
 };
 
 double rel_norm_err(const float* got, const double* ref, std::size_t n) {
@@ -96,8 +97,11 @@ void check_layer(const LayerCase& lc) {
         mask(b, t) = 1;
         flat[static_cast<std::size_t>(b) * L + t] = 1;
       }
-  Context ctx;
+  Context ctx(lc.train ? Mode::train : Mode::eval);
   if (lc.ragged) ctx.padding = &mask;
+  // The device copy is taken before the CPU forwards, which update batchnorm's running statistics in train mode.
+  cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(lf);
+  dev.set_training(lc.train);
   typename SeqBoatLayer<double>::Cache cd;
   typename SeqBoatLayer<float>::Cache cf;
   const Tensor3<double> yd = ld.forward(ctx, x, cd);
@@ -107,7 +111,6 @@ void check_layer(const LayerCase& lc) {
 
   const std::size_t n = static_cast<std::size_t>(B) * L * D;
   cuda::Stream stream;
-  cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(lf);
   dev.set_bf16_projections(lc.bf16);
   dev.set_host_compressed_length(lc.host_s);
   cuda::DeviceArray<float> d_x(std::vector<float>(xf.data(), xf.data() + n));
@@ -157,6 +160,14 @@ void check_layer(const LayerCase& lc) {
   {
     const auto a = cuda_test::accuracy(dx.data(), dxf.data(), dxd.data(), n);
     INFO("dx: " << a);
+    CHECK(a.ok());
+  }
+  // Batchnorm's running statistics after the forward (updated in train mode, unchanged in eval mode).
+  for (const char* name : {"norm.norm.running_mean", "norm.norm.running_var", "norm.norm.num_batches_tracked"}) {
+    if (!pd.count(name)) continue;
+    const std::vector<float> v = dev.param(name, stream.handle());
+    const auto a = cuda_test::accuracy(v.data(), pf.at(name)->data(), pd.at(name)->data(), v.size());
+    INFO(name << ": " << a);
     CHECK(a.ok());
   }
   for (auto& [name, p] : pd) {
@@ -212,6 +223,17 @@ TEST_CASE("cuda SeqBoat layer matches the CPU layer", "[cuda][seqboat][quick]") 
     c.direction = Direction::bidirectional;
     cases.push_back({"nothing routed", 2, 40, c, true, 6});
   }
+  for (const bool train : {true, false})
+    for (const bool prenorm : {false, true}) {
+      SeqBoatLayerConfig c = base_config();
+      c.norm_type = NormType::batchnorm;
+      c.prenorm = prenorm;
+      c.direction = prenorm ? Direction::causal : Direction::bidirectional;
+      LayerCase lc{prenorm ? "batchnorm prenorm causal, ragged" : "batchnorm postnorm bidirectional, ragged", 3, 47, c,
+                   true, 7};
+      lc.train = train;
+      cases.push_back(lc);
+    }
   for (const auto& c : cases) check_layer(c);
   // The same cases with the products after compression sized by S (read back to the host).
   for (auto c : cases) {
@@ -238,7 +260,9 @@ TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][s
   SeqBoatLayerConfig c = base_config();
   c.norm_type = NormType::batchnorm;
   SeqBoatLayer<float> bn(c, 1);
-  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(bn), Catch::Contains("batchnorm"));
+  cuda::SeqBoatLayerDevice bdev = cuda::SeqBoatLayerDevice::from_cpu(bn);
+  cuda::DeviceArray<float> one(std::vector<float>(static_cast<std::size_t>(c.embed_dim), 0.f));
+  CHECK_THROWS_WITH(bdev.forward(1, 1, one.data(), nullptr, one.data()), Catch::Contains("more than one value"));
   c = base_config();
   c.dropout = 0.1;
   SeqBoatLayer<float> dr(c, 1);

@@ -1,8 +1,9 @@
 // sma-golden --device cuda: runs a golden case through the CUDA backend (float32) and compares with the stored
-// results like run_case does. Only compiled when the backend is built (SMA_WITH_CUDA). Cases: ema (sma::cuda EMA)
-// and layer (SeqBoatLayerDevice: output, grad.input, every parameter gradient, the activation mask and the per-row
-// counts; the other intermediates stay on the device). Models, relpos and batchnorm layers are SKIPPED with the
-// reason.
+// results like run_case does (eval mode). Only compiled when the backend is built (SMA_WITH_CUDA). Cases: ema
+// (sma::cuda EMA), layer (SeqBoatLayerDevice, batchnorm included: output, grad.input, every parameter gradient, the
+// activation mask and the per-row counts; the other intermediates stay on the device) and model
+// (SeqBoatModelDevice: logits, grad.input, every parameter gradient, each layer's activation mask). relpos cases
+// are SKIPPED with the reason.
 #pragma once
 
 #include "../golden_case.hpp"
@@ -11,6 +12,7 @@
 #include <sma/cuda/device.hpp>
 #include <sma/cuda/ema.hpp>
 #include <sma/cuda/seqboat_layer.hpp>
+#include <sma/cuda/seqboat_model.hpp>
 
 #include <map>
 #include <string>
@@ -93,17 +95,13 @@ inline CaseResult run_case_cuda(const std::string& path, const RunOptions& opt =
       }
     } else if (res.kind == "layer") {
       const SeqBoatLayerConfig lc = SeqBoatLayerConfig::from_reference_json(cfg);
-      if (lc.norm_type == NormType::batchnorm) {
-        res.skipped = true;
-        res.note = "batchnorm is not on the device";
-        return res;
-      }
       SeqBoatLayer<float> layer(lc);
       io::load_state_dict(layer, f, lo);
       const Tensor3<float> x = detail::to_batch_first(f.tensor<float, 3>("input"));
       const Tensor3<float> g = detail::to_batch_first(f.tensor<float, 3>("grad_output"));
       const Index B = x.dimension(0), L = x.dimension(1), D = x.dimension(2);
       cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(layer, /*dropout_as_eval=*/true);
+      dev.set_training(false);
       cuda::DeviceArray<float> d_x(detail::host_vector(x)), d_g(detail::host_vector(g));
       cuda::DeviceArray<float> d_y(static_cast<std::size_t>(x.size())), d_dx(static_cast<std::size_t>(x.size()));
       dev.forward(static_cast<int>(B), static_cast<int>(L), d_x.data(), pad_ptr, d_y.data(), stream.handle());
@@ -119,6 +117,36 @@ inline CaseResult run_case_cuda(const std::string& path, const RunOptions& opt =
       zero_grad(layer);
       dev.add_grads_to(layer);
       detail::compare_grads<float>(layer, check);
+    } else if (res.kind == "model") {
+      SeqBoatModel<float> model(SeqBoatModelConfig::from_reference_json(cfg));
+      io::load_state_dict(model, f, lo);
+      const Tensor3<float> x = f.tensor<float, 3>("input");
+      const Tensor2<float> g = f.tensor<float, 2>("grad_output");
+      const Index B = x.dimension(0), L = x.dimension(1), Di = x.dimension(2), C = g.dimension(1);
+      cuda::SeqBoatModelDevice dev = cuda::SeqBoatModelDevice::from_cpu(model, /*dropout_as_eval=*/true);
+      dev.set_training(false);
+      cuda::DeviceArray<float> d_x(detail::host_vector(x));
+      cuda::DeviceArray<float> d_g(std::vector<float>(g.data(), g.data() + g.size()));
+      cuda::DeviceArray<float> d_y(static_cast<std::size_t>(B * C)), d_dx(static_cast<std::size_t>(x.size()));
+      dev.forward(static_cast<int>(B), static_cast<int>(L), d_x.data(), pad_ptr, d_y.data(), stream.handle());
+      dev.backward(d_g.data(), d_dx.data(), stream.handle());
+      stream.synchronize();
+      Tensor2<float> y(B, C);
+      const std::vector<float> yv = d_y.download();
+      std::copy(yv.begin(), yv.end(), y.data());
+      check.compare("output", detail::flat(y));
+      for (int i = 0; i < dev.n_layers(); ++i) {
+        const std::vector<std::uint8_t> act = dev.layer(i).active(stream.handle());
+        check.compare_exact(str_cat("inter.seq_layers.", i, ".activation_mask"),
+                            std::vector<double>(act.begin(), act.end()));
+      }
+      Tensor3<float> dx(B, L, Di);
+      const std::vector<float> dxv = d_dx.download();
+      std::copy(dxv.begin(), dxv.end(), dx.data());
+      check.compare("grad.input", detail::flat(dx));
+      zero_grad(model);
+      dev.add_grads_to(model);
+      detail::compare_grads<float>(model, check);
     } else {
       res.skipped = true;
       res.note = str_cat("kind '", res.kind, "' is not run on the device");

@@ -1,0 +1,119 @@
+// sma_bench_cuda_model: one AdamW training step (forward, softmax cross-entropy, backward, update) of the SeqBoat
+// classifier on the device, at the official CIFAR quickstart configuration: 8 layers, D 160, Z 96, H 320, N 16,
+// W 128, batchnorm post-norm, simple bias (max_positions 1024), bidirectional, relu2, B 50 x L 1024, d_input 3,
+// d_output 10; dropout 0 (the device layer has none). Times each step with CUDA events (median of the repetitions
+// after warm-up), in fp32 and with bf16 projections, plus the forward alone and the step's parts.
+// Usage: sma_bench_cuda_model [reps=15] [profile]. "profile": 2 warm-up steps and 1 step per precision, for nsys/ncu.
+#include <sma/cuda/buffer.hpp>
+#include <sma/cuda/device.hpp>
+#include <sma/cuda/seqboat_model.hpp>
+#include <sma/models/seqboat.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace sma;
+
+namespace {
+
+float median_ms(const std::function<void()>& fn, void* stream, int warmup, int reps) {
+  cuda::EventTimer timer;
+  for (int i = 0; i < warmup; ++i) fn();
+  cuda::device_synchronize();
+  std::vector<float> t;
+  for (int r = 0; r < reps; ++r) {
+    timer.start(stream);
+    fn();
+    t.push_back(timer.stop(stream));
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (cuda::device_count() == 0) {
+    std::printf("no CUDA device: nothing to time\n");
+    return 0;
+  }
+  const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 15;
+  const bool profile = argc > 2 && std::string(argv[2]) == "profile";
+  std::printf("device %s\n", cuda::device_description().c_str());
+  SeqBoatModelConfig c;
+  c.d_input = 3;
+  c.d_output = 10;
+  c.d_model = 160;
+  c.n_layers = 8;
+  c.dropout = 0;
+  c.prenorm = false;
+  c.max_positions = 1024;
+  c.d_qk = 96;
+  c.d_ema = 16;
+  c.mem_size = 128;
+  c.bidirectional = true;
+  c.norm_type = NormType::batchnorm;
+  c.rel_pos = ops::PositionEncoding::simple;
+  c.attention_activation = ops::AttentionActivation::relu2;
+  const int B = 50, L = 1024;
+  SeqBoatModel<float> cpu(c, 1);
+  cuda::SeqBoatModelDevice dev = cuda::SeqBoatModelDevice::from_cpu(cpu);
+  cuda::AdamWConfig ac;  // sma::train defaults: betas 0.9 / 0.98, weight decay 0.01 on matrices
+  dev.set_optimizer(ac);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(static_cast<std::size_t>(B) * L * c.d_input);
+  for (float& v : x) v = nd(rng);
+  std::vector<int> y(B);
+  for (int& v : y) v = static_cast<int>(rng() % 10);
+  cuda::DeviceArray<float> d_x(x);
+  cuda::DeviceArray<int> d_y(y);
+  cuda::Stream stream;
+  void* s = stream.handle();
+  const double lr = 1e-4;
+  auto step = [&] { dev.train_step(B, L, d_x.data(), nullptr, d_y.data(), lr, s); };
+  auto fwd = [&] { dev.forward(B, L, d_x.data(), nullptr, nullptr, s); };
+  auto fwd_bwd = [&] {
+    dev.forward(B, L, d_x.data(), nullptr, nullptr, s);
+    dev.loss(d_y.data(), -100, s);
+    dev.backward_loss(nullptr, s);
+  };
+  for (const bool bf16 : {false, true}) {
+    dev.set_bf16_projections(bf16);
+    const char* prec = bf16 ? "bf16-projections" : "fp32";
+    if (profile) {
+      step();
+      step();
+      cuda::device_synchronize();
+      cuda::EventTimer t;
+      t.start(s);
+      step();
+      std::printf("profile %s step %.3f ms\n", prec, t.stop(s));
+      continue;
+    }
+    const float t_step = median_ms(step, s, 3, reps);
+    const float t_fwd = median_ms(fwd, s, 2, reps);
+    const float t_fb = median_ms(fwd_bwd, s, 2, reps);
+    dev.zero_grad(s);
+    const float t_opt = median_ms([&] { dev.step(0.0, s); }, s, 2, reps);
+    step();
+    const cuda::CrossEntropyValue lv = dev.read_loss(s);
+    double dens = 0;
+    std::string per;
+    for (int i = 0; i < dev.n_layers(); ++i) {
+      const std::vector<std::uint8_t> a = dev.layer(i).active(s);
+      double on = 0;
+      for (auto v : a) on += v;
+      dens += on / a.size();
+      per += (i ? "," : "") + std::to_string(on / a.size()).substr(0, 5);
+    }
+    std::printf("model %s B=%d L=%d step %.3f ms (median of %d) forward %.3f ms forward+loss+backward %.3f ms "
+                "adamw %.3f ms | loss %.4f density %.3f [%s]\n",
+                prec, B, L, t_step, reps, t_fwd, t_fb, t_opt, lv.loss, dens / dev.n_layers(), per.c_str());
+  }
+  return 0;
+}

@@ -1,0 +1,306 @@
+// SeqBoatModelDevice against the CPU SeqBoatModel (double reference, float CPU path for the error budget), in train
+// mode with ragged padding: logits, loss, every parameter gradient, batchnorm's running statistics, and the
+// parameters after 3 AdamW steps (train_step on the device, sma::train::Optimizer on the CPU). Configurations:
+// batchnorm post-norm bidirectional (simple bias, relu2) and layernorm pre-norm causal rotary softmax. The router
+// margins are widened as in test_cuda_seqboat_layer.cpp so that no decision is a near tie.
+#include "cuda_test_support.hpp"
+
+#include <sma/cuda/seqboat_model.hpp>
+#include <sma/models/seqboat.hpp>
+#include <sma/optim/loss.hpp>
+#include <sma/train/optimizer.hpp>
+
+#include <cmath>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace sma;
+
+namespace {
+
+SeqBoatModelConfig small_config() {
+  SeqBoatModelConfig c;
+  c.d_input = 3;
+  c.d_output = 5;
+  c.d_model = 24;
+  c.n_layers = 2;
+  c.dropout = 0;
+  c.max_positions = 128;
+  c.d_qk = 16;
+  c.d_ema = 4;
+  c.mem_size = 8;
+  return c;
+}
+
+template <class T>
+std::map<std::string, Param<T>*> params_of(SeqBoatModel<T>& m) {
+  std::map<std::string, Param<T>*> out;
+  for_each_param(m, [&](const std::string& name, Param<T>& p) { out[name] = &p; });
+  return out;
+}
+
+double norm_diff(const float* a, const double* b, std::size_t n) {
+  double s = 0;
+  for (std::size_t i = 0; i < n; ++i) s += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+  return std::sqrt(s);
+}
+
+void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed) {
+  INFO("model case " << name);
+  SeqBoatModel<double> md(cfg, seed);
+  SeqBoatModel<float> mf(cfg, seed);
+  auto pd = params_of(md);
+  auto pf = params_of(mf);
+  std::mt19937 rng(seed * 7 + 1);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const Index D = cfg.d_model;
+  for (Index l = 0; l < cfg.n_layers; ++l) {
+    const std::string pre = str_cat("seq_layers.", l, ".");
+    for (Index i = 0; i < 2 * D; ++i) pd.at(pre + "hx_proj.weight")->data()[i] = 0.8 * nd(rng);
+    for (const char* n : {"beta", "mx_proj.bias", "h_proj.bias"})
+      for (Index i = 0; i < pd.at(pre + n)->size(); ++i) pd.at(pre + n)->data()[i] = 0.1 * nd(rng);
+  }
+  for (auto& [n, p] : pd) {
+    Param<float>& f = *pf.at(n);
+    REQUIRE(f.size() == p->size());
+    for (Index i = 0; i < p->size(); ++i) {
+      f.data()[i] = static_cast<float>(p->data()[i]);
+      p->data()[i] = static_cast<double>(f.data()[i]);
+    }
+  }
+  const int B = 3, L = 45, Di = static_cast<int>(cfg.d_input), C = static_cast<int>(cfg.d_output);
+  Tensor3<double> x(B, L, Di);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(nd(rng));
+  const Tensor3<float> xf = x.cast<float>();
+  Mask mask(B, L);
+  mask.setZero();
+  std::vector<std::uint8_t> flat(static_cast<std::size_t>(B) * L, 0);
+  for (int b = 1; b < B; ++b)
+    for (int t = L - 7 * b; t < L; ++t) {
+      mask(b, t) = 1;
+      flat[static_cast<std::size_t>(b) * L + t] = 1;
+    }
+  const std::vector<std::int64_t> labels{1, 4, 0};
+  const std::vector<int> labels32(labels.begin(), labels.end());
+
+  cuda::Stream stream;
+  void* s = stream.handle();
+  cuda::SeqBoatModelDevice dev = cuda::SeqBoatModelDevice::from_cpu(mf);  // before the CPU forwards (running stats)
+  REQUIRE(dev.training());
+  cuda::DeviceArray<float> d_x(std::vector<float>(xf.data(), xf.data() + xf.size()));
+  cuda::DeviceArray<std::uint8_t> d_mask(flat);
+  cuda::DeviceArray<int> d_labels(labels32);
+  cuda::DeviceArray<float> d_logits(static_cast<std::size_t>(B * C));
+
+  Context ctx(Mode::train);
+  ctx.padding = &mask;
+  typename SeqBoatModel<double>::Cache cd;
+  typename SeqBoatModel<float>::Cache cf;
+  auto cpu_step = [&](auto& model, const auto& xin, auto& cache) {
+    using T = typename std::decay_t<decltype(model)>::Scalar;
+    zero_grad(model);
+    const Tensor2<T> y = model.forward(ctx, xin, cache);
+    Matrix<T> dl;
+    const optim::LossResult r = optim::cross_entropy<T>(as_matrix(y), labels, &dl);
+    Tensor2<T> dlt(B, C);
+    as_matrix(dlt) = dl;
+    model.backward(ctx, dlt, cache);
+    return std::make_pair(y, r.loss);
+  };
+  const auto [yd, lossd] = cpu_step(md, x, cd);
+  const auto [yf, lossf] = cpu_step(mf, xf, cf);
+
+  dev.forward(B, L, d_x.data(), d_mask.data(), d_logits.data(), s);
+  dev.loss(d_labels.data(), -100, s);
+  dev.backward_loss(nullptr, s);
+  const cuda::CrossEntropyValue lv = dev.read_loss(s);
+  stream.synchronize();
+
+  for (int l = 0; l < dev.n_layers(); ++l) {
+    const std::vector<std::uint8_t> act = dev.layer(l).active(s);
+    int differ = 0;
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < L; ++t) differ += cd.layers[static_cast<std::size_t>(l)].router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
+    INFO("layer " << l);
+    REQUIRE(differ == 0);
+  }
+  {
+    const std::vector<float> lg = d_logits.download();
+    const auto a = cuda_test::accuracy(lg.data(), yf.data(), yd.data(), lg.size());
+    INFO("logits: " << a);
+    CHECK(a.ok());
+    const double el = std::abs(lv.loss - lossd), ef = std::abs(lossf - lossd);
+    INFO("loss " << lv.loss << " (double " << lossd << ", float " << lossf << ")");
+    CHECK(el <= 2 * ef + 2e-6 * std::abs(lossd));
+    CHECK(lv.counted == B);
+  }
+  for (auto& [n, p] : pd) {
+    const std::vector<float> g = dev.grad(n, s);
+    REQUIRE(g.size() == static_cast<std::size_t>(p->size()));
+    if (!p->trainable()) {  // buffers: the running statistics after one train-mode forward
+      const std::vector<float> v = dev.param(n, s);
+      const auto a = cuda_test::accuracy(v.data(), pf.at(n)->data(), p->data(), v.size());
+      INFO("buffer " << n << ": " << a);
+      CHECK(a.ok());
+      continue;
+    }
+    const auto a = cuda_test::accuracy(g.data(), pf.at(n)->grad(), p->grad(), g.size());
+    INFO("d " << n << ": " << a);
+    CHECK(a.ok());
+  }
+
+  // 3 AdamW steps (sma::train::Optimizer's rule: decay on matrices only) from here.
+  std::map<std::string, std::vector<double>> w0;
+  for (auto& [n, p] : pd) w0[n] = std::vector<double>(p->data(), p->data() + p->size());
+  train::OptimizerConfig oc;
+  oc.weight_decay = 0.05;
+  ParamBuffer<double> bd(md);
+  ParamBuffer<float> bf(mf);
+  train::Optimizer<double> od(bd, oc);
+  train::Optimizer<float> of(bf, oc);
+  cuda::AdamWConfig ac;
+  ac.beta1 = oc.beta1;
+  ac.beta2 = oc.beta2;
+  ac.eps = oc.eps;
+  ac.weight_decay = oc.weight_decay;
+  dev.set_optimizer(ac);
+  pd = params_of(md);
+  pf = params_of(mf);
+  const double lr = 2e-3;
+  for (int step = 0; step < 3; ++step) {
+    cpu_step(md, x, cd);
+    cpu_step(mf, xf, cf);
+    od.step(lr);
+    of.step(lr);
+    dev.train_step(B, L, d_x.data(), d_mask.data(), d_labels.data(), lr, s);
+  }
+  stream.synchronize();
+  for (int l = 0; l < dev.n_layers(); ++l) {
+    const std::vector<std::uint8_t> act = dev.layer(l).active(s);
+    int differ = 0;
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < L; ++t) differ += cd.layers[static_cast<std::size_t>(l)].router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
+    INFO("after training, layer " << l);
+    REQUIRE(differ == 0);
+  }
+  CHECK(dev.optimizer().steps() == 3);
+  for (auto& [n, p] : pd) {
+    const std::vector<float> v = dev.param(n, s);
+    const std::size_t k = v.size();
+    const double upd = norm_diff(pf.at(n)->data(), w0.at(n).data(), k);  // float CPU's update (vs the start)
+    double upd_d = 0;
+    for (std::size_t i = 0; i < k; ++i) upd_d += (p->data()[i] - w0.at(n)[i]) * (p->data()[i] - w0.at(n)[i]);
+    upd_d = std::sqrt(upd_d);
+    const double e_dev = norm_diff(v.data(), p->data(), k), e_f = norm_diff(pf.at(n)->data(), p->data(), k);
+    INFO("after 3 steps, " << n << ": |dev - double| " << e_dev << ", |float - double| " << e_f << ", |update| "
+                           << upd_d << " (float " << upd << ")");
+    // fp32 moments and update against the CPU's doubles: the difference must be small against the update itself.
+    CHECK(e_dev <= 2 * e_f + 1e-2 * upd_d + 1e-7);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda SeqBoat model matches the CPU model (forward, loss, gradients, AdamW)", "[cuda][model][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  {
+    SeqBoatModelConfig c = small_config();
+    c.norm_type = NormType::batchnorm;
+    c.prenorm = false;
+    c.bidirectional = true;
+    check_model("batchnorm postnorm bidirectional simple relu2, ragged", c, 3);
+  }
+  {
+    SeqBoatModelConfig c = small_config();
+    c.norm_type = NormType::layernorm;
+    c.prenorm = true;
+    c.bidirectional = false;
+    c.rel_pos = ops::PositionEncoding::rotary;
+    c.attention_activation = ops::AttentionActivation::softmax;
+    check_model("layernorm prenorm causal rotary softmax, ragged", c, 4);
+  }
+  {
+    SeqBoatModelConfig c = small_config();
+    c.norm_type = NormType::batchnorm;
+    c.prenorm = true;  // the final norm is a batchnorm too
+    c.bidirectional = false;
+    check_model("batchnorm prenorm causal (batchnorm final norm), ragged", c, 5);
+  }
+}
+
+TEST_CASE("cuda SeqBoat model in eval mode uses the running statistics", "[cuda][model][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatModelConfig c = small_config();
+  c.norm_type = NormType::batchnorm;
+  SeqBoatModel<float> m(c, 9);
+  // running statistics away from 0 / 1 so that eval differs from train
+  for_each_param(m, [](const std::string& n, Param<float>& p) {
+    if (n.find("running_mean") != std::string::npos) p.fill(0.3f);
+    if (n.find("running_var") != std::string::npos) p.fill(2.0f);
+  });
+  cuda::SeqBoatModelDevice dev = cuda::SeqBoatModelDevice::from_cpu(m);
+  dev.set_training(false);
+  const int B = 2, L = 30;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Tensor3<float> x(B, L, c.d_input);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = nd(rng);
+  cuda::DeviceArray<float> d_x(std::vector<float>(x.data(), x.data() + x.size()));
+  cuda::DeviceArray<float> d_y(static_cast<std::size_t>(B * c.d_output));
+  cuda::Stream stream;
+  dev.forward(B, L, d_x.data(), nullptr, d_y.data(), stream.handle());
+  Context ctx(Mode::eval);
+  typename SeqBoatModel<float>::Cache cache;
+  const Tensor2<float> y = m.forward(ctx, x, cache);
+  const std::vector<float> got = d_y.download(stream.handle());
+  const double scale = cuda_test::max_abs(y.data(), got.size());
+  CHECK(cuda_test::max_abs_diff(got.data(), y.data(), got.size()) <= 1e-4 * std::max(scale, 1.0));
+  // eval mode leaves the running statistics alone
+  const std::vector<float> rm = dev.param("seq_layers.0.norm.norm.running_mean", stream.handle());
+  for (float v : rm) CHECK(v == 0.3f);
+}
+
+TEST_CASE("cuda SeqBoat model: unsupported configurations and misuse", "[cuda][model][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatModelConfig c = small_config();
+  c.dropout = 0.1;
+  SeqBoatModel<float> dr(c, 1);
+  CHECK_THROWS_WITH(cuda::SeqBoatModelDevice::from_cpu(dr), Catch::Contains("dropout"));
+  c = small_config();
+  c.d_qk = 160;
+  SeqBoatModel<float> wide(c, 1);
+  CHECK_THROWS_WITH(cuda::SeqBoatModelDevice::from_cpu(wide), Catch::Contains("zdim 160"));
+  c = small_config();
+  SeqBoatModel<float> ok(c, 1);
+  cuda::SeqBoatModelDevice dev = cuda::SeqBoatModelDevice::from_cpu(ok);
+  CHECK_THROWS_WITH(dev.backward_loss(), Catch::Contains("no forward"));
+  CHECK_THROWS_WITH(dev.forward(0, 4, nullptr, nullptr), Catch::Contains("must be >= 1"));
+  CHECK_THROWS_AS(dev.grad("nope"), KeyError);
+  cuda::DeviceArray<float> x(std::vector<float>(static_cast<std::size_t>(2 * 4 * c.d_input), 0.f));
+  CHECK_THROWS_WITH(dev.train_step(2, 4, x.data(), nullptr, nullptr, 1e-3), Catch::Contains("no optimiser"));
+  // A label outside [0, d_output): the loss is read back as an error naming it.
+  cuda::Stream stream;
+  dev.forward(2, 4, x.data(), nullptr, nullptr, stream.handle());
+  cuda::DeviceArray<int> bad(std::vector<int>{1, 7});
+  dev.loss(bad.data(), -100, stream.handle());
+  CHECK_THROWS_WITH(dev.read_loss(stream.handle()), Catch::Contains("label 7 at row 1"));
+  // A CPU model of another shape cannot take the device gradients.
+  SeqBoatModelConfig c2 = small_config();
+  c2.d_output = 7;
+  SeqBoatModel<float> other(c2, 1);
+  CHECK_THROWS_AS(dev.add_grads_to(other), ShapeError);
+  // A layer of another width cannot join the model.
+  std::vector<cuda::SeqBoatLayerDevice> layers;
+  SeqBoatLayerConfig lc = c.layer_config();
+  lc.embed_dim = 8;
+  lc.hdim = 16;
+  SeqBoatLayer<float> l8(lc, 1);
+  layers.push_back(cuda::SeqBoatLayerDevice::from_cpu(l8));
+  cuda::SeqBoatModelDeviceConfig mc;
+  mc.d_input = 3;
+  mc.d_output = 5;
+  mc.d_model = 24;
+  CHECK_THROWS_WITH(cuda::SeqBoatModelDevice(mc, std::move(layers), {}, {}), Catch::Contains("embed_dim 8"));
+}
