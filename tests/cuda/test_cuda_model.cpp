@@ -47,6 +47,10 @@ double norm_diff(const float* a, const double* b, std::size_t n) {
   return std::sqrt(s);
 }
 
+// The accuracy rule with a floor of 1e-5 x max|reference| (the layer tests use 2e-6): the model chains two layers,
+// batchnorm statistics and the pooling, whose sums the device and the float CPU path take in different orders.
+constexpr double kFloor = 1e-5;
+
 void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed) {
   INFO("model case " << name);
   SeqBoatModel<double> md(cfg, seed);
@@ -128,12 +132,12 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   }
   {
     const std::vector<float> lg = d_logits.download();
-    const auto a = cuda_test::accuracy(lg.data(), yf.data(), yd.data(), lg.size());
+    const auto a = cuda_test::accuracy(lg.data(), yf.data(), yd.data(), lg.size(), kFloor);
     INFO("logits: " << a);
     CHECK(a.ok());
     const double el = std::abs(lv.loss - lossd), ef = std::abs(lossf - lossd);
     INFO("loss " << lv.loss << " (double " << lossd << ", float " << lossf << ")");
-    CHECK(el <= 2 * ef + 2e-6 * std::abs(lossd));
+    CHECK(el <= 2 * ef + 1e-5 * std::abs(lossd));
     CHECK(lv.counted == B);
   }
   for (auto& [n, p] : pd) {
@@ -141,12 +145,12 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
     REQUIRE(g.size() == static_cast<std::size_t>(p->size()));
     if (!p->trainable()) {  // buffers: the running statistics after one train-mode forward
       const std::vector<float> v = dev.param(n, s);
-      const auto a = cuda_test::accuracy(v.data(), pf.at(n)->data(), p->data(), v.size());
+      const auto a = cuda_test::accuracy(v.data(), pf.at(n)->data(), p->data(), v.size(), kFloor);
       INFO("buffer " << n << ": " << a);
       CHECK(a.ok());
       continue;
     }
-    const auto a = cuda_test::accuracy(g.data(), pf.at(n)->grad(), p->grad(), g.size());
+    const auto a = cuda_test::accuracy(g.data(), pf.at(n)->grad(), p->grad(), g.size(), kFloor);
     INFO("d " << n << ": " << a);
     CHECK(a.ok());
   }
@@ -235,8 +239,10 @@ TEST_CASE("cuda SeqBoat model in eval mode uses the running statistics", "[cuda]
   SeqBoatModelConfig c = small_config();
   c.norm_type = NormType::batchnorm;
   SeqBoatModel<float> m(c, 9);
-  // running statistics away from 0 / 1 so that eval differs from train
-  for_each_param(m, [](const std::string& n, Param<float>& p) {
+  // running statistics away from 0 / 1 so that eval differs from train; router logits widened (no near ties)
+  for_each_param(m, [&](const std::string& n, Param<float>& p) {
+    if (n.find("hx_proj.weight") != std::string::npos)
+      for (Index i = 0; i < 2 * c.d_model; ++i) p.data()[i] *= 5.f;
     if (n.find("running_mean") != std::string::npos) p.fill(0.3f);
     if (n.find("running_var") != std::string::npos) p.fill(2.0f);
   });
