@@ -195,8 +195,7 @@ SeqBoatModelDevice::SeqBoatModelDevice(const SeqBoatModelDeviceConfig& cfg, std:
   if (m.refs.size() != layer_refs.size() + m.value.size())
     throw ValueError(str_cat("SeqBoatModelDevice: ", layer_refs.size() + m.value.size(), " device parameters but ",
                              m.refs.size(), " named in the parameter list"));
-  m.loss_result = DeviceArray<double>(5);
-  m.loss_result.fill_bytes(0);
+  m.loss_result = DeviceArray<double>(std::vector<double>{0, 0, 0, -1, 0});  // no loss yet, no bad label
   SMA_CUDA_CHECK(cublasCreate(&m.blas));
   set_training(true);
 }
