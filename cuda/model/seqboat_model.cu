@@ -219,6 +219,10 @@ void SeqBoatModelDevice::set_bf16_projections(bool on) {
   if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().bf16_projections)) impl_->has_forward = false;
   for (auto& l : impl_->layers) l.set_bf16_projections(on);
 }
+void SeqBoatModelDevice::set_bf16_attention(bool on) {
+  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().attention.bf16)) impl_->has_forward = false;
+  for (auto& l : impl_->layers) l.set_bf16_attention(on);
+}
 const float* SeqBoatModelDevice::logits() const { return impl_->logits.data(); }
 
 void SeqBoatModelDevice::forward(int batch, int length, const float* x, const std::uint8_t* padding, float* logits,

@@ -338,6 +338,10 @@ void SeqBoatLayerDevice::set_host_compressed_length(bool on) {
   impl_->cfg.host_compressed_length = on;
 }
 void SeqBoatLayerDevice::set_training(bool on) { impl_->cfg.training = on; }
+void SeqBoatLayerDevice::set_bf16_attention(bool on) {
+  if (impl_->has_forward && on != impl_->cfg.attention.bf16) impl_->has_forward = false;  // no mixed backward
+  impl_->cfg.attention.bf16 = on;
+}
 bool SeqBoatLayerDevice::training() const { return impl_->cfg.training; }
 void SeqBoatLayerDevice::set_bf16_projections(bool on) {
   if (impl_->has_forward && on != impl_->cfg.bf16_projections) impl_->has_forward = false;  // no mixed backward

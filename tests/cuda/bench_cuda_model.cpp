@@ -2,7 +2,7 @@
 // classifier on the device, at the official CIFAR quickstart configuration: 8 layers, D 160, Z 96, H 320, N 16,
 // W 128, batchnorm post-norm, simple bias (max_positions 1024), bidirectional, relu2, B 50 x L 1024, d_input 3,
 // d_output 10; dropout 0 (the device layer has none). Times each step with CUDA events (median of the repetitions
-// after warm-up), in fp32 and with bf16 projections, plus the forward alone and the step's parts.
+// after warm-up), in fp32, with bf16 projections, and with bf16 projections and bf16 attention, plus the forward alone and the step's parts.
 // Usage: sma_bench_cuda_model [reps=15] [profile]. "profile": 2 warm-up steps and 1 step per precision, for nsys/ncu.
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -82,9 +82,10 @@ int main(int argc, char** argv) {
     dev.loss(d_y.data(), -100, s);
     dev.backward_loss(nullptr, s);
   };
-  for (const bool bf16 : {false, true}) {
-    dev.set_bf16_projections(bf16);
-    const char* prec = bf16 ? "bf16-projections" : "fp32";
+  for (const int mode : {0, 1, 2}) {
+    dev.set_bf16_projections(mode >= 1);
+    dev.set_bf16_attention(mode == 2);
+    const char* prec = mode == 0 ? "fp32" : mode == 1 ? "bf16-projections" : "bf16-projections+bf16-attention";
     if (profile) {
       step();
       step();

@@ -71,6 +71,8 @@ class SeqBoatLayerDevice {
   void set_bf16_projections(bool on);
   /// SeqBoatDeviceConfig::host_compressed_length, switchable between calls.
   void set_host_compressed_length(bool on);
+  /// LocalAttentionConfig::bf16 of the attention (tensor-core bf16 band products), switchable between calls.
+  void set_bf16_attention(bool on);
   /// SeqBoatDeviceConfig::training, switchable between calls (a backward uses the forward's statistics).
   void set_training(bool on);
   bool training() const;

@@ -58,6 +58,8 @@ class SeqBoatModelDevice {
   bool training() const;
   /// bf16 projections in every layer (SeqBoatDeviceConfig::bf16_projections).
   void set_bf16_projections(bool on);
+  /// bf16 attention in every layer (SeqBoatLayerDevice::set_bf16_attention).
+  void set_bf16_attention(bool on);
 
   /// logits (B, d_output) = model(x), x (B, L, d_input), padding (B, L) uint8 (1 = pad) or nullptr; the logits
   /// are also kept (logits()). Mean pooling over each row's real tokens; a row that is all padding pools to 0
