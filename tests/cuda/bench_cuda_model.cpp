@@ -3,7 +3,8 @@
 // W 128, batchnorm post-norm, simple bias (max_positions 1024), bidirectional, relu2, B 50 x L 1024, d_input 3,
 // d_output 10; dropout 0 (the device layer has none). Times each step with CUDA events (median of the repetitions
 // after warm-up), in fp32, with bf16 projections, and with bf16 projections and bf16 attention, plus the forward alone and the step's parts.
-// Usage: sma_bench_cuda_model [reps=15] [profile]. "profile": 2 warm-up steps and 1 step per precision, for nsys/ncu.
+// Usage: sma_bench_cuda_model [reps=15] [profile [mode]]. "profile": 1 warm-up step and 1 step in one precision
+// (mode 0 fp32, 1 bf16 projections, 2 and bf16 attention), for nsys/ncu.
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
 #include <sma/cuda/seqboat_model.hpp>
@@ -43,6 +44,7 @@ int main(int argc, char** argv) {
   }
   const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 15;
   const bool profile = argc > 2 && std::string(argv[2]) == "profile";
+  const int profile_mode = argc > 3 ? std::atoi(argv[3]) : 0;  // 0 fp32, 1 bf16 projections, 2 + bf16 attention
   std::printf("device %s\n", cuda::device_description().c_str());
   SeqBoatModelConfig c;
   c.d_input = 3;
@@ -87,7 +89,7 @@ int main(int argc, char** argv) {
     dev.set_bf16_attention(mode == 2);
     const char* prec = mode == 0 ? "fp32" : mode == 1 ? "bf16-projections" : "bf16-projections+bf16-attention";
     if (profile) {
-      step();
+      if (mode != profile_mode) continue;
       step();
       cuda::device_synchronize();
       cuda::EventTimer t;

@@ -45,7 +45,7 @@ if [ -n "$PROFILE" ]; then
     nsys stats --report cuda_gpu_kern_sum --format csv /tmp/model_prof.nsys-rep > "$OUT/profile_kern.csv" 2>/dev/null
     head -40 "$OUT/profile_kern.csv"
   elif command -v ncu > /dev/null; then
-    timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv ./sma_bench_cuda_model 1 profile \
+    timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv ./sma_bench_cuda_model 1 profile \
         > /tmp/ncu.csv 2> /tmp/ncu.err; echo "ncu rc=$?"
     cp /tmp/ncu.csv "$OUT/ncu.csv"
     [ -f "$NCU_SUMMARY" ] && python3 "$NCU_SUMMARY" /tmp/ncu.csv > "$OUT/profile.txt" 2>&1 && head -40 "$OUT/profile.txt"
