@@ -4,7 +4,7 @@
 // bands A^T and dS^T; then dq = scale dS K', dk = scale dS^T Q', dv = A^T dout, each a batched product over blocks
 // of 64 slots (no two blocks write the same row, so no atomics and nothing order-dependent). The bias gradient:
 // per block of 64 queries, each table entry summed in double by one thread in a fixed order, then the blocks added
-// in order by bias_reduce_kernel (backward_kernel.cuh), as in the fp32 path.
+// in a fixed order by bias_reduce_kernel (backward_kernel.cuh), as in the fp32 path.
 #pragma once
 
 #include "backward_kernel.cuh"
@@ -86,16 +86,26 @@ __global__ void band_transpose_kernel(const BandParams g, const __nv_bfloat16* _
   }
 }
 
+constexpr int kDbiasStagedKeys = 2048;  // key positions of a band row kept in shared memory when the band is narrower
+
 /// The bias gradient of block blockIdx.x (64 queries) from the fp32 dS band: partial[block, e] for e in the
 /// block's [lo, hi) (written to range). Entry e is summed by one thread over the rows in order and, within a row,
-/// over the run of visible keys with index e (indices are nondecreasing along a row's keys).
+/// over the run of visible keys with index e (indices are nondecreasing along a row's keys, so a binary search
+/// finds the run; with consecutive positions the first guess is already the run's start).
 __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const BandParams g,
                                   const float* __restrict__ dsband) {
   __shared__ int r_a[kBandRows], r_e[kBandRows], r_uf[kBandRows], r_ul[kBandRows], r_pos[kBandRows];
+  __shared__ int k_pos[kDbiasStagedKeys];
   __shared__ int s_lo, s_hi;
   const int S = p.offsets[p.batch];
   const int q0 = blockIdx.x * kBandRows, tid = threadIdx.x;
   const int base = q0 - g.wpad;
+  const bool staged = p.position == kPosSimple && g.width <= kDbiasStagedKeys;
+  if (staged)
+    for (int c = tid; c < g.width; c += blockDim.x) {
+      const int j = base + c;
+      k_pos[c] = j >= 0 && j < S ? p.positions[j] : 0;
+    }
   if (tid < kBandRows) {
     const int i = q0 + tid;
     int a = 0, e = 0, uf = 0x7fffffff, ul = -0x7fffffff, pos = 0;
@@ -140,13 +150,17 @@ __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const Ba
       const int i = q0 + r;
       const auto u = [&](int c) {
         const int j = base + c;
-        return bias_index(p, i, j, r_pos[r], p.positions ? p.positions[j] : 0);
+        return bias_index(p, i, j, r_pos[r], staged ? k_pos[c] : (p.positions ? p.positions[j] : 0));
       };
-      int lo = r_a[r], hi = r_e[r];
-      while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (u(mid) < e) lo = mid + 1;
-        else hi = mid;
+      int lo = r_a[r] + (e - r_uf[r]);  // exact for local_simple and for consecutive positions
+      if (!(lo < r_e[r] && u(lo) == e && (lo == r_a[r] || u(lo - 1) < e))) {
+        lo = r_a[r];
+        int hi = r_e[r];
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          if (u(mid) < e) lo = mid + 1;
+          else hi = mid;
+        }
       }
       const float* row = dsband + static_cast<long long>(i) * g.width;
       for (int c = lo; c < r_e[r] && u(c) == e; ++c) sum += static_cast<double>(row[c]);
@@ -207,8 +221,8 @@ inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const
     p.dbias_range = ws.alloc<int>(2LL * g.nb);
     band_dbias_kernel<<<g.nb, 256, 0, s>>>(p, band_params(g), dband);
     SMA_CUDA_CHECK_LAUNCH();
-    bias_reduce_kernel<<<(p.table_size + 255) / 256, 256, 0, s>>>(p.dbias_partial, p.dbias_range, g.nb, p.table_size,
-                                                                  dbias_table);
+    bias_reduce_kernel<<<bias_reduce_blocks(p.table_size), 256, 0, s>>>(p.dbias_partial, p.dbias_range, g.nb,
+                                                                        p.table_size, dbias_table);
     SMA_CUDA_CHECK_LAUNCH();
   }
   if (rot) {

@@ -67,8 +67,8 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
   attn::local_attention_dkv_kernel<Tr, true><<<dim3(rows, attn::col_blocks(in.h)), Tr::kThreads, 0, s>>>(p);
   SMA_CUDA_CHECK_LAUNCH();
   if (table_size > 0) {
-    attn::bias_reduce_kernel<<<(table_size + 255) / 256, 256, 0, s>>>(p.dbias_partial, p.dbias_range, rows,
-                                                                      table_size, dbias_table);
+    attn::bias_reduce_kernel<<<attn::bias_reduce_blocks(table_size), 256, 0, s>>>(p.dbias_partial, p.dbias_range,
+                                                                                 rows, table_size, dbias_table);
     SMA_CUDA_CHECK_LAUNCH();
   }
   if (cfg.position == Position::rotary) {

@@ -1,34 +1,37 @@
-// sma/cuda/local_attention.hpp: the working-memory local attention over compressed tokens on the device (fp32, or bf16 tensor cores),
-// forward and backward (the CUDA counterpart of sma/ops/local_attention.hpp; definitions in cuda/local_attention/).
+// sma/cuda/local_attention.hpp: the working-memory local attention over compressed tokens on the device (fp32, or
+// bf16 on tensor cores), forward and backward (the CUDA counterpart of sma/ops/local_attention.hpp; definitions in
+// cuda/local_attention/).
 // No CUDA header is included: tensors are plain device pointers, the stream an opaque `void*` (a cudaStream_t).
 //
 // WHAT (identical maths to sma::ops::local_attention_{forward,backward}; docs/maths/local_attention.md)
 //   Row b of the packed batch owns slots [offsets[b], offsets[b+1]); S = offsets[B] is READ ON THE DEVICE. The
 //   kernels are launched for `capacity` >= S rows (an upper bound, e.g. B*L straight after cuda::plan_compression),
-//   so nothing waits for the host. Rows >= S of any tensor are neither read nor written.
+//   so nothing waits for the host. Rows >= S of any tensor are neither read nor written (bf16: see below).
 //     visible(i, j)  causal: i-W <= j <= i; bidirectional: |i-j| <= W; same row; key_valid[j] != 0 (if given)
 //     s_ij = scale * rot(q_i) . rot(k_j) + bias_ij       (bias: none | simple (original positions) | local_simple)
 //     a_ij = relu(s)^2 | softmax over visible j | laplace;  out_i = sum_j a_ij v_j
 //   A softmax query with no visible key gets out_i = 0 and row_stat = +inf, as on the CPU.
-//   Nothing of size S x W is stored: scores are recomputed tile by tile (FlashAttention style) in the backward.
+//   fp32: nothing of size S x W is stored; scores are recomputed tile by tile (FlashAttention style).
 // SHAPES (row-major float32, device memory, `capacity` rows allocated)
 //   q, k (capacity, Z); v, out, dout (capacity, H); dq, dk (capacity, Z); dv (capacity, H);
 //   offsets (B+1) int32; positions (capacity) int32, nondecreasing within each row (true for every compression
 //   plan); key_valid (capacity) uint8 or nullptr; row_stat (capacity) float (softmax only);
 //   bias_table / dbias_table: bias_table_size() floats (2P-1 simple, 6W-1 local_simple).
 // LIMITS: fp32 kernels: Z <= 128 (any H). bf16 (cfg.bf16): any Z, H; every activation, position, direction.
+//   Rotary: Z <= 8192 (a frequency table in shared memory).
 // PRECISION (cfg.bf16 = true; cuda/local_attention/band_bf16.cuh): q', k', v (and dout) are rounded to bf16 once
 //   (the rounding folded into the rotary pre-pass), products run on tensor cores (cuBLAS, bf16 in, fp32 accumulate);
 //   scores, bias, masks, softmax statistics (max, sum, log-sum-exp, delta) and dS stay fp32, the attention weights
 //   and dS are rounded to bf16 as operands of the second products, the bias gradient is summed from the fp32 dS in
-//   double. Inputs and outputs at this API stay fp32, so a caller (SeqBoatLayerDevice) needs no change. Expect
-//   about 1e-2 of the largest magnitude as error (8-bit mantissas), not the fp32 path's 1e-6.
+//   double. Inputs and outputs at this API stay fp32, so a caller (SeqBoatLayerDevice) needs no change. Errors
+//   measured in the tests: a few 1e-3 of each tensor's largest magnitude (8-bit mantissas), not fp32's 1e-6.
 //   Differences of the bf16 path: it sets rows [S, capacity) of out, dq, dk, dv to ZERO (written; row_stat rows
 //   >= S stay untouched); its temporaries hold a band of capacity x (64 + 2 W') scores (W' = min(W, capacity)
 //   rounded up to 64; one side only when causal): about 16 bytes per band entry in the backward, 6 in the forward.
 //   It creates a cuBLAS handle per device and host thread on first use and destroys it when the thread ends, and
 //   raises the release threshold of the device's stream-ordered memory pool to its workspace size, so the pool
-//   keeps that much memory across synchronisations instead of mapping it afresh for every call.
+//   keeps that much memory across synchronisations instead of mapping it afresh for every call. Its products have
+//   host shapes (cuBLAS), so its time follows `capacity`, not S: at low density the fp32 kernels can be as fast.
 // GRADIENTS: backward ASSIGNS dq, dk, dv (rows < S) and ADDS into dbias_table, deterministically (the bias
 //   gradient is reduced per tile in a fixed order, in double, then over tiles in a fixed order). The softmax
 //   backward needs the forward's `out` and `row_stat`; relu2 and laplace need neither (pass nullptr).
