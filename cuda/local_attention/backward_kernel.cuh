@@ -12,6 +12,8 @@
 
 #include "tile.cuh"
 
+#include <algorithm>
+
 namespace sma::cuda::attn {
 
 /// d loss / d score of one visible pair from its score x (bias included) and dA; lse and delta: the query's.
