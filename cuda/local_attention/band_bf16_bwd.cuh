@@ -143,29 +143,52 @@ __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const Ba
   }
   __syncthreads();
   double* part = p.dbias_partial + static_cast<long long>(blockIdx.x) * p.table_size;
+  // Row r's keys with index e are the band columns [first(r, e), first(r, e + 1)): indices are nondecreasing.
+  const auto u = [&](int r, int c) {
+    const int j = base + c;
+    return bias_index(p, q0 + r, j, r_pos[r], staged ? k_pos[c] : (p.positions ? p.positions[j] : 0));
+  };
+  const auto first = [&](int r, int e) {
+    int lo = r_a[r] + (e - r_uf[r]);  // exact for local_simple and for consecutive positions
+    if (lo < r_e[r] && u(r, lo) == e && (lo == r_a[r] || u(r, lo - 1) < e)) return lo;
+    lo = r_a[r];
+    int hi = r_e[r];
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (u(r, mid) < e) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
+  // The two clamped ends of the simple table can collect most of every row (positions further apart than P - 1):
+  // a warp takes each of them, its lanes striding over the run, then a fixed shuffle tree.
+  const int top = 2 * p.max_positions - 2;
+  const bool clamp_lo = p.position == kPosSimple && s_lo == 0 && s_lo < s_hi;
+  const bool clamp_hi = p.position == kPosSimple && top > 0 && s_hi - 1 == top && s_lo < s_hi;
   for (int e = s_lo + tid; e < s_hi; e += blockDim.x) {
+    if ((clamp_lo && e == 0) || (clamp_hi && e == top)) continue;
     double sum = 0.0;
     for (int r = 0; r < kBandRows; ++r) {
       if (e < r_uf[r] || e > r_ul[r]) continue;
-      const int i = q0 + r;
-      const auto u = [&](int c) {
-        const int j = base + c;
-        return bias_index(p, i, j, r_pos[r], staged ? k_pos[c] : (p.positions ? p.positions[j] : 0));
-      };
-      int lo = r_a[r] + (e - r_uf[r]);  // exact for local_simple and for consecutive positions
-      if (!(lo < r_e[r] && u(lo) == e && (lo == r_a[r] || u(lo - 1) < e))) {
-        lo = r_a[r];
-        int hi = r_e[r];
-        while (lo < hi) {
-          const int mid = (lo + hi) >> 1;
-          if (u(mid) < e) lo = mid + 1;
-          else hi = mid;
-        }
-      }
-      const float* row = dsband + static_cast<long long>(i) * g.width;
-      for (int c = lo; c < r_e[r] && u(c) == e; ++c) sum += static_cast<double>(row[c]);
+      const float* row = dsband + static_cast<long long>(q0 + r) * g.width;
+      for (int c = first(r, e); c < r_e[r] && u(r, c) == e; ++c) sum += static_cast<double>(row[c]);
     }
     part[e] = sum;
+  }
+  const int warp = tid / 32, lane = tid % 32;
+  if ((warp == 0 && clamp_lo) || (warp == 1 && clamp_hi)) {
+    const int e = warp == 0 ? 0 : top;
+    double sum = 0.0;
+    for (int r = 0; r < kBandRows; ++r) {
+      if (e < r_uf[r] || e > r_ul[r]) continue;
+      const int c0 = e == r_uf[r] ? r_a[r] : first(r, e);
+      const int c1 = e == r_ul[r] ? r_e[r] : first(r, e + 1);
+      const float* row = dsband + static_cast<long long>(q0 + r) * g.width;
+      for (int c = c0 + lane; c < c1; c += 32) sum += static_cast<double>(row[c]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) part[e] = sum;
   }
 }
 
