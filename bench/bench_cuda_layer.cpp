@@ -21,9 +21,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
-#include <memory>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace {
@@ -51,18 +49,13 @@ SeqBoatLayerConfig issue_config(Index L, ops::PositionEncoding pos) {
   return c;
 }
 
-/// The device layer for `precision`: the fp32 copy of a CPU layer, or the same parameters under a configuration
-/// with the bf16 projections and the bf16 attention switched on.
+/// The device copy of a CPU layer, with the projections and the attention on tensor cores for bf16.
 cuda::SeqBoatLayerDevice make_layer(const SeqBoatLayerConfig& lc, Precision precision) {
   SeqBoatLayer<float> cpu(lc, 7);
   cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(cpu);
-  if (precision == Precision::fp32) return dev;
-  cuda::SeqBoatDeviceConfig cfg = dev.config();
-  cfg.bf16_projections = true;
-  cfg.attention.bf16 = true;
-  std::vector<std::pair<std::string, std::vector<float>>> params;
-  for (const std::string& name : dev.param_names()) params.emplace_back(name, dev.param(name));
-  return cuda::SeqBoatLayerDevice(cfg, params);
+  dev.set_bf16_projections(precision == Precision::bf16);
+  dev.set_bf16_attention(precision == Precision::bf16);
+  return dev;
 }
 
 /// Bisection on the router shift until the measured share of routed tokens is within 0.01 of `target`
