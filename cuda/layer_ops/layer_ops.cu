@@ -96,26 +96,40 @@ constexpr int kColRows = 256;  // rows per partial
 
 // partial[chunk, c] = sum over the chunk's rows of a[r, c] (* b[r, c]); with x/mean/rstd instead of b, the norm's
 // xhat (mode 1: layernorm, 2: rms) multiplies a.
-__global__ void column_partial_kernel(long long rows, int cols, const float* __restrict__ a, int lda,
-                                      const float* __restrict__ b, int mode, const float* __restrict__ x,
-                                      const float* __restrict__ mean, const float* __restrict__ rstd,
-                                      double* __restrict__ partial) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+constexpr int kColGroups = 8;  // row groups per block of the column sums (32 columns x 8 groups)
+
+// partial[chunk, c] = sum over the chunk's rows of a[r, c] (* b[r, c]); with x/mean/rstd instead of b, the norm's
+// xhat (mode 1: layernorm, 2: rms) multiplies a. A block is 32 columns x 8 row groups: warps read 32 consecutive
+// columns of one row (coalesced), each group sums every 8th row, and the 8 group sums are added in group order.
+__global__ void __launch_bounds__(32 * kColGroups) column_partial_kernel(
+    long long rows, int cols, const float* __restrict__ a, int lda, const float* __restrict__ b, int mode,
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
+    double* __restrict__ partial) {
+  __shared__ double part[kColGroups][32];
+  const int c = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y;
   const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
   const long long r1 = min(rows, r0 + kColRows);
   double s = 0;
-  for (long long r = r0; r < r1; ++r) {
-    float v = a[r * lda + c];
-    if (b) v *= b[r * lda + c];
-    if (mode == 1) v *= (x[r * cols + c] - mean[r]) * rstd[r];
-    if (mode == 2) v *= x[r * cols + c] * rstd[r];
-    s += v;
+  if (c < cols)
+    for (long long r = r0 + g; r < r1; r += kColGroups) {
+      float v = a[r * lda + c];
+      if (b) v *= b[r * lda + c];
+      if (mode == 1) v *= (x[r * cols + c] - mean[r]) * rstd[r];
+      if (mode == 2) v *= x[r * cols + c] * rstd[r];
+      s += v;
+    }
+  part[g][threadIdx.x] = s;
+  __syncthreads();
+  if (g == 0 && c < cols) {
+    double t = 0;
+#pragma unroll
+    for (int k = 0; k < kColGroups; ++k) t += part[k][threadIdx.x];
+    partial[static_cast<long long>(blockIdx.y) * cols + c] = t;
   }
-  partial[static_cast<long long>(blockIdx.y) * cols + c] = s;
 }
 
-// out[c] += sum of the partials (mode 3: all columns summed into out[0]).
+// out[c] += sum of the partials (all: every column summed into out[0], by one thread). One warp per column: lanes
+// take every 32nd chunk, then a fixed shuffle tree (deterministic).
 __global__ void column_finish_kernel(int chunks, int cols, const double* __restrict__ partial, float* out, int all) {
   if (all) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
@@ -124,11 +138,13 @@ __global__ void column_finish_kernel(int chunks, int cols, const double* __restr
     out[0] += static_cast<float>(s);
     return;
   }
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+  const int c = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (c >= cols) return;  // whole warps leave together
   double s = 0;
-  for (int k = 0; k < chunks; ++k) s += partial[static_cast<long long>(k) * cols + c];
-  out[c] += static_cast<float>(s);
+  for (int k = lane; k < chunks; k += 32) s += partial[static_cast<long long>(k) * cols + c];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) out[c] += static_cast<float>(s);
 }
 
 void column_reduce(long long rows, int cols, const float* a, int lda, const float* b, int mode, const float* x,
@@ -138,11 +154,11 @@ void column_reduce(long long rows, int cols, const float* a, int lda, const floa
   if (chunks > 65535) throw ValueError(str_cat("sma::cuda column sums: too many rows (", rows, ")"));
   detail::StreamWorkspace ws(s);
   double* part = ws.alloc<double>(static_cast<long long>(chunks) * cols);
-  const int bx = std::min(128, (cols + 31) / 32 * 32);
-  column_partial_kernel<<<dim3((cols + bx - 1) / bx, chunks), bx, 0, s>>>(rows, cols, a, lda, b, mode, x, mean, rstd,
-                                                                          part);
+  column_partial_kernel<<<dim3((cols + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(rows, cols, a, lda, b, mode,
+                                                                                        x, mean, rstd, part);
   SMA_CUDA_CHECK_LAUNCH();
-  column_finish_kernel<<<all ? 1 : (cols + 127) / 128, all ? 1 : 128, 0, s>>>(chunks, cols, part, out, all ? 1 : 0);
+  // finish: 8 warps (columns) per block
+  column_finish_kernel<<<all ? 1 : (cols + 7) / 8, all ? 1 : 256, 0, s>>>(chunks, cols, part, out, all ? 1 : 0);
   SMA_CUDA_CHECK_LAUNCH();
 }
 
