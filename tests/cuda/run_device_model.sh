@@ -5,7 +5,7 @@
 # call, and optionally a kernel profile of one step (PROFILE=1; nsys if present, else ncu).
 # Layout next to this script: sma_test_cuda, sma-golden, sma_bench_cuda_model, golden/*.safetensors,
 # ref/{bench_ref_model.py,standalone_seqboat.py,einops_fallback/} (optional). Switches: SKIP_TESTS, SKIP_SANITIZE,
-# SKIP_BENCH, SKIP_REF, PROFILE, NCU_SUMMARY (path of tests/cuda/ncu_summary.py).
+# SKIP_BENCH, SKIP_REF, PROFILE, PROFILE_MODES (default 0). The ncu CSVs hold a warm-up step and a timed step.
 cd "$(dirname "$0")"
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -24,7 +24,7 @@ fi
 if [ -z "$SKIP_SANITIZE" ]; then
   el memcheck
   timeout 150 "$CS" --tool memcheck --leak-check full --error-exitcode 9 ./sma_test_cuda "[model][quick]" > "$OUT/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -2 "$OUT/memcheck.txt"
-  timeout 150 "$CS" --tool racecheck --error-exitcode 9 ./sma_test_cuda "[model][quick]" > "$OUT/racecheck.txt" 2>&1; echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.txt"
+  timeout 150 "$CS" --tool racecheck --error-exitcode 9 ./sma_test_cuda "[model][quick],[seqboat][quick]~[bf16]" > "$OUT/racecheck.txt" 2>&1; echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.txt"
 fi
 el golden
 timeout 60 ./sma-golden --device cuda -v golden/*.safetensors > "$OUT/golden_cuda.txt" 2>&1; echo "golden rc=$?"
@@ -45,10 +45,10 @@ if [ -n "$PROFILE" ]; then
     nsys stats --report cuda_gpu_kern_sum --format csv /tmp/model_prof.nsys-rep > "$OUT/profile_kern.csv" 2>/dev/null
     head -40 "$OUT/profile_kern.csv"
   elif command -v ncu > /dev/null; then
-    timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv ./sma_bench_cuda_model 1 profile \
-        > /tmp/ncu.csv 2> /tmp/ncu.err; echo "ncu rc=$?"
-    cp /tmp/ncu.csv "$OUT/ncu.csv"
-    [ -f "$NCU_SUMMARY" ] && python3 "$NCU_SUMMARY" /tmp/ncu.csv > "$OUT/profile.txt" 2>&1 && head -40 "$OUT/profile.txt"
+    for mode in ${PROFILE_MODES:-0}; do  # the bench's precision modes: 0 fp32, 1 bf16 projections, 2 + bf16 attention
+      timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv ./sma_bench_cuda_model 1 profile \
+          $mode > "$OUT/ncu_mode$mode.csv" 2> /tmp/ncu.err; echo "ncu mode $mode rc=$?"
+    done
   fi
 fi
 el done
