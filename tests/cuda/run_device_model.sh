@@ -11,8 +11,9 @@ export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/device.txt"
+# few files under $OUT (the device tool returns a limited number): device lines go to golden_cuda.txt's head
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee /tmp/device.txt
+date -u +%Y-%m-%dT%H:%MZ | tee -a /tmp/device.txt
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -z "$SKIP_TESTS" ]; then
   el tests
@@ -23,11 +24,13 @@ if [ -z "$SKIP_TESTS" ]; then
 fi
 if [ -z "$SKIP_SANITIZE" ]; then
   el memcheck
-  timeout 150 "$CS" --tool memcheck --leak-check full --error-exitcode 9 ./sma_test_cuda "[model][quick]" > "$OUT/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -2 "$OUT/memcheck.txt"
-  timeout 150 "$CS" --tool racecheck --error-exitcode 9 ./sma_test_cuda "[model][quick]" > "$OUT/racecheck.txt" 2>&1; echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.txt"
+  timeout 150 "$CS" --tool memcheck --leak-check full --error-exitcode 9 ./sma_test_cuda "[model][quick]" > /tmp/memcheck.txt 2>&1; echo "memcheck rc=$?"; tail -2 /tmp/memcheck.txt
+  timeout 150 "$CS" --tool racecheck --error-exitcode 9 ./sma_test_cuda "[model][quick]" > /tmp/racecheck.txt 2>&1; echo "racecheck rc=$?"; tail -2 /tmp/racecheck.txt
+  cat /tmp/memcheck.txt /tmp/racecheck.txt > "$OUT/sanitize.txt"
 fi
 el golden
-timeout 60 ./sma-golden --device cuda -v golden/*.safetensors > "$OUT/golden_cuda.txt" 2>&1; echo "golden rc=$?"
+cp /tmp/device.txt "$OUT/golden_cuda.txt"
+timeout 60 ./sma-golden --device cuda -v golden/*.safetensors >> "$OUT/golden_cuda.txt" 2>&1; echo "golden rc=$?"
 grep -E "^(PASS|FAIL|SKIP|device|[0-9]+ cases)" "$OUT/golden_cuda.txt"
 if [ -z "$SKIP_BENCH" ]; then
   el bench
