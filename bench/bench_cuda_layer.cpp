@@ -14,6 +14,7 @@
 // for medians; docs/benchmarks.md has the tables and the command.
 #include "bench_common.hpp"
 
+#include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
 #include <sma/cuda/seqboat_layer.hpp>
@@ -58,24 +59,6 @@ cuda::SeqBoatLayerDevice make_layer(const SeqBoatLayerConfig& lc, Precision prec
   return dev;
 }
 
-/// Bisection on the router shift until the measured share of routed tokens is within 0.01 of `target`
-/// (1.0: a shift that routes every token). Returns the share reached.
-double steer(cuda::SeqBoatLayerDevice& dev, int B, int L, const float* x, float* out, void* s, double target) {
-  double lo = -40, hi = 40, got = 0;
-  for (int it = 0; it < 24; ++it) {
-    const double shift = target >= 1.0 ? 1000.0 : 0.5 * (lo + hi);
-    dev.set_router_shift(static_cast<float>(shift));
-    dev.forward(B, L, x, nullptr, out, s);
-    const std::vector<std::uint8_t> a = dev.active(s);
-    got = 0;
-    for (auto v : a) got += v;
-    got /= static_cast<double>(a.size());
-    if (target >= 1.0 || std::abs(got - target) < 0.01) break;
-    (got < target ? lo : hi) = shift;
-  }
-  return got;
-}
-
 std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> d(0.f, 1.f);
@@ -102,7 +85,7 @@ void layer_bench(benchmark::State& state, Mode mode, Precision precision, ops::P
   const cuda::DeviceMemory before = cuda::device_memory();
 
   cuda::SeqBoatLayerDevice dev = make_layer(lc, precision);
-  const double density = steer(dev, B, L, x.data(), out.data(), s, target);
+  const double density = cuda::steer_density(dev, B, L, x.data(), out.data(), target, s);
   auto once = [&] {
     dev.forward(B, L, x.data(), nullptr, out.data(), s);
     if (mode == Mode::fwd_bwd) dev.backward(dy.data(), dx.data(), s);

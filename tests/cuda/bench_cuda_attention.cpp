@@ -7,6 +7,7 @@
 // relu2, layernorm pre-norm, rotary; and the simple bias with P = L at L = 64K) at 64K tokens for L = 1K..64K, the
 // density steered with the router shift (measured and printed).
 // Not a test: run it by hand on a GPU machine (docs/cuda.md), next to tests/cuda/bench_flex.py for the baseline.
+#include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/compress.hpp>
 #include <sma/cuda/device.hpp>
@@ -31,21 +32,6 @@ namespace {
 struct Shape {
   int B = 16, L = 4096, D = 512, Z = 128, H = 1024, W = 256;
 };
-
-float median_ms(const std::function<void()>& fn, void* stream, int reps) {
-  cuda::EventTimer timer;
-  fn();
-  fn();
-  cuda::device_synchronize();
-  std::vector<float> t;
-  for (int r = 0; r < reps; ++r) {
-    timer.start(stream);
-    fn();
-    t.push_back(timer.stop(stream));
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 std::vector<float> random_vector(std::size_t n, float scale, unsigned seed) {
   std::mt19937 rng(seed);
@@ -120,11 +106,11 @@ int main(int argc, char** argv) {
                      device.c_str(), density, S, what, cfg, ms, gflop);
     };
 
-    report("plan_compression", "B=16 L=4096", median_ms([&] {
+    report("plan_compression", "B=16 L=4096", cuda::time_median_ms([&] {
              cuda::plan_compression(active.data(), cuda::CompressionSemantics::per_row, plan.view(), s);
            }, s, reps), 0);
-    report("compress x", "D=512", median_ms([&] { cuda::compress(x.data(), sh.D, pv, xc.data(), s); }, s, reps), 0);
-    report("extract_add", "D=512", median_ms([&] { cuda::extract_add(xc.data(), sh.D, pv, gate.data(), y.data(), s); },
+    report("compress x", "D=512", cuda::time_median_ms([&] { cuda::compress(x.data(), sh.D, pv, xc.data(), s); }, s, reps), 0);
+    report("extract_add", "D=512", cuda::time_median_ms([&] { cuda::extract_add(xc.data(), sh.D, pv, gate.data(), y.data(), s); },
                                              s, reps), 0);
 
     struct Cfg {
@@ -185,11 +171,11 @@ int main(int argc, char** argv) {
         stream.synchronize();
         continue;
       }
-      const float ms_f = median_ms([&] {
+      const float ms_f = cuda::time_median_ms([&] {
         cuda::local_attention_forward(cfg, in, table.data(), out.data(), stat.data(), s);
       }, s, reps);
       report("attention forward", c.name, ms_f, fwd_gflop);
-      const float ms_fb = median_ms([&] {
+      const float ms_fb = cuda::time_median_ms([&] {
         cuda::local_attention_forward(cfg, in, table.data(), out.data(), stat.data(), s);
         cuda::local_attention_backward(cfg, in, table.data(), out.data(), stat.data(), dout.data(), dq.data(),
                                        dk.data(), dv.data(), dtable.data(), s);
@@ -218,8 +204,8 @@ int main(int argc, char** argv) {
     const cuda::EmaParams p{delta.data(), alpha.data(), beta.data(), gamma.data(), omega.data()};
     const cuda::EmaGrads g{gd.data(), ga.data(), gb.data(), gg.data(), go.data()};
     const char* name = bidir ? "B=16 L=4096 D=512 N=16 bidir" : "B=16 L=4096 D=512 N=16 causal";
-    const float ms_f = median_ms([&] { cuda::ema_forward(ec, p, x.data(), nullptr, y.data(), s); }, s, reps);
-    const float ms_fb = median_ms([&] {
+    const float ms_f = cuda::time_median_ms([&] { cuda::ema_forward(ec, p, x.data(), nullptr, y.data(), s); }, s, reps);
+    const float ms_fb = cuda::time_median_ms([&] {
       cuda::ema_forward(ec, p, x.data(), nullptr, y.data(), s);
       cuda::ema_backward(ec, p, x.data(), nullptr, x.data(), xc.data(), g, s);
     }, s, reps);
@@ -285,19 +271,7 @@ int main(int argc, char** argv) {
     SeqBoatLayer<float> cpu(lc, 7);
     cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(cpu);
     for (double target : {0.1, 0.5, 1.0}) {
-      // Steer the density with the router shift: bisection on the measured fraction of routed tokens.
-      double lo = -40, hi = 40, shift = 0, got = 0;
-      for (int it = 0; it < 24; ++it) {
-        shift = target >= 1.0 ? 1000.0 : 0.5 * (lo + hi);
-        dev.set_router_shift(static_cast<float>(shift));
-        dev.forward(B, L, lx.data(), nullptr, lout.data(), s);
-        const std::vector<std::uint8_t> a = dev.active(s);
-        got = 0;
-        for (auto v : a) got += v;
-        got /= static_cast<double>(a.size());
-        if (target >= 1.0 || std::abs(got - target) < 0.01) break;
-        (got < target ? lo : hi) = shift;
-      }
+      const double got = cuda::steer_density(dev, B, L, lx.data(), lout.data(), target, s);
       struct Variant {
         bool bf16, host_s;
         const char* name;
@@ -307,8 +281,8 @@ int main(int argc, char** argv) {
         const bool bf16 = var.bf16;
         dev.set_bf16_projections(bf16);
         dev.set_host_compressed_length(var.host_s);
-        const float ms_f = median_ms([&] { dev.forward(B, L, lx.data(), nullptr, lout.data(), s); }, s, reps);
-        const float ms_fb = median_ms([&] {
+        const float ms_f = cuda::time_median_ms([&] { dev.forward(B, L, lx.data(), nullptr, lout.data(), s); }, s, reps);
+        const float ms_fb = cuda::time_median_ms([&] {
           dev.forward(B, L, lx.data(), nullptr, lout.data(), s);
           dev.backward(ldy.data(), ldx.data(), s);
         }, s, reps);

@@ -5,6 +5,7 @@
 // after warm-up), in fp32, with bf16 projections, and with bf16 projections and bf16 attention, plus the forward alone and the step's parts.
 // Usage: sma_bench_cuda_model [reps=15] [profile [mode]]. "profile": 1 warm-up step and 1 step in one precision
 // (mode 0 fp32, 1 bf16 projections, 2 and bf16 attention), for nsys/ncu.
+#include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
 #include <sma/cuda/seqboat_model.hpp>
@@ -18,24 +19,6 @@
 #include <vector>
 
 using namespace sma;
-
-namespace {
-
-float median_ms(const std::function<void()>& fn, void* stream, int warmup, int reps) {
-  cuda::EventTimer timer;
-  for (int i = 0; i < warmup; ++i) fn();
-  cuda::device_synchronize();
-  std::vector<float> t;
-  for (int r = 0; r < reps; ++r) {
-    timer.start(stream);
-    fn();
-    t.push_back(timer.stop(stream));
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   if (cuda::device_count() == 0) {
@@ -101,11 +84,11 @@ int main(int argc, char** argv) {
       std::printf("profile %s step %.3f ms\n", prec, t.stop(s));
       continue;
     }
-    const float t_step = median_ms(step, s, 3, reps);
-    const float t_fwd = median_ms(fwd, s, 2, reps);
-    const float t_fb = median_ms(fwd_bwd, s, 2, reps);
+    const float t_step = cuda::time_median_ms(step, s, reps, 3);
+    const float t_fwd = cuda::time_median_ms(fwd, s, reps, 2);
+    const float t_fb = cuda::time_median_ms(fwd_bwd, s, reps, 2);
     dev.zero_grad(s);
-    const float t_opt = median_ms([&] { dev.step(0.0, s); }, s, 2, reps);
+    const float t_opt = cuda::time_median_ms([&] { dev.step(0.0, s); }, s, reps, 2);
     step();
     const cuda::CrossEntropyValue lv = dev.read_loss(s);
     double dens = 0;
