@@ -6,6 +6,7 @@
 #include <sma/cuda/local_attention.hpp>
 
 #include "../common/check.cuh"
+#include "../common/workspace.cuh"
 #include "kernel_traits.cuh"
 #include "params.cuh"
 
@@ -100,29 +101,8 @@ inline LocalAttentionParams make_params(const LocalAttentionConfig& cfg, const L
   return p;
 }
 
-/// Device memory taken with cudaMallocAsync on one stream and given back (cudaFreeAsync, stream-ordered) by the
-/// destructor, also when a later launch throws.
-class AsyncWorkspace {
- public:
-  explicit AsyncWorkspace(cudaStream_t s) : s_(s) {}
-  ~AsyncWorkspace() {
-    for (void* p : ptrs_) cudaFreeAsync(p, s_);
-  }
-  AsyncWorkspace(const AsyncWorkspace&) = delete;
-  AsyncWorkspace& operator=(const AsyncWorkspace&) = delete;
-
-  template <class T>
-  T* alloc(long long n) {
-    void* p = nullptr;
-    SMA_CUDA_CHECK(cudaMallocAsync(&p, static_cast<std::size_t>(n > 0 ? n : 1) * sizeof(T), s_));
-    ptrs_.push_back(p);
-    return static_cast<T*>(p);
-  }
-
- private:
-  cudaStream_t s_;
-  std::vector<void*> ptrs_;
-};
+/// Temporary device memory on the caller's stream (cuda/common/workspace.cuh).
+using AsyncWorkspace = detail::StreamWorkspace;
 
 namespace {
 
@@ -184,6 +164,19 @@ inline void launch_rotary(const float* src, float* dst, const LocalAttentionInpu
   else
     rotary_kernel<false><<<blocks, 256, smem, s>>>(src, dst, in.z, in.offsets, in.batch, in.positions, theta, sign);
   SMA_CUDA_CHECK_LAUNCH();
+}
+
+/// Rotary only: rotated copies of q and k from `ws`, and p's q/k pointed at them (forward and backward start so).
+inline void rotate_qk(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in, LocalAttentionParams& p,
+                      AsyncWorkspace& ws, cudaStream_t s) {
+  if (cfg.position != Position::rotary) return;
+  float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+  float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
+  launch_rotary(in.q, qr, in, cfg.rotary_theta, 1.0, s);
+  launch_rotary(in.k, kr, in, cfg.rotary_theta, 1.0, s);
+  p.q = qr;
+  p.k = kr;
+  p.vec_z = in.z % 4 == 0;
 }
 
 inline int row_blocks(int capacity) { return (capacity + DefaultTraits::kBlockM - 1) / DefaultTraits::kBlockM; }

@@ -46,15 +46,7 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
     attn::local_attention_backward_bf16(cfg, in, p, dbias_table, s);
     return;
   }
-  if (cfg.position == Position::rotary) {
-    float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
-    float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
-    attn::launch_rotary(in.q, qr, in, cfg.rotary_theta, 1.0, s);
-    attn::launch_rotary(in.k, kr, in, cfg.rotary_theta, 1.0, s);
-    p.q = qr;
-    p.k = kr;
-    p.vec_z = in.z % 4 == 0;
-  }
+  attn::rotate_qk(cfg, in, p, ws, s);
   const int rows = attn::row_blocks(in.capacity);
   if (table_size > 0) {
     p.dbias_partial = ws.alloc<double>(static_cast<long long>(rows) * table_size);

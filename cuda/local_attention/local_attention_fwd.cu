@@ -23,15 +23,7 @@ void local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttenti
     return;
   }
   attn::AsyncWorkspace ws(s);
-  if (cfg.position == Position::rotary) {
-    float* qr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
-    float* kr = ws.alloc<float>(static_cast<long long>(in.capacity) * in.z);
-    attn::launch_rotary(in.q, qr, in, cfg.rotary_theta, 1.0, s);
-    attn::launch_rotary(in.k, kr, in, cfg.rotary_theta, 1.0, s);
-    p.q = qr;
-    p.k = kr;
-    p.vec_z = in.z % 4 == 0;
-  }
+  attn::rotate_qk(cfg, in, p, ws, s);
   p.out = out;
   p.row_stat = cfg.activation == Activation::softmax ? row_stat : nullptr;
   const dim3 grid(attn::row_blocks(in.capacity), attn::col_blocks(in.h));

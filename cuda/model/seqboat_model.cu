@@ -10,6 +10,7 @@
 #include <sma/core/error.hpp>
 
 #include "../common/check.cuh"
+#include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
 
 #include <cublas_v2.h>
@@ -78,14 +79,6 @@ __global__ void bias_rows_kernel(long long n, int cols, const float* __restrict_
     out[i] = bias[i % cols];
 }
 
-/// Row-major C (M x N) = op(A) op(B) + beta C through column-major cuBLAS.
-void gemm_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
-             float beta, float* C, int ldc) {
-  if (M <= 0 || N <= 0 || (K <= 0 && beta == 1.f)) return;
-  const float alpha = 1.f;
-  SMA_CUDA_CHECK(cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb,
-                             A, lda, &beta, C, ldc));
-}
 
 unsigned grid(long long n) { return detail::grid_for(n, 256); }
 
@@ -259,7 +252,7 @@ void SeqBoatModelDevice::forward(int batch, int length, const float* x, const st
   // encoder: h0 = x We^T + be
   bias_rows_kernel<<<grid(N * D), 256, 0, s>>>(N * D, D, m.p("encoder.bias"), m.h0.data());
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_rm(m.blas, false, true, static_cast<int>(N), D, Di, m.x.data(), Di, m.p("encoder.weight"), Di, 1.f, m.h0.data(),
+  detail::gemm_rm(m.blas, false, true, static_cast<int>(N), D, Di, m.x.data(), Di, m.p("encoder.weight"), Di, 1.f, m.h0.data(),
           D);
   // layers, ping-pong (each layer keeps its own copy of its input)
   float* cur = m.h0.data();
@@ -291,7 +284,7 @@ void SeqBoatModelDevice::forward(int batch, int length, const float* x, const st
   bias_rows_kernel<<<grid(static_cast<long long>(batch) * C), 256, 0, s>>>(static_cast<long long>(batch) * C, C,
                                                                            m.p("decoder.bias"), m.logits.data());
   SMA_CUDA_CHECK_LAUNCH();
-  gemm_rm(m.blas, false, true, batch, C, D, m.pooled.data(), D, m.p("decoder.weight"), D, 1.f, m.logits.data(), C);
+  detail::gemm_rm(m.blas, false, true, batch, C, D, m.pooled.data(), D, m.p("decoder.weight"), D, 1.f, m.logits.data(), C);
   if (logits)
     SMA_CUDA_CHECK(cudaMemcpyAsync(logits, m.logits.data(), static_cast<long long>(batch) * C * sizeof(float),
                                    cudaMemcpyDeviceToDevice, s));
@@ -311,10 +304,10 @@ void SeqBoatModelDevice::backward(const float* dlogits, float* dx, void* stream)
   m.grads_zero = false;
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
   // decoder: dWd += dlogits^T pooled, dbd += colsum(dlogits), dpooled = dlogits Wd
-  gemm_rm(m.blas, true, false, C, D, B, dlogits, C, m.pooled.data(), D, 1.f, m.g("decoder.weight"), D);
+  detail::gemm_rm(m.blas, true, false, C, D, B, dlogits, C, m.pooled.data(), D, 1.f, m.g("decoder.weight"), D);
   column_sum_add(B, C, dlogits, C, nullptr, m.g("decoder.bias"), stream);
   float* dpooled = ws.alloc<float>(static_cast<long long>(B) * D);
-  gemm_rm(m.blas, false, false, B, D, C, dlogits, C, m.p("decoder.weight"), D, 0.f, dpooled, D);
+  detail::gemm_rm(m.blas, false, false, B, D, C, dlogits, C, m.p("decoder.weight"), D, 0.f, dpooled, D);
   // pooling, final norm
   float* da = ws.alloc<float>(N * D);
   float* db = ws.alloc<float>(N * D);
@@ -335,9 +328,9 @@ void SeqBoatModelDevice::backward(const float* dlogits, float* dx, void* stream)
     std::swap(da, db);
   }
   // encoder: dWe += dh^T x, dbe += colsum(dh), dx = dh We
-  gemm_rm(m.blas, true, false, D, Di, static_cast<int>(N), da, D, m.x.data(), Di, 1.f, m.g("encoder.weight"), Di);
+  detail::gemm_rm(m.blas, true, false, D, Di, static_cast<int>(N), da, D, m.x.data(), Di, 1.f, m.g("encoder.weight"), Di);
   column_sum_add(N, D, da, D, nullptr, m.g("encoder.bias"), stream);
-  if (dx) gemm_rm(m.blas, false, false, static_cast<int>(N), Di, D, da, D, m.p("encoder.weight"), Di, 0.f, dx, Di);
+  if (dx) detail::gemm_rm(m.blas, false, false, static_cast<int>(N), Di, D, da, D, m.p("encoder.weight"), Di, 0.f, dx, Di);
 }
 
 void SeqBoatModelDevice::loss(const int* labels, int ignore, void* stream) {

@@ -10,6 +10,7 @@
 #include <sma/core/error.hpp>
 
 #include "../common/check.cuh"
+#include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
 
 #include <cublas_v2.h>
@@ -123,14 +124,6 @@ __global__ void add_kernel(long long n, const float* __restrict__ a, float* __re
 
 unsigned grid(long long n) { return detail::grid_for(n, 256); }
 
-/// Row-major C (M x N) = alpha op(A) op(B) + beta C through column-major cuBLAS (C^T = op(B)^T op(A)^T).
-void gemm_rm(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
-             float beta, float* C, int ldc) {
-  if (M <= 0 || N <= 0 || (K <= 0 && beta == 1.f)) return;
-  const float alpha = 1.f;
-  SMA_CUDA_CHECK(cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb,
-                             A, lda, &beta, C, ldc));
-}
 
 __global__ void to_bf16_kernel(long long n, const float* __restrict__ x, __nv_bfloat16* __restrict__ y) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
@@ -155,7 +148,7 @@ const __nv_bfloat16* to_bf16(detail::StreamWorkspace& ws, cudaStream_t s, const 
 void gemm_proj(cublasHandle_t h, bool bf16, detail::StreamWorkspace& ws, cudaStream_t s, bool ta, bool tb, int M,
                int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc,
                const __nv_bfloat16* a16 = nullptr, const __nv_bfloat16* b16 = nullptr) {
-  if (!bf16) return gemm_rm(h, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (!bf16) return detail::gemm_rm(h, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
   if (M <= 0 || N <= 0 || (K <= 0 && beta == 1.f)) return;
   if (!a16) a16 = to_bf16(ws, s, A, static_cast<long long>(M) * K);
   if (!b16) b16 = to_bf16(ws, s, B, static_cast<long long>(N) * K);
@@ -393,7 +386,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   if (bf) {  // the router decides on fp32 logits: its two columns again, in fp32
     copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
     SMA_CUDA_CHECK_LAUNCH();
-    gemm_rm(m.blas, false, true, static_cast<int>(N), 2, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
+    detail::gemm_rm(m.blas, false, true, static_cast<int>(N), 2, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
             m.hu.data(), 2 + D);
   }
   // 3. router and the compression plan.

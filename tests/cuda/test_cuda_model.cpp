@@ -51,6 +51,21 @@ double norm_diff(const float* a, const double* b, std::size_t n) {
 // batchnorm statistics and the pooling, whose sums the device and the float CPU path take in different orders.
 constexpr double kFloor = 1e-5;
 
+/// Every layer's routing decisions on the device equal the CPU model's (double) in `cache`.
+template <class Cache>
+void require_same_routing(const Cache& cache, cuda::SeqBoatModelDevice& dev, int B, int L, void* s,
+                          const char* when) {
+  for (int l = 0; l < dev.n_layers(); ++l) {
+    const std::vector<std::uint8_t> act = dev.layer(l).active(s);
+    int differ = 0;
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < L; ++t)
+        differ += cache.layers[static_cast<std::size_t>(l)].router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
+    INFO(when << "layer " << l);
+    REQUIRE(differ == 0);
+  }
+}
+
 void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed) {
   INFO("model case " << name);
   SeqBoatModel<double> md(cfg, seed);
@@ -122,14 +137,7 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   const cuda::CrossEntropyValue lv = dev.read_loss(s);
   stream.synchronize();
 
-  for (int l = 0; l < dev.n_layers(); ++l) {
-    const std::vector<std::uint8_t> act = dev.layer(l).active(s);
-    int differ = 0;
-    for (int b = 0; b < B; ++b)
-      for (int t = 0; t < L; ++t) differ += cd.layers[static_cast<std::size_t>(l)].router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
-    INFO("layer " << l);
-    REQUIRE(differ == 0);
-  }
+  require_same_routing(cd, dev, B, L, s, "");
   {
     const std::vector<float> lg = d_logits.download();
     const auto a = cuda_test::accuracy(lg.data(), yf.data(), yd.data(), lg.size(), kFloor);
@@ -181,14 +189,7 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
     dev.train_step(B, L, d_x.data(), d_mask.data(), d_labels.data(), lr, s);
   }
   stream.synchronize();
-  for (int l = 0; l < dev.n_layers(); ++l) {
-    const std::vector<std::uint8_t> act = dev.layer(l).active(s);
-    int differ = 0;
-    for (int b = 0; b < B; ++b)
-      for (int t = 0; t < L; ++t) differ += cd.layers[static_cast<std::size_t>(l)].router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
-    INFO("after training, layer " << l);
-    REQUIRE(differ == 0);
-  }
+  require_same_routing(cd, dev, B, L, s, "after training, ");
   CHECK(dev.optimizer().steps() == 3);
   for (auto& [n, p] : pd) {
     const std::vector<float> v = dev.param(n, s);
