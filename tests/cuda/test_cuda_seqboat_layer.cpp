@@ -7,8 +7,11 @@
 // the decisions are checked equal first.
 #include "cuda_test_support.hpp"
 
+#include <sma/cuda/benchmarking.hpp>
+#include <sma/cuda/device.hpp>
 #include <sma/cuda/seqboat_layer.hpp>
 #include <sma/models/seqboat.hpp>
+#include <sma/testing/random.hpp>
 
 #include <cmath>
 #include <map>
@@ -271,4 +274,53 @@ TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][s
   cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(ok);
   CHECK_THROWS_WITH(dev.backward(nullptr, nullptr), Catch::Contains("no forward"));
   CHECK_THROWS_AS(dev.grad("nope"), KeyError);
+}
+
+TEST_CASE("cuda benchmarking helpers: density steering, timing, device memory", "[cuda][seqboat][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatLayerConfig c = base_config();
+  SeqBoatLayer<float> cpu(c, 5);
+  testing::randomize_params(cpu, 6, 0.4);
+  const int B = 4, L = 256;
+  const std::size_t n = static_cast<std::size_t>(B) * L * c.embed_dim;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> hx(n);
+  for (float& v : hx) v = nd(rng);
+  cuda::Stream stream;
+  void* s = stream.handle();
+  cuda::DeviceArray<float> x(hx), out(n), dy(hx), dx(n);
+
+  cuda::device_synchronize();
+  cuda::reset_pool_peak();
+  const cuda::DeviceMemory before = cuda::device_memory();
+  CHECK(before.total > 0);
+  CHECK(before.used <= before.total);
+  cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(cpu);
+
+  // The share it reports is the share of routed tokens the layer's own mask shows, and it is near the target.
+  for (double target : {0.2, 0.5, 0.8}) {
+    const double got = cuda::steer_density(dev, B, L, x.data(), out.data(), target, s, 0.02);
+    const std::vector<std::uint8_t> active = dev.active(s);
+    double share = 0;
+    for (auto a : active) share += a;
+    share /= static_cast<double>(active.size());
+    INFO("target " << target);
+    CHECK(share == Approx(got));
+    CHECK(std::abs(got - target) < 0.05);
+  }
+  CHECK(cuda::steer_density(dev, B, L, x.data(), out.data(), 1.0, s) == 1.0);
+
+  const float ms = cuda::time_median_ms([&] {
+    dev.forward(B, L, x.data(), nullptr, out.data(), s);
+    dev.backward(dy.data(), dx.data(), s);
+  }, s, 3);
+  CHECK(std::isfinite(ms));
+  CHECK(ms > 0.f);
+
+  // The layer holds its parameters and saved activations; the backward's temporaries come from the default pool.
+  const cuda::DeviceMemory after = cuda::device_memory();
+  CHECK(after.used >= before.used);
+  CHECK(after.pool_used_peak > 0);
+  CHECK(after.pool_used_peak < after.total);
 }
