@@ -9,10 +9,12 @@
 // SHAPES   x, out, dy, dx (B, L, D) device pointers; padding (B, L) uint8 (1 = pad) or nullptr.
 // PARAMS   the CPU layer's, by official name ("ssm.delta", "hx_proj.weight", "mx_proj.bias", "gamma", ...),
 //          uploaded from a SeqBoatLayer<float> by from_cpu().
-// LIMITS   fp32; no dropout (a configuration with dropout throws ValueError, or runs as in eval mode with
-//          from_cpu(layer, true)); Z <= 128
-//          (the attention kernel's limit). The projections after compression run on the B*L upper bound of the
-//          compressed rows (cuBLAS takes host shapes; S is never read back), on zero rows past S.
+// LIMITS   fp32, with bf16 projections and a bf16 attention as switches (set_bf16_projections,
+//          set_bf16_attention); no dropout (a configuration with dropout throws ValueError, or runs as in eval mode
+//          with from_cpu(layer, true)); Z <= 128 (the fp32 attention kernels' limit, checked at construction even
+//          when the attention will run in bf16, which alone would take any Z). The
+//          projections after compression run on the B*L upper bound of the compressed rows (cuBLAS takes host
+//          shapes; S is never read back unless set_host_compressed_length), on zero rows past S.
 // ERRORS   ValueError (configuration, shapes, backward without forward), CudaError (failed CUDA/cuBLAS call).
 #pragma once
 
