@@ -3,6 +3,7 @@
 #pragma once
 
 #include <catch2/catch.hpp>
+#include <sma/core/param.hpp>
 #include <sma/core/tensor.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -102,6 +104,14 @@ inline bool all_finite(const std::vector<float>& v, std::size_t n) {
 
 inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
+
+/// Every parameter of a layer or model by its official name (for comparing the device's copies with the CPU's).
+template <class T, class Model>
+std::map<std::string, Param<T>*> params_of(Model& model) {
+  std::map<std::string, Param<T>*> out;
+  for_each_param(model, [&](const std::string& name, Param<T>& p) { out[name] = &p; });
+  return out;
 }
 
 }  // namespace sma::cuda_test

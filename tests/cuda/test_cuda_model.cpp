@@ -34,13 +34,6 @@ SeqBoatModelConfig small_config() {
   return c;
 }
 
-template <class T>
-std::map<std::string, Param<T>*> params_of(SeqBoatModel<T>& m) {
-  std::map<std::string, Param<T>*> out;
-  for_each_param(m, [&](const std::string& name, Param<T>& p) { out[name] = &p; });
-  return out;
-}
-
 double norm_diff(const float* a, const double* b, std::size_t n) {
   double s = 0;
   for (std::size_t i = 0; i < n; ++i) s += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
@@ -70,8 +63,8 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   INFO("model case " << name);
   SeqBoatModel<double> md(cfg, seed);
   SeqBoatModel<float> mf(cfg, seed);
-  auto pd = params_of(md);
-  auto pf = params_of(mf);
+  auto pd = cuda_test::params_of<double>(md);
+  auto pf = cuda_test::params_of<float>(mf);
   std::mt19937 rng(seed * 7 + 1);
   std::normal_distribution<double> nd(0.0, 1.0);
   const Index D = cfg.d_model;
@@ -178,8 +171,8 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   ac.eps = oc.eps;
   ac.weight_decay = oc.weight_decay;
   dev.set_optimizer(ac);
-  pd = params_of(md);
-  pf = params_of(mf);
+  pd = cuda_test::params_of<double>(md);
+  pf = cuda_test::params_of<float>(mf);
   const double lr = 2e-3;
   for (int step = 0; step < 3; ++step) {
     cpu_step(md, x, cd);

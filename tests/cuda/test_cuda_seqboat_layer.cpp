@@ -55,19 +55,12 @@ SeqBoatLayerConfig base_config() {
   return c;
 }
 
-template <class T>
-std::map<std::string, Param<T>*> params_of(SeqBoatLayer<T>& l) {
-  std::map<std::string, Param<T>*> m;
-  l.visit_params([&](const auto& name, Param<T>& p) { m[std::string(name)] = &p; });
-  return m;
-}
-
 void check_layer(const LayerCase& lc) {
   INFO("case " << lc.name << " B=" << lc.B << " L=" << lc.L);
   SeqBoatLayer<double> ld(lc.cfg, lc.seed);
   SeqBoatLayer<float> lf(lc.cfg, lc.seed);
-  auto pd = params_of(ld);
-  auto pf = params_of(lf);
+  auto pd = cuda_test::params_of<double>(ld);
+  auto pf = cuda_test::params_of<float>(lf);
   std::mt19937 rng(lc.seed * 13 + 5);
   std::normal_distribution<double> nd(0.0, 1.0);
   // Wider router margin: the two logit rows of hx_proj drawn larger; small random values for the zero-initialised
