@@ -51,8 +51,8 @@ int main(int argc, char** argv) {
   const std::string device = cuda::device_description(0);
   std::FILE* json = argc > 1 ? std::fopen(argv[1], "w") : nullptr;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 10;
-  // "profile": only the layer at B=16 L=4096, every token routed, one warm-up and one timed forward+backward per
-  // precision (fp32, then bf16 projections), for a kernel-by-kernel profile under ncu.
+  // "profile": only the layer at B=16 L=4096, one warm-up and one timed forward+backward per variant (fp32 at
+  // density 1; bf16 projections + attention at density 1 and 0.1), for a kernel-by-kernel profile under ncu.
   const bool profile = argc > 3 && std::string(argv[3]) == "profile";
   // "attention": only the attention rows (the densities loop), no EMA and no layer.
   // "attention-profile": two bf16 forward+backward passes (relu2 rotary causal, density 1), nothing else, for ncu.
@@ -242,8 +242,13 @@ int main(int argc, char** argv) {
     lc.router_shift = 1000;
     SeqBoatLayer<float> cpu(lc, 7);
     cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(cpu);
-    for (bool bf16 : {false, true}) {
-      dev.set_bf16_projections(bf16);
+    // fp32 at density 1, then bf16 projections + bf16 attention at density 1 and at density 0.1.
+    const struct { bool bf16; double density; } variants[] = {{false, 1.0}, {true, 1.0}, {true, 0.1}};
+    for (const auto& var : variants) {
+      dev.set_bf16_projections(var.bf16);
+      dev.set_bf16_attention(var.bf16);
+      const double got = cuda::steer_density(dev, sh.B, sh.L, lx.data(), lout.data(), var.density, s);
+      std::printf("profile section: %s, density %.3f\n", var.bf16 ? "bf16" : "fp32", got);
       for (int i = 0; i < 2; ++i) {
         // Markers for the profile's reader: a one-element SiLU (grid 1) before and after the timed pass.
         if (i == 1) cuda::silu_forward(1, lx.data(), lout.data(), s);
