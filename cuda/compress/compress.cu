@@ -73,9 +73,14 @@ __global__ void __launch_bounds__(kThreads) scatter_slots_kernel(const std::uint
                                                                  int length, const int* __restrict__ offsets,
                                                                  const int* __restrict__ compressed,
                                                                  int* __restrict__ token, int* __restrict__ positions,
-                                                                 std::uint8_t* __restrict__ key_valid) {
-  if (offsets[batch] == 0) return;
+                                                                 std::uint8_t* __restrict__ key_valid,
+                                                                 int* __restrict__ slot_of) {
   const int b = blockIdx.x;
+  int* row_slot = slot_of + static_cast<long long>(b) * length;
+  if (offsets[batch] == 0) {
+    for (int t = threadIdx.x; t < length; t += kThreads) row_slot[t] = -1;
+    return;
+  }
   const int base = offsets[b];
   const std::uint8_t* row = active + static_cast<long long>(b) * length;
   if (*compressed == 0) {
@@ -84,6 +89,7 @@ __global__ void __launch_bounds__(kThreads) scatter_slots_kernel(const std::uint
       token[s] = b * length + t;
       positions[s] = t;
       key_valid[s] = row[t] != 0 ? 1 : 0;
+      row_slot[t] = s;
     }
     return;
   }
@@ -100,6 +106,7 @@ __global__ void __launch_bounds__(kThreads) scatter_slots_kernel(const std::uint
       positions[s] = t;
       key_valid[s] = 1;
     }
+    if (t < length) row_slot[t] = f ? base + carry + ex : -1;
     carry += total;
     __syncthreads();
   }
@@ -173,7 +180,7 @@ void check_view(const CompressionView& p, const char* where) {
   if (p.batch < 0 || p.length < 0)
     throw ValueError(str_cat(where, ": plan has batch ", p.batch, ", length ", p.length, " (must be >= 0)"));
   if (!p.offsets || !p.compressed || (p.batch > 0 && !p.num_active) ||
-      (p.capacity() > 0 && (!p.token || !p.positions || !p.key_valid)))
+      (p.capacity() > 0 && (!p.token || !p.positions || !p.key_valid || !p.slot)))
     throw ValueError(str_cat(where, ": the plan has a null device pointer"));
 }
 
@@ -203,7 +210,8 @@ void plan_compression(const std::uint8_t* active, CompressionSemantics semantics
   SMA_CUDA_CHECK_LAUNCH();
   if (plan.capacity() > 0) {
     scatter_slots_kernel<<<plan.batch, kThreads, 0, s>>>(active, plan.batch, plan.length, plan.offsets,
-                                                         plan.compressed, plan.token, plan.positions, plan.key_valid);
+                                                         plan.compressed, plan.token, plan.positions, plan.key_valid,
+                                                         plan.slot);
     SMA_CUDA_CHECK_LAUNCH();
   }
 }

@@ -7,6 +7,7 @@
 #include "../common/check.cuh"
 #include "../common/workspace.cuh"
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -67,7 +68,7 @@ __global__ void norm_forward_kernel(int kind, long long rows, int D, float eps, 
 __global__ void norm_backward_kernel(int kind, long long rows, int D, const float* __restrict__ x,
                                      const float* __restrict__ w, const float* __restrict__ mean,
                                      const float* __restrict__ rstd, const float* __restrict__ dy,
-                                     float* __restrict__ dx) {
+                                     float* __restrict__ dx, const float* __restrict__ residual) {
   const int lane = threadIdx.x & 31;
   for (long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; row < rows;
        row += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
@@ -84,10 +85,12 @@ __global__ void norm_backward_kernel(int kind, long long rows, int D, const floa
     const float mg = kind == 0 ? warp_sum(sg) / D : 0.f;
     const float mgx = warp_sum(sgx) / D;
     float* dr = dx + row * D;
+    const float* rr = residual ? residual + row * D : nullptr;
     for (int d = lane; d < D; d += 32) {
       const float g = w ? gr[d] * (kind == 2 ? w[0] : w[d]) : gr[d];
       const float xh = (xr[d] - m) * r;
-      dr[d] = (g - mg - xh * mgx) * r;
+      const float v = (g - mg - xh * mgx) * r;
+      dr[d] = rr ? v + rr[d] : v;
     }
   }
 }
@@ -101,18 +104,23 @@ constexpr int kColGroups = 8;  // row groups per block of the column sums (32 co
 // partial[chunk, c] = sum over the chunk's rows of a[r, c] (* b[r, c]); with x/mean/rstd instead of b, the norm's
 // xhat (mode 1: layernorm, 2: rms) multiplies a. A block is 32 columns x 8 row groups: warps read 32 consecutive
 // columns of one row (coalesced), each group sums every 8th row, and the 8 group sums are added in group order.
+__device__ inline float load_f(const float* p) { return *p; }
+__device__ inline float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+template <class T>
 __global__ void __launch_bounds__(32 * kColGroups) column_partial_kernel(
-    long long rows, int cols, const float* __restrict__ a, int lda, const float* __restrict__ b, int mode,
+    long long rows, int cols, const T* __restrict__ a, int lda, const float* __restrict__ b, int mode,
     const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
-    double* __restrict__ partial) {
+    const int* __restrict__ bound, double* __restrict__ partial) {
   __shared__ double part[kColGroups][32];
   const int c = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y;
+  if (bound) rows = min(rows, static_cast<long long>(*bound));
   const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
-  const long long r1 = min(rows, r0 + kColRows);
+  const long long r1 = min(rows, r0 + kColRows);  // r1 <= r0 past the bound: the block writes zeros
   double s = 0;
   if (c < cols)
     for (long long r = r0 + g; r < r1; r += kColGroups) {
-      float v = a[r * lda + c];
+      float v = load_f(a + r * lda + c);
       if (b) v *= b[r * lda + c];
       if (mode == 1) v *= (x[r * cols + c] - mean[r]) * rstd[r];
       if (mode == 2) v *= x[r * cols + c] * rstd[r];
@@ -147,15 +155,17 @@ __global__ void column_finish_kernel(int chunks, int cols, const double* __restr
   if (lane == 0) out[c] += static_cast<float>(s);
 }
 
-void column_reduce(long long rows, int cols, const float* a, int lda, const float* b, int mode, const float* x,
-                   const float* mean, const float* rstd, float* out, bool all, cudaStream_t s) {
+template <class T>
+void column_reduce(long long rows, int cols, const T* a, int lda, const float* b, int mode, const float* x,
+                   const float* mean, const float* rstd, float* out, bool all, cudaStream_t s,
+                   const int* bound = nullptr) {
   if (rows <= 0 || cols <= 0) return;
   const int chunks = static_cast<int>((rows + kColRows - 1) / kColRows);
   if (chunks > 65535) throw ValueError(str_cat("sma::cuda column sums: too many rows (", rows, ")"));
   detail::StreamWorkspace ws(s);
   double* part = ws.alloc<double>(static_cast<long long>(chunks) * cols);
-  column_partial_kernel<<<dim3((cols + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(rows, cols, a, lda, b, mode,
-                                                                                        x, mean, rstd, part);
+  column_partial_kernel<T><<<dim3((cols + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(
+      rows, cols, a, lda, b, mode, x, mean, rstd, bound, part);
   SMA_CUDA_CHECK_LAUNCH();
   // finish: 8 warps (columns) per block
   column_finish_kernel<<<all ? 1 : (cols + 7) / 8, all ? 1 : 256, 0, s>>>(chunks, cols, part, out, all ? 1 : 0);
@@ -356,7 +366,8 @@ void norm_forward(NormKind kind, long long rows, int D, float eps, const float* 
 }
 
 void norm_backward(NormKind kind, long long rows, int D, const float* x, const float* weight, const float* mean,
-                   const float* rstd, const float* dy, float* dx, float* dweight, float* dbias, void* stream) {
+                   const float* rstd, const float* dy, float* dx, float* dweight, float* dbias, void* stream,
+                   const float* residual) {
   if (kind == NormKind::batchnorm)
     throw ValueError("sma::cuda::norm_backward: batchnorm is not a row norm (batchnorm_backward)");
   if (rows < 0 || D < 1) throw ValueError(str_cat("sma::cuda::norm_backward: bad sizes rows=", rows, " D=", D));
@@ -366,7 +377,7 @@ void norm_backward(NormKind kind, long long rows, int D, const float* x, const f
   const cudaStream_t s = as_stream(stream);
   const int threads = 32 * kWarpsPerBlock;
   norm_backward_kernel<<<detail::grid_for(rows * 32, threads), threads, 0, s>>>(static_cast<int>(kind), rows, D, x,
-                                                                                 weight, mean, rstd, dy, dx);
+                                                                                 weight, mean, rstd, dy, dx, residual);
   SMA_CUDA_CHECK_LAUNCH();
   const int mode = kind == NormKind::layernorm ? 1 : 2;
   if (dweight && weight) column_reduce(rows, D, dy, D, nullptr, mode, x, mean, rstd, dweight,
@@ -476,10 +487,19 @@ void router_backward(long long rows, const float* logits, int ld, float shift, c
   column_reduce(rows, 1, part, 1, nullptr, 0, nullptr, nullptr, nullptr, dtemp, false, s);
 }
 
-void column_sum_add(long long rows, int cols, const float* a, int lda, const float* b, float* out, void* stream) {
+void column_sum_add(long long rows, int cols, const float* a, int lda, const float* b, float* out, void* stream,
+                    const int* bound) {
   if (rows <= 0 || cols <= 0) return;
   if (!a || !out || lda < cols) throw ValueError("sma::cuda::column_sum_add: null pointer or lda < cols");
-  column_reduce(rows, cols, a, lda, b, 0, nullptr, nullptr, nullptr, out, false, as_stream(stream));
+  column_reduce(rows, cols, a, lda, b, 0, nullptr, nullptr, nullptr, out, false, as_stream(stream), bound);
+}
+
+void column_sum_add_bf16(long long rows, int cols, const void* a16, int lda, float* out, void* stream,
+                         const int* bound) {
+  if (rows <= 0 || cols <= 0) return;
+  if (!a16 || !out || lda < cols) throw ValueError("sma::cuda::column_sum_add_bf16: null pointer or lda < cols");
+  column_reduce(rows, cols, static_cast<const __nv_bfloat16*>(a16), lda, nullptr, 0, nullptr, nullptr, nullptr, out,
+                false, as_stream(stream), bound);
 }
 
 }  // namespace sma::cuda

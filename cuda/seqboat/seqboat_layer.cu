@@ -33,13 +33,15 @@ unsigned row_grid(long long rows) { return static_cast<unsigned>(std::min<long l
 
 // base (rows, Z+2H) + bias -> q, k (rows, Z), r, v (rows, H): z = silu(.[:, :Z]), q = z g0 + b0, k = z g1 + b1.
 // `base` holds the product without its bias; the bias is added here and again in the backward.
+// `bound` (device S, or nullptr): rows past it are left as they are (nothing downstream reads them).
 __global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, int Z, int H, const float* __restrict__ base,
                                                               const float* __restrict__ bias,
                                                               const float* __restrict__ gamma,
                                                               const float* __restrict__ beta, float* __restrict__ q,
                                                               float* __restrict__ k, float* __restrict__ r,
-                                                              float* __restrict__ v) {
+                                                              float* __restrict__ v, const int* __restrict__ bound) {
   const int P = Z + 2 * H;
+  if (bound) rows = min(rows, static_cast<long long>(*bound));
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
     const float* br = base + row * P;
     for (int c = threadIdx.x; c < P; c += blockDim.x) {
@@ -57,7 +59,9 @@ __global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, in
   }
 }
 
-// dbase from dq, dk, d(att*r) = dhr, att, dv; tq = dq z, tk = dk z (for the gamma gradients).
+// dbase from dq, dk, d(att*r) = dhr, att, dv; tq = dq z, tk = dk z (for the gamma gradients). With dbase16
+// (bf16 products) the gradient is written only as bf16, rows [bound, rows) as zeros, so the products over the
+// B*L bound see exact zeros there; otherwise dbase in fp32 (every row: the fp32 products read them all).
 __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, int Z, int H,
                                                                 const float* __restrict__ base,
                                                                 const float* __restrict__ bias,
@@ -67,31 +71,46 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
                                                                 const float* __restrict__ dhr,
                                                                 const float* __restrict__ att,
                                                                 const float* __restrict__ dv, float* __restrict__ dbase,
-                                                                float* __restrict__ tq, float* __restrict__ tk) {
+                                                                __nv_bfloat16* __restrict__ dbase16,
+                                                                float* __restrict__ tq, float* __restrict__ tk,
+                                                                const int* __restrict__ bound) {
   const int P = Z + 2 * H;
+  const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    if (row >= live) {
+      for (int c = threadIdx.x; c < P; c += blockDim.x) dbase16[row * P + c] = __float2bfloat16_rn(0.f);
+      continue;
+    }
     for (int c = threadIdx.x; c < P; c += blockDim.x) {
       const long long i = row * P + c;
       const float b = base[i] + bias[c];
       const float sg = 1.f / (1.f + expf(-b));
       const float dsilu = sg * (1.f + b * (1.f - sg));
+      float d;
       if (c < Z) {
         const float z = b * sg;
         const float gq = dq[row * Z + c], gk = dk[row * Z + c];
         tq[row * Z + c] = gq * z;
         tk[row * Z + c] = gk * z;
-        dbase[i] = (gq * gamma[c] + gk * gamma[Z + c]) * dsilu;
+        d = (gq * gamma[c] + gk * gamma[Z + c]) * dsilu;
       } else if (c < Z + H) {
         const long long j = row * H + (c - Z);
-        dbase[i] = dhr[j] * att[j] * dsilu;
+        d = dhr[j] * att[j] * dsilu;
       } else {
-        dbase[i] = dv[row * H + (c - Z - H)] * dsilu;
+        d = dv[row * H + (c - Z - H)] * dsilu;
       }
+      if (dbase16)
+        dbase16[i] = __float2bfloat16_rn(d);
+      else
+        dbase[i] = d;
     }
   }
 }
 
-__global__ void mul_kernel(long long n, const float* a, const float* b, float* out) {
+// out = a * b over n elements, or (bound: device S) over the first S rows of `cols` elements.
+__global__ void mul_kernel(long long n, const float* a, const float* b, float* out, const int* bound = nullptr,
+                           int cols = 0) {
+  if (bound) n = min(n, static_cast<long long>(*bound) * cols);
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
     out[i] = a[i] * b[i];
@@ -103,17 +122,6 @@ __global__ void __launch_bounds__(kRowThreads) copy_cols_kernel(long long rows, 
                                                                 int offd) {
   for (long long r = blockIdx.x; r < rows; r += gridDim.x)
     for (int c = threadIdx.x; c < D; c += blockDim.x) dst[r * ldd + offd + c] = src[r * ld + off + c];
-}
-
-// pre += x; out = silu(pre).
-__global__ void residual_silu_kernel(long long n, const float* __restrict__ x, float* __restrict__ pre,
-                                     float* __restrict__ out) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const float p = pre[i] + x[i];
-    pre[i] = p;
-    out[i] = p / (1.f + expf(-p));
-  }
 }
 
 __global__ void add_kernel(long long n, const float* __restrict__ a, float* __restrict__ out) {
@@ -140,6 +148,157 @@ const __nv_bfloat16* to_bf16(detail::StreamWorkspace& ws, cudaStream_t s, const 
     SMA_CUDA_CHECK_LAUNCH();
   }
   return dst;
+}
+
+// The per-token kernels below take one warp per token row: lanes stride over the D channels (coalesced), and
+// the row's slot comes from the plan's token -> slot map, so extraction needs no scatter pass of its own.
+constexpr int kWarpRows = 8;  // warps (rows) per block
+unsigned warp_grid(long long rows) { return detail::grid_for(rows, kWarpRows, 1LL << 20); }
+
+__device__ inline float silu_f(float v) { return v / (1.f + expf(-v)); }
+__device__ inline float dsilu_f(float v) {
+  const float sg = 1.f / (1.f + expf(-v));
+  return sg * (1.f + v * (1.f - sg));
+}
+
+// mx = silu(e); with mx16, also its bf16 copy (the bf16 products' operand), in the same pass.
+__global__ void silu_copy_kernel(long long n, const float* __restrict__ e, float* __restrict__ mx,
+                                 __nv_bfloat16* __restrict__ mx16) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const float v = silu_f(e[i]);
+    mx[i] = v;
+    if (mx16) mx16[i] = __float2bfloat16_rn(v);
+  }
+}
+
+// xc16[s] = x16[token[s]] for s < S, zeros for S <= s < rows: compression straight into the bf16 operand.
+__global__ void compress_bf16_kernel(long long rows, int D, const __nv_bfloat16* __restrict__ x16,
+                                     const int* __restrict__ token, const int* __restrict__ bound,
+                                     __nv_bfloat16* __restrict__ xc16) {
+  const long long live = min(rows, static_cast<long long>(*bound));
+  const int lane = threadIdx.x & 31;
+  for (long long s = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; s < rows;
+       s += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
+    __nv_bfloat16* dst = xc16 + s * D;
+    if (s < live) {
+      const __nv_bfloat16* src = x16 + static_cast<long long>(token[s]) * D;
+      for (int c = lane; c < D; c += 32) dst[c] = src[c];
+    } else {
+      for (int c = lane; c < D; c += 32) dst[c] = __float2bfloat16_rn(0.f);
+    }
+  }
+}
+
+// out16 = bf16(a * b) on rows < S, zeros on [S, rows): the attention output times r, as the h_proj operand.
+__global__ void mul_bf16_kernel(long long rows, int H, const float* __restrict__ a, const float* __restrict__ b,
+                                const int* __restrict__ bound, __nv_bfloat16* __restrict__ out16) {
+  const long long live = min(rows, static_cast<long long>(*bound));
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const long long o = row * H;
+    for (int c = threadIdx.x; c < H; c += blockDim.x)
+      out16[o + c] = __float2bfloat16_rn(row < live ? a[o + c] * b[o + c] : 0.f);
+  }
+}
+
+// The layer's output, per token t: pre = hu[t, 2:] + gate * (hc[slot] + h_bias) (activated tokens) + x[t];
+// out = silu(pre). Replaces the bias copy, extract_add and the residual pass.
+__global__ void output_kernel(long long rows, int D, const float* __restrict__ x, const float* __restrict__ hu,
+                              const float* __restrict__ hc, const float* __restrict__ hbias,
+                              const float* __restrict__ gate, const int* __restrict__ slot_of,
+                              const std::uint8_t* __restrict__ key_valid, float* __restrict__ pre,
+                              float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
+       t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
+    const int slot = slot_of[t];
+    const bool on = slot >= 0 && key_valid[slot] != 0;
+    const float g = on ? gate[t] : 0.f;
+    const float* hr = hu + t * (2 + D) + 2;
+    const float* hcr = on ? hc + static_cast<long long>(slot) * D : nullptr;
+    for (int c = lane; c < D; c += 32) {
+      float p = hr[c];
+      if (on) p += g * (hcr[c] + hbias[c]);
+      p += x[t * D + c];
+      pre[t * D + c] = p;
+      out[t * D + c] = silu_f(p);
+    }
+  }
+}
+
+// Backward of output_kernel (and of the extraction), per token t: dpre = dact silu'(pre); for an activated token
+// dhc[slot] = gate dpre and dgate = <dpre, hc[slot] + h_bias>; dgate = 0 otherwise (dgate is read only for
+// activated tokens). dpre also goes to columns 2.. of the hx_proj gradient dhu, in fp32 or bf16. With dhc16 the
+// slot gradient is written as bf16 only (rows past S are zeroed separately).
+__global__ void output_backward_kernel(long long rows, int D, const float* __restrict__ pre,
+                                       const float* __restrict__ dact, const float* __restrict__ hc,
+                                       const float* __restrict__ hbias, const float* __restrict__ gate,
+                                       const int* __restrict__ slot_of, const std::uint8_t* __restrict__ key_valid,
+                                       float* __restrict__ dpre, float* __restrict__ dgate, float* __restrict__ dhc,
+                                       __nv_bfloat16* __restrict__ dhc16, float* __restrict__ dhu,
+                                       __nv_bfloat16* __restrict__ dhu16) {
+  const int lane = threadIdx.x & 31;
+  for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
+       t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
+    const int slot = slot_of[t];
+    const bool on = slot >= 0 && key_valid[slot] != 0;
+    const float g = gate[t];
+    const long long so = static_cast<long long>(slot) * D;
+    float acc = 0.f;
+    for (int c = lane; c < D; c += 32) {
+      const long long i = t * D + c;
+      const float d = dact[i] * dsilu_f(pre[i]);
+      dpre[i] = d;
+      if (dhu16)
+        dhu16[t * (2 + D) + 2 + c] = __float2bfloat16_rn(d);
+      else
+        dhu[t * (2 + D) + 2 + c] = d;
+      if (slot >= 0) {  // slots of inactive tokens (the uncompressed fallback) get a zero gradient
+        const float v = on ? g * d : 0.f;
+        if (dhc16)
+          dhc16[so + c] = __float2bfloat16_rn(v);
+        else
+          dhc[so + c] = v;
+      }
+      if (on) acc = fmaf(d, hc[so + c] + hbias[c], acc);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) dgate[t] = on ? acc : 0.f;
+  }
+}
+
+// Zeros for rows [S, rows) of a (rows, cols) bf16 matrix.
+__global__ void zero_tail_bf16_kernel(long long rows, int cols, const int* __restrict__ bound,
+                                      __nv_bfloat16* __restrict__ dst) {
+  const long long live = min(rows, static_cast<long long>(*bound));
+  for (long long row = live + blockIdx.x; row < rows; row += gridDim.x)
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[row * cols + c] = __float2bfloat16_rn(0.f);
+}
+
+// dlogits (rows, 2) into columns 0..1 of the bf16 hx_proj gradient.
+__global__ void logits_to_bf16_kernel(long long rows, int ld, const float* __restrict__ dlogits,
+                                      __nv_bfloat16* __restrict__ dhu16) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < 2 * rows;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    dhu16[(i / 2) * ld + (i % 2)] = __float2bfloat16_rn(dlogits[i]);
+}
+
+// dmx = (dmx + dxc[slot]) silu'(e) per token: the compression's backward and the SiLU's in one pass.
+__global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, const float* __restrict__ dxc,
+                           const int* __restrict__ slot_of, float* __restrict__ dmx) {
+  const int lane = threadIdx.x & 31;
+  for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
+       t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
+    const int slot = slot_of[t];
+    const float* g = slot >= 0 ? dxc + static_cast<long long>(slot) * D : nullptr;
+    for (int c = lane; c < D; c += 32) {
+      const long long i = t * D + c;
+      float v = dmx[i];
+      if (g) v += g[c];
+      dmx[i] = v * dsilu_f(e[i]);
+    }
+  }
 }
 
 /// gemm_rm for contiguous operands (ld = columns), optionally with bf16 copies of A and B and fp32 accumulation
@@ -217,13 +376,18 @@ struct SeqBoatLayerDevice::Impl {
     }
   }
   void norm_bwd(long long N, const float* in, const float* mean_, const float* rstd_, const float* bm, const float* bi,
-                const float* dy, float* dx, cudaStream_t s) {
-    if (cfg.norm == NormKind::batchnorm)
+                const float* dy, float* dx, cudaStream_t s, const float* residual = nullptr) {
+    if (cfg.norm == NormKind::batchnorm) {
       batchnorm_backward(N, cfg.embed_dim, bn_batch_stats, in, p("norm.norm.weight"), bm, bi, dy, dx,
                          g("norm.norm.weight"), g("norm.norm.bias"), s);
-    else
+      if (residual) {
+        add_kernel<<<grid(N * cfg.embed_dim), 256, 0, s>>>(N * cfg.embed_dim, residual, dx);
+        SMA_CUDA_CHECK_LAUNCH();
+      }
+    } else {
       norm_backward(cfg.norm, N, cfg.embed_dim, in, norm_weight(), mean_, rstd_, dy, dx, norm_dweight(),
-                    g("norm.norm.bias"), s);
+                    g("norm.norm.bias"), s, residual);
+    }
   }
   EmaConfig ema_cfg() const {
     EmaConfig e;
@@ -376,11 +540,12 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     xin = m.xin.data();
   }
   ema_forward(m.ema_cfg(), m.ema_params(), xin, pad, m.ema_out.data(), s);
-  silu_forward(N * D, m.ema_out.data(), m.mx.data(), s);
+  __nv_bfloat16* mx16 = bf ? m.bf16_buffer(m.mx16, N * D) : nullptr;
+  silu_copy_kernel<<<grid(N * D), 256, 0, s>>>(N * D, m.ema_out.data(), m.mx.data(), mx16);
+  SMA_CUDA_CHECK_LAUNCH();
   // 2. hx_proj: hu (N, 2+D) = mx W^T + b.
   copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
   SMA_CUDA_CHECK_LAUNCH();
-  const __nv_bfloat16* mx16 = bf ? to_bf16(ws, s, m.mx.data(), N * D, m.bf16_buffer(m.mx16, N * D)) : nullptr;
   gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D,
             1.f, m.hu.data(), 2 + D, mx16);
   if (bf) {  // the router decides on fp32 logits: its two columns again, in fp32
@@ -394,43 +559,62 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
                  m.active.data(), m.gate.data(), s);
   const CompressionView pv = m.plan->view();
   plan_compression(m.active.data(), c.routing, pv, s);
-  // 4. GAU on the compressed rows. Without the host's S the products run on all B*L rows, rows past S being zero
-  // (so everything stays finite there); with host_compressed_length on S rows only.
+  // 4. GAU on the compressed rows. Without the host's S the products run on all B*L rows. fp32: rows past S are
+  // zero (so everything stays finite there). bf16: the element-wise passes stop at S (read on the device), and
+  // every bf16 operand is written with zero rows past S, so the products over the bound see exact zeros.
   long long M = N;
   const bool host_s = c.host_compressed_length;
+  const int* S_dev = pv.offsets + batch;
   if (host_s) {
     int S = 0;
-    SMA_CUDA_CHECK(cudaMemcpyAsync(&S, pv.offsets + batch, sizeof(int), cudaMemcpyDeviceToHost, s));
+    SMA_CUDA_CHECK(cudaMemcpyAsync(&S, S_dev, sizeof(int), cudaMemcpyDeviceToHost, s));
     SMA_CUDA_CHECK(cudaStreamSynchronize(s));
     M = S;
-  } else {
+  } else if (!bf) {
     SMA_CUDA_CHECK(cudaMemsetAsync(m.xc.data(), 0, N * D * sizeof(float), s));
     SMA_CUDA_CHECK(cudaMemsetAsync(m.att.data(), 0, N * H * sizeof(float), s));
   }
   m.rows_c = M;
   const int Mi = static_cast<int>(M);
-  compress(m.mx.data(), D, pv, m.xc.data(), s);
-  const __nv_bfloat16* xc16 = bf ? to_bf16(ws, s, m.xc.data(), M * D, m.bf16_buffer(m.xc16, N * D)) : nullptr;
+  const __nv_bfloat16* xc16 = nullptr;
+  if (bf) {
+    __nv_bfloat16* xc16w = m.bf16_buffer(m.xc16, N * D);
+    if (M > 0) {
+      compress_bf16_kernel<<<warp_grid(M), 32 * kWarpRows, 0, s>>>(M, D, mx16, pv.token, S_dev, xc16w);
+      SMA_CUDA_CHECK_LAUNCH();
+    }
+    xc16 = xc16w;
+  } else {
+    compress(m.mx.data(), D, pv, m.xc.data(), s);
+  }
   gemm_proj(m.blas, bf, ws, s, false, true, Mi, P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 0.f, m.base.data(), P,
             xc16);
   gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
-                                                     m.p("beta"), m.q.data(), m.k.data(), m.r.data(), m.v.data());
+                                                     m.p("beta"), m.q.data(), m.k.data(), m.r.data(), m.v.data(),
+                                                     bf ? S_dev : nullptr);
   SMA_CUDA_CHECK_LAUNCH();
   local_attention_forward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"), m.att.data(),
                           m.row_stat.data(), s);
-  mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, m.att.data(), m.r.data(), m.hr.data());
-  SMA_CUDA_CHECK_LAUNCH();
-  copy_cols_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, D, m.p("h_proj.bias"), 0, 0, m.hc.data(), D, 0);
-  SMA_CUDA_CHECK_LAUNCH();
-  const __nv_bfloat16* hr16 = bf ? to_bf16(ws, s, m.hr.data(), M * H, m.bf16_buffer(m.hr16, N * H)) : nullptr;
-  gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 1.f, m.hc.data(), D,
+  // hc = hr h_proj^T, without its bias (output_kernel and the backward add it).
+  const __nv_bfloat16* hr16 = nullptr;
+  if (bf) {
+    __nv_bfloat16* hr16w = m.bf16_buffer(m.hr16, N * H);
+    if (M > 0) {
+      mul_bf16_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, H, m.att.data(), m.r.data(), S_dev, hr16w);
+      SMA_CUDA_CHECK_LAUNCH();
+    }
+    hr16 = hr16w;
+  } else {
+    mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, m.att.data(), m.r.data(), m.hr.data());
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 0.f, m.hc.data(), D,
             hr16);
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
-  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, D, m.hu.data(), 2 + D, 2, m.pre.data(), D, 0);
-  SMA_CUDA_CHECK_LAUNCH();
-  extract_add(m.hc.data(), D, pv, m.gate.data(), m.pre.data(), s);
   float* act = c.prenorm ? out : m.act.data();
-  residual_silu_kernel<<<grid(N * D), 256, 0, s>>>(N * D, m.x.data(), m.pre.data(), act);
+  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.x.data(), m.hu.data(), m.hc.data(),
+                                                        m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
+                                                        m.pre.data(), act);
   SMA_CUDA_CHECK_LAUNCH();
   if (!c.prenorm)
     m.norm_fwd(N, m.act.data(), out, m.mean2.data(), m.rstd2.data(), m.bn_mean2.data(), m.bn_invstd2.data(), s);
@@ -452,7 +636,12 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
   const CompressionView pv = m.plan->view();
 
-  // 1. post-norm, final SiLU: dsum = d pre.
+  // 1. post-norm, final SiLU and the extraction: dpre, dgate, dhc (by slot) and dhu[:, 2:] = dpre in one pass.
+  const long long M = m.rows_c;
+  const int Mi = static_cast<int>(M);
+  const bool host_s = c.host_compressed_length;
+  const int* S_dev = pv.offsets + m.B;
+  const int* bound = bf && !host_s ? S_dev : nullptr;  // the element-wise passes over compressed rows stop at S
   float* dpre = ws.alloc<float>(N * D);
   const float* dact = dy;
   if (!c.prenorm) {
@@ -460,32 +649,38 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     m.norm_bwd(N, m.act.data(), m.mean2.data(), m.rstd2.data(), m.bn_mean2.data(), m.bn_invstd2.data(), dy, t, s);
     dact = t;
   }
-  silu_backward(N * D, m.pre.data(), dact, dpre, s);
-  // 2. extraction and the GAU, on rows_c rows (see forward).
-  const long long M = m.rows_c;
-  const int Mi = static_cast<int>(M);
-  const bool host_s = c.host_compressed_length;
-  float* dhc = ws.alloc<float>(N * D);
   float* dgate = ws.alloc<float>(N);
-  if (!host_s) SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
-  SMA_CUDA_CHECK(cudaMemsetAsync(dgate, 0, N * sizeof(float), s));
-  extract_backward(m.hc.data(), D, pv, m.gate.data(), dpre, dhc, dgate, s);
-  // h_proj: dW += dhc^T hr, db += colsum(dhc), dhr = dhc W.
-  // bf16 copies: the forward's inputs are reused, each gradient operand is converted once for its two products.
+  float* dhc = bf ? nullptr : ws.alloc<float>(N * D);
+  __nv_bfloat16* dhc16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;
+  float* dhu = bf ? nullptr : ws.alloc<float>(N * (2 + D));
+  __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * (2 + D)) : nullptr;
+  if (!bf && !host_s) SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
+  output_backward_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.pre.data(), dact, m.hc.data(),
+                                                                 m.p("h_proj.bias"), m.gate.data(), pv.slot,
+                                                                 pv.key_valid, dpre, dgate, dhc, dhc16, dhu, dhu16);
+  SMA_CUDA_CHECK_LAUNCH();
+  if (bf) {
+    zero_tail_bf16_kernel<<<row_grid(N), kRowThreads, 0, s>>>(M, D, S_dev, dhc16);
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  // 2. The GAU, on rows_c rows (see forward). h_proj: dW += dhc^T hr, db += colsum(dhc), dhr = dhc W.
+  // bf16: the forward's operand copies are reused; the gradients were written as bf16 in the passes above.
   const auto b16 = [&](DeviceBuffer& b) { return bf ? static_cast<const __nv_bfloat16*>(b.data()) : nullptr; };
-  const __nv_bfloat16* dhc16 = bf ? to_bf16(ws, s, dhc, M * D) : nullptr;
   gemm_proj(m.blas, bf, ws, s, true, false, D, H, Mi, dhc, D, m.hr.data(), H, 1.f, m.g("h_proj.weight"), H, dhc16,
             b16(m.hr16));
-  column_sum_add(M, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
+  if (bf)
+    column_sum_add_bf16(M, D, dhc16, D, m.g("h_proj.bias"), s, bound);
+  else
+    column_sum_add(M, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
   float* dhr = ws.alloc<float>(N * H);
   gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H, dhc16);
   float* datt = ws.alloc<float>(N * H);
-  mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt);
+  mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt, bound, H);
   SMA_CUDA_CHECK_LAUNCH();
   float* dq = ws.alloc<float>(N * Z);
   float* dk = ws.alloc<float>(N * Z);
   float* dv = ws.alloc<float>(N * H);
-  if (!host_s) {
+  if (!host_s && !bf) {
     SMA_CUDA_CHECK(cudaMemsetAsync(dq, 0, N * Z * sizeof(float), s));
     SMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, N * Z * sizeof(float), s));
     SMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, N * H * sizeof(float), s));
@@ -494,49 +689,59 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   local_attention_backward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"),
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
                            m.g("rel_pos_bias.rel_pos_bias"), s);
-  float* dbase = ws.alloc<float>(N * P);
+  float* dbase = bf ? nullptr : ws.alloc<float>(N * P);
+  __nv_bfloat16* dbase16 = bf ? ws.alloc<__nv_bfloat16>(N * P) : nullptr;
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
   gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"), dq,
-                                                       dk, dhr, m.att.data(), dv, dbase, tq, tk);
+                                                       dk, dhr, m.att.data(), dv, dbase, dbase16, tq, tk, bound);
   SMA_CUDA_CHECK_LAUNCH();
   float* dgamma = m.g("gamma");
   float* dbeta = m.g("beta");
-  column_sum_add(M, Z, tq, Z, nullptr, dgamma, s);
-  column_sum_add(M, Z, tk, Z, nullptr, dgamma + Z, s);
-  column_sum_add(M, Z, dq, Z, nullptr, dbeta, s);
-  column_sum_add(M, Z, dk, Z, nullptr, dbeta + Z, s);
-  // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W; then scattered back to the tokens.
-  const __nv_bfloat16* dbase16 = bf ? to_bf16(ws, s, dbase, M * P) : nullptr;
+  column_sum_add(M, Z, tq, Z, nullptr, dgamma, s, bound);
+  column_sum_add(M, Z, tk, Z, nullptr, dgamma + Z, s, bound);
+  column_sum_add(M, Z, dq, Z, nullptr, dbeta, s, bound);
+  column_sum_add(M, Z, dk, Z, nullptr, dbeta + Z, s, bound);
+  // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W (added to the tokens' dmx below).
   gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D, dbase16,
             b16(m.xc16));
-  column_sum_add(M, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
+  if (bf)
+    column_sum_add_bf16(M, P, dbase16, P, m.g("mx_proj.bias"), s, bound);
+  else
+    column_sum_add(M, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
   float* dxc = ws.alloc<float>(N * D);
   gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D, dbase16);
-  // 3. router and hx_proj: dhu = [dlogits | dsum].
-  float* dhu = ws.alloc<float>(N * (2 + D));
+  // 3. router and hx_proj: dhu = [dlogits | dpre].
+  float* dlogits = bf ? ws.alloc<float>(N * 2) : dhu;
   router_backward(N, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
-                  dhu, 2 + D, m.g("q_router.temp"), s);
-  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, D, dpre, D, 0, dhu, 2 + D, 2);
-  SMA_CUDA_CHECK_LAUNCH();
-  const __nv_bfloat16* dhu16 = bf ? to_bf16(ws, s, dhu, N * (2 + D)) : nullptr;
+                  dlogits, bf ? 2 : 2 + D, m.g("q_router.temp"), s);
+  if (bf) {
+    logits_to_bf16_kernel<<<grid(2 * N), 256, 0, s>>>(N, 2 + D, dlogits, dhu16);
+    SMA_CUDA_CHECK_LAUNCH();
+    // The bias gradient from the fp32 values (the bf16 copy is only the products' operand).
+    column_sum_add(N, 2, dlogits, 2, nullptr, m.g("hx_proj.bias"), s);
+    column_sum_add(N, D, dpre, D, nullptr, m.g("hx_proj.bias") + 2, s);
+  } else {
+    column_sum_add(N, 2 + D, dhu, 2 + D, nullptr, m.g("hx_proj.bias"), s);
+  }
   gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, 2 + D, m.mx.data(), D, 1.f,
             m.g("hx_proj.weight"), D, dhu16, b16(m.mx16));
-  column_sum_add(N, 2 + D, dhu, 2 + D, nullptr, m.g("hx_proj.bias"), s);
   float* dmx = ws.alloc<float>(N * D);
   gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, 2 + D, dhu, 2 + D, m.p("hx_proj.weight"), D, 0.f,
             dmx, D, dhu16);
-  compress_backward(dxc, D, pv, dmx, s);
-  // 4. SiLU, EMA, pre-norm, residual.
-  silu_backward(N * D, m.ema_out.data(), dmx, dmx, s);
+  // 4. compression backward + SiLU, EMA, pre-norm, residual.
+  dmx_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), dxc, pv.slot, dmx);
+  SMA_CUDA_CHECK_LAUNCH();
   const float* xin = c.prenorm ? m.xin.data() : m.x.data();
   float* dxin = c.prenorm ? ws.alloc<float>(N * D) : dx;
   ema_backward(m.ema_cfg(), m.ema_params(), xin, pad, dmx, dxin,
                {m.g("ssm.delta"), m.g("ssm.alpha"), m.g("ssm.beta"), m.g("ssm.gamma"), m.g("ssm.omega")}, s);
-  if (c.prenorm)
-    m.norm_bwd(N, m.x.data(), m.mean.data(), m.rstd.data(), m.bn_mean.data(), m.bn_invstd.data(), dxin, dx, s);
-  add_kernel<<<grid(N * D), 256, 0, s>>>(N * D, dpre, dx);
-  SMA_CUDA_CHECK_LAUNCH();
+  if (c.prenorm) {
+    m.norm_bwd(N, m.x.data(), m.mean.data(), m.rstd.data(), m.bn_mean.data(), m.bn_invstd.data(), dxin, dx, s, dpre);
+  } else {
+    add_kernel<<<grid(N * D), 256, 0, s>>>(N * D, dpre, dx);
+    SMA_CUDA_CHECK_LAUNCH();
+  }
 }
 
 void SeqBoatLayerDevice::zero_grad(void* stream) {

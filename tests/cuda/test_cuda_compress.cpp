@@ -60,6 +60,11 @@ void check_mask(const MaskCase& mc, RoutingSemantics sem) {
   for (int s = 0; s < S; ++s)
     bad += tok[s] != cpu.token[s] || pos[s] != cpu.positions[s] || kv[s] != cpu.key_valid[s];
   CHECK(bad == 0);
+  // The token -> slot map is the inverse of token[] on [0, S) and -1 for tokens without a slot.
+  const std::vector<int> slot = plan.slot();
+  std::vector<int> want(static_cast<std::size_t>(B) * L, -1);
+  for (int s = 0; s < S; ++s) want[static_cast<std::size_t>(cpu.token[s])] = s;
+  CHECK(slot == want);
 
   // Data movers. x, gate and dout over all B*L tokens; compressed tensors are allocated for the B*L bound.
   const int N = B * L;

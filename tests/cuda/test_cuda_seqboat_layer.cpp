@@ -32,6 +32,10 @@ struct LayerCase {
   bool bf16 = false;  // bf16 projections: normwise relative error against double instead of the fp32 rule
   bool host_s = false;  // host_compressed_length: the products after compression on S rows
   bool train = false;   // train mode (batchnorm: batch statistics and running-statistics update)
+  bool bf16_attention = false;  // the attention on the bf16 path too (LocalAttentionConfig::bf16)
+  // A forward + backward with every token routed first (then zero_grad): the buffers past S hold the larger call's
+  // values, which the smaller call must not read.
+  bool stale = false;
 };
 
 double rel_norm_err(const float* got, const double* ref, std::size_t n) {
@@ -108,12 +112,24 @@ void check_layer(const LayerCase& lc) {
   const std::size_t n = static_cast<std::size_t>(B) * L * D;
   cuda::Stream stream;
   dev.set_bf16_projections(lc.bf16);
+  dev.set_bf16_attention(lc.bf16_attention);
   dev.set_host_compressed_length(lc.host_s);
   cuda::DeviceArray<float> d_x(std::vector<float>(xf.data(), xf.data() + n));
   cuda::DeviceArray<float> d_dy(std::vector<float>(dyf.data(), dyf.data() + n));
   cuda::DeviceArray<std::uint8_t> d_mask(flat);
   cuda::DeviceArray<float> d_out(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
   cuda::DeviceArray<float> d_dx(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
+  if (lc.stale) {
+    const float shift = dev.config().router_shift;
+    const bool train = dev.training();
+    dev.set_training(false);  // leaves batchnorm's running statistics alone
+    dev.set_router_shift(60.f);
+    dev.forward(B, L, d_x.data(), nullptr, d_out.data(), stream.handle());
+    dev.backward(d_dy.data(), d_dx.data(), stream.handle());
+    dev.zero_grad(stream.handle());
+    dev.set_router_shift(shift);
+    dev.set_training(train);
+  }
   dev.forward(B, L, d_x.data(), lc.ragged ? d_mask.data() : nullptr, d_out.data(), stream.handle());
   dev.backward(d_dy.data(), d_dx.data(), stream.handle());
   stream.synchronize();
@@ -236,6 +252,11 @@ TEST_CASE("cuda SeqBoat layer matches the CPU layer", "[cuda][seqboat][quick]") 
     c.host_s = true;
     check_layer(c);
   }
+  // And after a call with every token routed (the buffers past S hold its values).
+  for (auto c : cases) {
+    c.stale = true;
+    check_layer(c);
+  }
 }
 
 // Tagged [bf16] so that initcheck can leave it out: it reports the outputs of cuBLAS's bf16 tensor-core kernels
@@ -244,11 +265,29 @@ TEST_CASE("cuda SeqBoat layer matches the CPU layer", "[cuda][seqboat][quick]") 
 TEST_CASE("cuda SeqBoat layer with bf16 projections", "[cuda][seqboat][bf16][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   SeqBoatLayerConfig c = base_config();
-  check_layer({"bf16 causal layernorm simple relu2, ragged", 3, 50, c, true, 1, true});
+  std::vector<LayerCase> cases;
+  cases.push_back({"bf16 causal layernorm simple relu2, ragged", 3, 50, c, true, 1, true});
+  {
+    SeqBoatLayerConfig e = c;
+    e.router_shift = 60;  // the uncompressed fallback: padded positions are slots without key_valid
+    cases.push_back({"bf16 everything routed, ragged", 2, 40, e, true, 5, true});
+    e.router_shift = -60;
+    cases.push_back({"bf16 nothing routed", 2, 40, e, true, 6, true});
+  }
   c.direction = Direction::bidirectional;
   c.attention_activation = ops::AttentionActivation::softmax;
   c.rel_pos = ops::PositionEncoding::rotary;
-  check_layer({"bf16 bidirectional rotary softmax, ragged", 2, 61, c, true, 2, true});
+  cases.push_back({"bf16 bidirectional rotary softmax, ragged", 2, 61, c, true, 2, true});
+  // Each with the bf16 attention as well, after a larger call (stale rows past S), and with the host's S.
+  for (const bool attention : {false, true})
+    for (const bool stale : {false, true})
+      for (const bool host_s : {false, true})
+        for (LayerCase lc : cases) {
+          lc.bf16_attention = attention;
+          lc.stale = stale;
+          lc.host_s = host_s;
+          check_layer(lc);
+        }
 }
 
 TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][seqboat][quick]") {

@@ -3,8 +3,8 @@
 //
 // WHAT
 //   plan_compression   (B, L) activation mask -> the packed ragged plan, entirely on the device: per-row counts,
-//                      row offsets (exclusive scan), and for every slot its token b*L+t, original position t and
-//                      key_valid flag. Same semantics as sma::plan_compression (RoutingSemantics reference /
+//                      row offsets (exclusive scan), for every slot its token b*L+t, original position t and
+//                      key_valid flag, and for every token its slot (-1: none). Same semantics as sma::plan_compression (RoutingSemantics reference /
 //                      per_row, the reference's uncompressed fallback when some row is fully active, S = 0 when
 //                      nothing is active), but the number of slots S = offsets[B] STAYS ON THE DEVICE: nothing
 //                      waits for the host, and every later kernel is launched for the upper bound B*L and reads S
@@ -43,6 +43,8 @@ struct CompressionView {
   std::uint8_t* key_valid = nullptr;   ///< B*L: 1 when the slot's token is activated
   int* num_active = nullptr;           ///< B: activated tokens per row
   int* compressed = nullptr;           ///< 1 int: 1 = compressed, 0 = the reference's uncompressed fallback
+  int* slot = nullptr;                 ///< B*L, by token: its slot, or -1 when the token has none (the inverse of
+                                       ///< `token`, so per-token kernels can fuse extraction without a scatter)
 
   /// Upper bound of S: the row count to allocate for compressed tensors and to launch downstream kernels with.
   long long capacity() const { return static_cast<long long>(batch) * length; }
@@ -54,11 +56,11 @@ class DeviceCompression {
   DeviceCompression(int batch, int length)
       : batch_(check_dim(batch, "batch")), length_(check_dim(length, "length")),
         offsets_(static_cast<std::size_t>(batch) + 1), token_(slots()), positions_(slots()), key_valid_(slots()),
-        num_active_(static_cast<std::size_t>(batch)), compressed_(1) {}
+        num_active_(static_cast<std::size_t>(batch)), compressed_(1), slot_(slots()) {}
 
   CompressionView view() const {
-    return {batch_, length_, offsets_.data(), token_.data(), positions_.data(), key_valid_.data(),
-            num_active_.data(), compressed_.data()};
+    return {batch_,          length_,           offsets_.data(), token_.data(), positions_.data(),
+            key_valid_.data(), num_active_.data(), compressed_.data(), slot_.data()};
   }
   int batch() const { return batch_; }
   int length() const { return length_; }
@@ -70,6 +72,7 @@ class DeviceCompression {
   std::vector<std::uint8_t> key_valid(void* stream = nullptr) const { return key_valid_.download(stream); }
   std::vector<int> num_active(void* stream = nullptr) const { return num_active_.download(stream); }
   bool compressed(void* stream = nullptr) const { return compressed_.download(stream)[0] != 0; }
+  std::vector<int> slot(void* stream = nullptr) const { return slot_.download(stream); }
 
  private:
   static int check_dim(int v, const char* name) {
@@ -81,7 +84,7 @@ class DeviceCompression {
   int batch_, length_;
   DeviceArray<int> offsets_, token_, positions_;
   DeviceArray<std::uint8_t> key_valid_;
-  DeviceArray<int> num_active_, compressed_;
+  DeviceArray<int> num_active_, compressed_, slot_;
 };
 
 /// Fills `plan` from the (B, L) mask `active` (device). Asynchronous; S stays on the device.

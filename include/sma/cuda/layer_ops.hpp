@@ -33,10 +33,11 @@ enum class NormKind : int { layernorm, rmsnorm, scalenorm, batchnorm };
 void norm_forward(NormKind kind, long long rows, int D, float eps, const float* x, const float* weight,
                   const float* bias, float* y, float* mean, float* rstd, void* stream = nullptr);
 
-/// dx (rows, D) assigned (may not alias dy); dweight / dbias ADDED (nullptr: skipped).
+/// dx (rows, D) assigned (may not alias dy); dweight / dbias ADDED (nullptr: skipped). With `residual` (rows, D),
+/// dx = the norm's gradient + residual (the residual branch's gradient, added in the same pass).
 void norm_backward(NormKind kind, long long rows, int D, const float* x, const float* weight, const float* mean,
                    const float* rstd, const float* dy, float* dx, float* dweight, float* dbias,
-                   void* stream = nullptr);
+                   void* stream = nullptr, const float* residual = nullptr);
 
 /// y, x (rows, D); mean, invstd (D) written (the statistics used: the batch's in training, the running ones in
 /// eval); weight, bias (D) or nullptr; the running statistics updated in training (see above).
@@ -67,7 +68,12 @@ void router_backward(long long rows, const float* logits, int ld, float shift, c
 
 /// out[c] += sum_r a[r, c] (a (rows, cols) with row stride lda; with b: sum_r a[r, c] b[r, c], same stride),
 /// in double over chunks of rows, deterministic.
+/// `bound` (device int, or nullptr): only rows r < min(rows, *bound) are summed, so a sum over compressed rows
+/// costs what the routed count S costs, with S never leaving the device.
 void column_sum_add(long long rows, int cols, const float* a, int lda, const float* b, float* out,
-                    void* stream = nullptr);
+                    void* stream = nullptr, const int* bound = nullptr);
+/// column_sum_add over a bf16 matrix (a16: bf16 values as 16-bit words, row stride lda), no b.
+void column_sum_add_bf16(long long rows, int cols, const void* a16, int lda, float* out, void* stream = nullptr,
+                         const int* bound = nullptr);
 
 }  // namespace sma::cuda
