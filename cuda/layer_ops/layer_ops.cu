@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace sma::cuda {
 namespace {
@@ -136,6 +137,36 @@ __global__ void __launch_bounds__(32 * kColGroups) column_partial_kernel(
   }
 }
 
+// column_partial_kernel for a bf16 matrix with an even column count and row stride: each thread sums two adjacent
+// columns with 4-byte loads (a warp reads 128 consecutive bytes of a row), 64 columns per block.
+__global__ void __launch_bounds__(32 * kColGroups) column_partial_bf16x2_kernel(long long rows, int cols,
+                                                                              const __nv_bfloat162* __restrict__ a,
+                                                                              int lda2, const int* __restrict__ bound,
+                                                                              double* __restrict__ partial) {
+  __shared__ double part[kColGroups][64];
+  const int c2 = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y;
+  if (bound) rows = min(rows, static_cast<long long>(*bound));
+  const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
+  const long long r1 = min(rows, r0 + kColRows);
+  double s0 = 0, s1 = 0;
+  if (2 * c2 < cols)
+    for (long long r = r0 + g; r < r1; r += kColGroups) {
+      const float2 v = __bfloat1622float2(a[r * lda2 + c2]);
+      s0 += v.x;
+      s1 += v.y;
+    }
+  part[g][2 * threadIdx.x] = s0;
+  part[g][2 * threadIdx.x + 1] = s1;
+  __syncthreads();
+  if (g == 0 && 2 * c2 < cols)
+    for (int k = 0; k < 2; ++k) {
+      double t = 0;
+#pragma unroll
+      for (int j = 0; j < kColGroups; ++j) t += part[j][2 * threadIdx.x + k];
+      partial[static_cast<long long>(blockIdx.y) * cols + 2 * c2 + k] = t;
+    }
+}
+
 // out[c] += sum of the partials (all: every column summed into out[0], by one thread). One warp per column: lanes
 // take every 32nd chunk, then a fixed shuffle tree (deterministic).
 __global__ void column_finish_kernel(int chunks, int cols, const double* __restrict__ partial, float* out, int all) {
@@ -164,8 +195,13 @@ void column_reduce(long long rows, int cols, const T* a, int lda, const float* b
   if (chunks > 65535) throw ValueError(str_cat("sma::cuda column sums: too many rows (", rows, ")"));
   detail::StreamWorkspace ws(s);
   double* part = ws.alloc<double>(static_cast<long long>(chunks) * cols);
-  column_partial_kernel<T><<<dim3((cols + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(
-      rows, cols, a, lda, b, mode, x, mean, rstd, bound, part);
+  constexpr bool is_bf16 = std::is_same_v<T, __nv_bfloat16>;
+  if (is_bf16 && cols % 2 == 0 && lda % 2 == 0 && reinterpret_cast<std::uintptr_t>(a) % 4 == 0)
+    column_partial_bf16x2_kernel<<<dim3((cols / 2 + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(
+        rows, cols, reinterpret_cast<const __nv_bfloat162*>(a), lda / 2, bound, part);
+  else
+    column_partial_kernel<T><<<dim3((cols + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(
+        rows, cols, a, lda, b, mode, x, mean, rstd, bound, part);
   SMA_CUDA_CHECK_LAUNCH();
   // finish: 8 warps (columns) per block
   column_finish_kernel<<<all ? 1 : (cols + 7) / 8, all ? 1 : 256, 0, s>>>(chunks, cols, part, out, all ? 1 : 0);

@@ -33,8 +33,14 @@ unsigned row_grid(long long rows) { return static_cast<unsigned>(std::min<long l
 
 // base (rows, Z+2H) + bias -> q, k (rows, Z), r, v (rows, H): z = silu(.[:, :Z]), q = z g0 + b0, k = z g1 + b1.
 // `base` holds the product without its bias; the bias is added here and again in the backward.
-// `bound` (device S, or nullptr): rows past it are left as they are (nothing downstream reads them).
-__global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, int Z, int H, const float* __restrict__ base,
+__device__ inline float ld_f(const float* p) { return *p; }
+__device__ inline float ld_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+// `bound` (device S, or nullptr): rows past it are left as they are (nothing downstream reads them). `base` is
+// fp32, or bf16 on the bf16 path (the products' output, as autocast keeps it); r == nullptr: r is not stored
+// (its consumers recompute it from base).
+template <class TB>
+__global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, int Z, int H, const TB* __restrict__ base,
                                                               const float* __restrict__ bias,
                                                               const float* __restrict__ gamma,
                                                               const float* __restrict__ beta, float* __restrict__ q,
@@ -43,9 +49,10 @@ __global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, in
   const int P = Z + 2 * H;
   if (bound) rows = min(rows, static_cast<long long>(*bound));
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
-    const float* br = base + row * P;
+    const TB* br = base + row * P;
     for (int c = threadIdx.x; c < P; c += blockDim.x) {
-      const float b = br[c] + bias[c];
+      if (!r && c >= Z && c < Z + H) continue;
+      const float b = ld_f(br + c) + bias[c];
       const float a = b / (1.f + expf(-b));
       if (c < Z) {
         q[row * Z + c] = a * gamma[c] + beta[c];
@@ -62,8 +69,9 @@ __global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, in
 // dbase from dq, dk, d(att*r) = dhr, att, dv; tq = dq z, tk = dk z (for the gamma gradients). With dbase16
 // (bf16 products) the gradient is written only as bf16, rows [bound, rows) as zeros, so the products over the
 // B*L bound see exact zeros there; otherwise dbase in fp32 (every row: the fp32 products read them all).
+template <class TB>
 __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, int Z, int H,
-                                                                const float* __restrict__ base,
+                                                                const TB* __restrict__ base,
                                                                 const float* __restrict__ bias,
                                                                 const float* __restrict__ gamma,
                                                                 const float* __restrict__ dq,
@@ -83,7 +91,7 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
     }
     for (int c = threadIdx.x; c < P; c += blockDim.x) {
       const long long i = row * P + c;
-      const float b = base[i] + bias[c];
+      const float b = ld_f(base + i) + bias[c];
       const float sg = 1.f / (1.f + expf(-b));
       const float dsilu = sg * (1.f + b * (1.f - sg));
       float d;
@@ -107,10 +115,7 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
   }
 }
 
-// out = a * b over n elements, or (bound: device S) over the first S rows of `cols` elements.
-__global__ void mul_kernel(long long n, const float* a, const float* b, float* out, const int* bound = nullptr,
-                           int cols = 0) {
-  if (bound) n = min(n, static_cast<long long>(*bound) * cols);
+__global__ void mul_kernel(long long n, const float* a, const float* b, float* out) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
     out[i] = a[i] * b[i];
@@ -190,14 +195,34 @@ __global__ void compress_bf16_kernel(long long rows, int D, const __nv_bfloat16*
   }
 }
 
-// out16 = bf16(a * b) on rows < S, zeros on [S, rows): the attention output times r, as the h_proj operand.
-__global__ void mul_bf16_kernel(long long rows, int H, const float* __restrict__ a, const float* __restrict__ b,
-                                const int* __restrict__ bound, __nv_bfloat16* __restrict__ out16) {
+// r = silu(base[:, Z:Z+H] + bias) from the bf16 base (not stored on the bf16 path).
+__device__ inline float r_of(const __nv_bfloat16* base16, const float* bias, long long row, int P, int Z, int c) {
+  const float b = __bfloat162float(base16[row * P + Z + c]) + bias[Z + c];
+  return b / (1.f + expf(-b));
+}
+
+// out16 = bf16(a * r) on rows < S, zeros on [S, rows): the attention output times r, as the h_proj operand.
+__global__ void mul_r_bf16_kernel(long long rows, int Z, int H, const float* __restrict__ a,
+                                  const __nv_bfloat16* __restrict__ base16, const float* __restrict__ bias,
+                                  const int* __restrict__ bound, __nv_bfloat16* __restrict__ out16) {
   const long long live = min(rows, static_cast<long long>(*bound));
+  const int P = Z + 2 * H;
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
     const long long o = row * H;
     for (int c = threadIdx.x; c < H; c += blockDim.x)
-      out16[o + c] = __float2bfloat16_rn(row < live ? a[o + c] * b[o + c] : 0.f);
+      out16[o + c] = __float2bfloat16_rn(row < live ? a[o + c] * r_of(base16, bias, row, P, Z, c) : 0.f);
+  }
+}
+
+// out = a * r on rows < min(rows, *bound) (fp32 out; the bf16 path's datt = dhr r).
+__global__ void mul_r_kernel(long long rows, int Z, int H, const float* __restrict__ a,
+                             const __nv_bfloat16* __restrict__ base16, const float* __restrict__ bias,
+                             const int* __restrict__ bound, float* __restrict__ out) {
+  const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
+  const int P = Z + 2 * H;
+  for (long long row = blockIdx.x; row < live; row += gridDim.x) {
+    const long long o = row * H;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) out[o + c] = a[o + c] * r_of(base16, bias, row, P, Z, c);
   }
 }
 
@@ -244,7 +269,7 @@ __global__ void output_backward_kernel(long long rows, int D, const float* __res
     const bool on = slot >= 0 && key_valid[slot] != 0;
     const float g = gate[t];
     const long long so = static_cast<long long>(slot) * D;
-    float acc = 0.f;
+    double acc = 0;  // dgate feeds the router's temperature gradient, a sum with cancellation: keep it exact
     for (int c = lane; c < D; c += 32) {
       const long long i = t * D + c;
       const float d = dact[i] * dsilu_f(pre[i]);
@@ -260,11 +285,11 @@ __global__ void output_backward_kernel(long long rows, int D, const float* __res
         else
           dhc[so + c] = v;
       }
-      if (on) acc = fmaf(d, hc[so + c] + hbias[c], acc);
+      if (on) acc = fma(static_cast<double>(d), static_cast<double>(hc[so + c]) + hbias[c], acc);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) dgate[t] = on ? acc : 0.f;
+    if (lane == 0) dgate[t] = on ? static_cast<float>(acc) : 0.f;
   }
 }
 
@@ -317,6 +342,17 @@ void gemm_proj(cublasHandle_t h, bool bf16, detail::StreamWorkspace& ws, cudaStr
                               CUBLAS_GEMM_DEFAULT));
 }
 
+/// Row-major C16 (M x N, bf16) = op(A16) op(B16) on the tensor cores, fp32 accumulation (the GAU's base on the bf16
+/// path: stored in bf16, as autocast keeps a linear layer's output).
+void gemm_bf16_out(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, const __nv_bfloat16* a16, int lda,
+                   const __nv_bfloat16* b16, int ldb, __nv_bfloat16* c16, int ldc) {
+  if (M <= 0 || N <= 0) return;
+  const float alpha = 1.f, beta = 0.f;
+  SMA_CUDA_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, b16,
+                              CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda, &beta, c16, CUDA_R_16BF, ldc,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace
 
 struct SeqBoatLayerDevice::Impl {
@@ -336,6 +372,7 @@ struct SeqBoatLayerDevice::Impl {
       pre, act, mean2, rstd2;
   DeviceArray<std::uint8_t> padding, active;
   DeviceBuffer mx16, xc16, hr16;  ///< bf16 copies of the projections' inputs (bf16_projections), for the backward
+  DeviceBuffer base16;            ///< the GAU's base (rows, Z+2H) in bf16 on the bf16 path (r is not stored there)
 
   __nv_bfloat16* bf16_buffer(DeviceBuffer& b, long long n) {
     const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(__nv_bfloat16);
@@ -422,22 +459,29 @@ struct SeqBoatLayerDevice::Impl {
     if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(n));
   }
 
+  void ensure_fp32() {
+    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
+    ensure(xc, N * D);
+    ensure(base, N * (Z + 2 * H));
+    ensure(r, N * H);
+    ensure(hr, N * H);
+  }
+
   void allocate(int b, int l) {
     if (b == B && l == L && plan) return;
     B = b;
     L = l;
     const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
-    const long long P = Z + 2 * H;
     plan = std::make_unique<DeviceCompression>(B, L);
-    for (auto* a : {&x, &xin, &ema_out, &mx, &xc, &hc, &pre, &act}) ensure(*a, N * D);
+    for (auto* a : {&x, &xin, &ema_out, &mx, &hc, &pre, &act}) ensure(*a, N * D);
     for (auto* a : {&mean, &rstd, &gate, &row_stat, &mean2, &rstd2}) ensure(*a, N);
     for (auto* a : {&bn_mean, &bn_invstd, &bn_mean2, &bn_invstd2}) ensure(*a, D);
     ensure(hu, N * (2 + D));
     ensure(probs, N * 2);
-    ensure(base, N * P);
     ensure(q, N * Z);
     ensure(k, N * Z);
-    for (auto* a : {&r, &v, &att, &hr}) ensure(*a, N * H);
+    for (auto* a : {&v, &att}) ensure(*a, N * H);
+    // xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead.
     padding = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
     active = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
   }
@@ -527,6 +571,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   SMA_CUDA_CHECK(cublasSetStream(m.blas, s));
   detail::StreamWorkspace ws(s);
   const bool bf = c.bf16_projections;
+  if (!bf) m.ensure_fp32();
   SMA_CUDA_CHECK(cudaMemcpyAsync(m.x.data(), x, N * D * sizeof(float), cudaMemcpyDeviceToDevice, s));
   m.has_padding = padding != nullptr;
   if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
@@ -587,11 +632,20 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   } else {
     compress(m.mx.data(), D, pv, m.xc.data(), s);
   }
-  gemm_proj(m.blas, bf, ws, s, false, true, Mi, P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 0.f, m.base.data(), P,
-            xc16);
-  gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
-                                                     m.p("beta"), m.q.data(), m.k.data(), m.r.data(), m.v.data(),
-                                                     bf ? S_dev : nullptr);
+  __nv_bfloat16* base16 = bf ? m.bf16_buffer(m.base16, N * P) : nullptr;
+  if (bf) {
+    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("mx_proj.weight"), static_cast<long long>(P) * D);
+    gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
+    gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"),
+                                                       m.p("beta"), m.q.data(), m.k.data(), nullptr, m.v.data(),
+                                                       S_dev);
+  } else {
+    gemm_proj(m.blas, bf, ws, s, false, true, Mi, P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 0.f, m.base.data(),
+              P);
+    gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
+                                                       m.p("beta"), m.q.data(), m.k.data(), m.r.data(), m.v.data(),
+                                                       nullptr);
+  }
   SMA_CUDA_CHECK_LAUNCH();
   local_attention_forward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"), m.att.data(),
                           m.row_stat.data(), s);
@@ -600,7 +654,8 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   if (bf) {
     __nv_bfloat16* hr16w = m.bf16_buffer(m.hr16, N * H);
     if (M > 0) {
-      mul_bf16_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, H, m.att.data(), m.r.data(), S_dev, hr16w);
+      mul_r_bf16_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.att.data(), base16, m.p("mx_proj.bias"),
+                                                            S_dev, hr16w);
       SMA_CUDA_CHECK_LAUNCH();
     }
     hr16 = hr16w;
@@ -675,7 +730,11 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* dhr = ws.alloc<float>(N * H);
   gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H, dhc16);
   float* datt = ws.alloc<float>(N * H);
-  mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt, bound, H);
+  const __nv_bfloat16* base16 = bf ? static_cast<const __nv_bfloat16*>(m.base16.data()) : nullptr;
+  if (bf)
+    mul_r_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr, base16, m.p("mx_proj.bias"), bound, datt);
+  else
+    mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt);
   SMA_CUDA_CHECK_LAUNCH();
   float* dq = ws.alloc<float>(N * Z);
   float* dk = ws.alloc<float>(N * Z);
@@ -693,8 +752,13 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   __nv_bfloat16* dbase16 = bf ? ws.alloc<__nv_bfloat16>(N * P) : nullptr;
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
-  gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"), dq,
-                                                       dk, dhr, m.att.data(), dv, dbase, dbase16, tq, tk, bound);
+  if (bf)
+    gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), dq, dk,
+                                                         dhr, m.att.data(), dv, dbase, dbase16, tq, tk, bound);
+  else
+    gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
+                                                         dq, dk, dhr, m.att.data(), dv, dbase, dbase16, tq, tk,
+                                                         bound);
   SMA_CUDA_CHECK_LAUNCH();
   float* dgamma = m.g("gamma");
   float* dbeta = m.g("beta");

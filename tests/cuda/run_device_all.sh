@@ -5,7 +5,7 @@
 # GPU training example. Each part runs only when its files are next to this script (see docs/cuda.md, "Building
 # and running"): sma_test_cuda, sma-golden + golden/*.safetensors, sma_bench_cuda_layer (+ lib/libbenchmark.so*),
 # sma_bench_cuda_model, train_gpu + fashion-mnist/, ref/{bench_gpu.py,bench_ref_model.py,standalone_seqboat.py,
-# einops_fallback/}. Switches: SKIP_SANITIZE=1, MEMCHECK_FILTER (Catch2 test spec, default [quick]), SKIP_REF=1,
+# einops_fallback/}. Switches: SKIP_SANITIZE=1, MEMCHECK_FILTER (Catch2 test spec, default [quick]~[oom]), SKIP_REF=1,
 # LAYER_FILTER (a --benchmark_filter regex), GPU_STEPS (train_gpu steps, default 1000), TEST_TIMEOUT (s, 240).
 cd "$(dirname "$0")"
 export OUT=${OUT:-/tmp/out}
@@ -23,7 +23,7 @@ if have sma_test_cuda; then
   tail -2 "$OUT/test_all.txt"; grep -B3 -A30 FAILED "$OUT/test_all.txt" | head -120
   if [ -z "$SKIP_SANITIZE" ]; then
     el memcheck
-    timeout 150 "$CS" --tool memcheck --leak-check full --error-exitcode 9 ./sma_test_cuda "${MEMCHECK_FILTER:-[quick]}" \
+    timeout 150 "$CS" --tool memcheck --leak-check full --error-exitcode 9 ./sma_test_cuda "${MEMCHECK_FILTER:-[quick]~[oom]}" \
       > "$OUT/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -2 "$OUT/memcheck.txt"
   fi
 fi

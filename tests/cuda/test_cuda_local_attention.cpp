@@ -521,7 +521,12 @@ TEST_CASE("cuda local attention: errors name the problem", "[cuda][attention][qu
   CHECK_THROWS_WITH(cuda::local_attention_backward(cfg, in, table.data(), nullptr, nullptr, x.data(), x.data(),
                                                    x.data(), x.data(), table.data()),
                     Catch::Contains("needs the forward's out and row_stat"));
-  // A CUDA failure becomes CudaError naming the call.
+}
+
+// Tagged [oom]: compute-sanitizer reports the deliberate failed cudaMalloc as an API error, so the memcheck run
+// leaves this case out (tests/cuda/run_device_all.sh).
+TEST_CASE("cuda errors: a failed CUDA call becomes CudaError naming the call", "[cuda][quick][oom]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
   try {
     cuda::DeviceBuffer huge(std::size_t(1) << 52);
     FAIL("allocating 4 PiB succeeded");

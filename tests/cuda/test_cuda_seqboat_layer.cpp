@@ -9,11 +9,15 @@
 
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/device.hpp>
+#include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/seqboat_layer.hpp>
 #include <sma/models/seqboat.hpp>
 #include <sma/testing/random.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <map>
 #include <random>
 #include <string>
@@ -355,4 +359,63 @@ TEST_CASE("cuda benchmarking helpers: density steering, timing, device memory", 
   CHECK(after.used >= before.used);
   CHECK(after.pool_used_peak > 0);
   CHECK(after.pool_used_peak < after.total);
+}
+
+namespace {
+
+std::uint16_t to_bf16_bits(float f) {  // round to nearest even, as __float2bfloat16_rn (finite values)
+  std::uint32_t u = 0;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+float from_bf16_bits(std::uint16_t h) {
+  const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
+  float f = 0;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace
+
+// The column sums the layer's bias gradients use: fp32 and bf16 matrices, a row stride wider than the columns,
+// even and odd column counts (the bf16 pair kernel and its scalar fallback), and the device-side row bound that
+// lets a sum over compressed rows stop at S.
+TEST_CASE("cuda column sums: fp32 and bf16, bounded by a device row count", "[cuda][seqboat][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (const int cols : {70, 33}) {
+    const int rows = 1000, lda = cols + 2;
+    std::vector<float> a(static_cast<std::size_t>(rows) * lda);
+    std::vector<std::uint16_t> a16(a.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      a[i] = u(rng);
+      a16[i] = to_bf16_bits(a[i]);
+    }
+    cuda::DeviceArray<float> d_a(a);
+    cuda::DeviceArray<std::uint16_t> d_a16(a16);
+    for (const int bound : {-1, 0, 617, 1000, 5000}) {  // -1: no bound
+      INFO("cols " << cols << ", bound " << bound);
+      cuda::DeviceArray<int> d_bound(std::vector<int>{bound});
+      const int* bp = bound < 0 ? nullptr : d_bound.data();
+      const int live = bound < 0 ? rows : std::min(bound, rows);
+      cuda::DeviceArray<float> out(std::vector<float>(static_cast<std::size_t>(cols), 1.f));
+      cuda::DeviceArray<float> out16(std::vector<float>(static_cast<std::size_t>(cols), 1.f));
+      cuda::column_sum_add(rows, cols, d_a.data(), lda, nullptr, out.data(), nullptr, bp);
+      cuda::column_sum_add_bf16(rows, cols, d_a16.data(), lda, out16.data(), nullptr, bp);
+      const std::vector<float> got = out.download(), got16 = out16.download();
+      for (int c = 0; c < cols; ++c) {
+        double want = 1, want16 = 1;
+        for (int r = 0; r < live; ++r) {
+          want += a[static_cast<std::size_t>(r) * lda + c];
+          want16 += from_bf16_bits(a16[static_cast<std::size_t>(r) * lda + c]);
+        }
+        CHECK(got[c] == Approx(want).margin(1e-5));
+        CHECK(got16[c] == Approx(want16).margin(1e-5));
+      }
+    }
+  }
+  CHECK_THROWS_AS(cuda::column_sum_add_bf16(4, 4, nullptr, 4, nullptr), ValueError);
 }
