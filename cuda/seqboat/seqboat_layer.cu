@@ -228,7 +228,7 @@ __global__ void mul_r_kernel(long long rows, int Z, int H, const float* __restri
 
 // The layer's output, per token t: pre = hu[t, 2:] + gate * (hc[slot] + h_bias) (activated tokens) + x[t];
 // out = silu(pre). Replaces the bias copy, extract_add and the residual pass.
-__global__ void output_kernel(long long rows, int D, const float* __restrict__ x, const float* __restrict__ hu,
+__global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hu,
                               const float* __restrict__ hc, const float* __restrict__ hbias,
                               const float* __restrict__ gate, const int* __restrict__ slot_of,
                               const std::uint8_t* __restrict__ key_valid, float* __restrict__ pre,
@@ -239,7 +239,7 @@ __global__ void output_kernel(long long rows, int D, const float* __restrict__ x
     const int slot = slot_of[t];
     const bool on = slot >= 0 && key_valid[slot] != 0;
     const float g = on ? gate[t] : 0.f;
-    const float* hr = hu + t * (2 + D) + 2;
+    const float* hr = hu + t * ldh + 2;
     const float* hcr = on ? hc + static_cast<long long>(slot) * D : nullptr;
     for (int c = lane; c < D; c += 32) {
       float p = hr[c];
@@ -255,7 +255,7 @@ __global__ void output_kernel(long long rows, int D, const float* __restrict__ x
 // dhc[slot] = gate dpre and dgate = <dpre, hc[slot] + h_bias>; dgate = 0 otherwise (dgate is read only for
 // activated tokens). dpre also goes to columns 2.. of the hx_proj gradient dhu, in fp32 or bf16. With dhc16 the
 // slot gradient is written as bf16 only (rows past S are zeroed separately).
-__global__ void output_backward_kernel(long long rows, int D, const float* __restrict__ pre,
+__global__ void output_backward_kernel(long long rows, int D, int ldh, const float* __restrict__ pre,
                                        const float* __restrict__ dact, const float* __restrict__ hc,
                                        const float* __restrict__ hbias, const float* __restrict__ gate,
                                        const int* __restrict__ slot_of, const std::uint8_t* __restrict__ key_valid,
@@ -275,9 +275,9 @@ __global__ void output_backward_kernel(long long rows, int D, const float* __res
       const float d = dact[i] * dsilu_f(pre[i]);
       dpre[i] = d;
       if (dhu16)
-        dhu16[t * (2 + D) + 2 + c] = __float2bfloat16_rn(d);
+        dhu16[t * ldh + 2 + c] = __float2bfloat16_rn(d);
       else
-        dhu[t * (2 + D) + 2 + c] = d;
+        dhu[t * ldh + 2 + c] = d;
       if (slot >= 0) {  // slots of inactive tokens (the uncompressed fallback) get a zero gradient
         const float v = on ? g * d : 0.f;
         if (dhc16)
@@ -455,6 +455,11 @@ struct SeqBoatLayerDevice::Impl {
     return in;
   }
 
+  /// Row stride of hu = [router logits | hx] and of its gradient: 2 + D rounded up to 8 elements, so that rows
+  /// start 16-byte aligned and cuBLAS can pick its fast kernels for the hx_proj products (an odd stride such as
+  /// 514 sends them to slow 4-byte-aligned ones).
+  int ldh() const { return (2 + cfg.embed_dim + 7) / 8 * 8; }
+
   static void ensure(DeviceArray<float>& a, long long n) {
     if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(n));
   }
@@ -476,7 +481,7 @@ struct SeqBoatLayerDevice::Impl {
     for (auto* a : {&x, &xin, &ema_out, &mx, &hc, &pre, &act}) ensure(*a, N * D);
     for (auto* a : {&mean, &rstd, &gate, &row_stat, &mean2, &rstd2}) ensure(*a, N);
     for (auto* a : {&bn_mean, &bn_invstd, &bn_mean2, &bn_invstd2}) ensure(*a, D);
-    ensure(hu, N * (2 + D));
+    ensure(hu, N * ldh());
     ensure(probs, N * 2);
     ensure(q, N * Z);
     ensure(k, N * Z);
@@ -588,19 +593,20 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   __nv_bfloat16* mx16 = bf ? m.bf16_buffer(m.mx16, N * D) : nullptr;
   silu_copy_kernel<<<grid(N * D), 256, 0, s>>>(N * D, m.ema_out.data(), m.mx.data(), mx16);
   SMA_CUDA_CHECK_LAUNCH();
-  // 2. hx_proj: hu (N, 2+D) = mx W^T + b.
-  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
+  // 2. hx_proj: hu (N, 2+D; row stride ldh) = mx W^T + b.
+  const int ldh = m.ldh();
+  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), ldh, 0);
   SMA_CUDA_CHECK_LAUNCH();
   gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D,
-            1.f, m.hu.data(), 2 + D, mx16);
+            1.f, m.hu.data(), ldh, mx16);
   if (bf) {  // the router decides on fp32 logits: its two columns again, in fp32
-    copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), 2 + D, 0);
+    copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), ldh, 0);
     SMA_CUDA_CHECK_LAUNCH();
     detail::gemm_rm(m.blas, false, true, static_cast<int>(N), 2, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
-            m.hu.data(), 2 + D);
+            m.hu.data(), ldh);
   }
   // 3. router and the compression plan.
-  router_forward(batch, length, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), pad, m.probs.data(),
+  router_forward(batch, length, m.hu.data(), ldh, c.router_shift, m.p("q_router.temp"), pad, m.probs.data(),
                  m.active.data(), m.gate.data(), s);
   const CompressionView pv = m.plan->view();
   plan_compression(m.active.data(), c.routing, pv, s);
@@ -667,7 +673,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
             hr16);
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   float* act = c.prenorm ? out : m.act.data();
-  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.x.data(), m.hu.data(), m.hc.data(),
+  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, ldh, m.x.data(), m.hu.data(), m.hc.data(),
                                                         m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
                                                         m.pre.data(), act);
   SMA_CUDA_CHECK_LAUNCH();
@@ -707,10 +713,11 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* dgate = ws.alloc<float>(N);
   float* dhc = bf ? nullptr : ws.alloc<float>(N * D);
   __nv_bfloat16* dhc16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;
-  float* dhu = bf ? nullptr : ws.alloc<float>(N * (2 + D));
-  __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * (2 + D)) : nullptr;
+  const int ldh = m.ldh();
+  float* dhu = bf ? nullptr : ws.alloc<float>(N * ldh);
+  __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * ldh) : nullptr;
   if (!bf && !host_s) SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
-  output_backward_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.pre.data(), dact, m.hc.data(),
+  output_backward_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, ldh, m.pre.data(), dact, m.hc.data(),
                                                                  m.p("h_proj.bias"), m.gate.data(), pv.slot,
                                                                  pv.key_valid, dpre, dgate, dhc, dhc16, dhu, dhu16);
   SMA_CUDA_CHECK_LAUNCH();
@@ -777,21 +784,21 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D, dbase16);
   // 3. router and hx_proj: dhu = [dlogits | dpre].
   float* dlogits = bf ? ws.alloc<float>(N * 2) : dhu;
-  router_backward(N, m.hu.data(), 2 + D, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
-                  dlogits, bf ? 2 : 2 + D, m.g("q_router.temp"), s);
+  router_backward(N, m.hu.data(), ldh, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
+                  dlogits, bf ? 2 : ldh, m.g("q_router.temp"), s);
   if (bf) {
-    logits_to_bf16_kernel<<<grid(2 * N), 256, 0, s>>>(N, 2 + D, dlogits, dhu16);
+    logits_to_bf16_kernel<<<grid(2 * N), 256, 0, s>>>(N, ldh, dlogits, dhu16);
     SMA_CUDA_CHECK_LAUNCH();
     // The bias gradient from the fp32 values (the bf16 copy is only the products' operand).
     column_sum_add(N, 2, dlogits, 2, nullptr, m.g("hx_proj.bias"), s);
     column_sum_add(N, D, dpre, D, nullptr, m.g("hx_proj.bias") + 2, s);
   } else {
-    column_sum_add(N, 2 + D, dhu, 2 + D, nullptr, m.g("hx_proj.bias"), s);
+    column_sum_add(N, 2 + D, dhu, ldh, nullptr, m.g("hx_proj.bias"), s);
   }
-  gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, 2 + D, m.mx.data(), D, 1.f,
+  gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, ldh, m.mx.data(), D, 1.f,
             m.g("hx_proj.weight"), D, dhu16, b16(m.mx16));
   float* dmx = ws.alloc<float>(N * D);
-  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, 2 + D, dhu, 2 + D, m.p("hx_proj.weight"), D, 0.f,
+  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, 2 + D, dhu, ldh, m.p("hx_proj.weight"), D, 0.f,
             dmx, D, dhu16);
   // 4. compression backward + SiLU, EMA, pre-norm, residual.
   dmx_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), dxc, pv.slot, dmx);
