@@ -69,14 +69,14 @@ __global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, in
 // dbase from dq, dk, d(att*r) = dhr, att, dv; tq = dq z, tk = dk z (for the gamma gradients). With dbase16
 // (bf16 products) the gradient is written only as bf16, rows [bound, rows) as zeros, so the products over the
 // B*L bound see exact zeros there; otherwise dbase in fp32 (every row: the fp32 products read them all).
-template <class TB>
+template <class TB, class TG>
 __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, int Z, int H,
                                                                 const TB* __restrict__ base,
                                                                 const float* __restrict__ bias,
                                                                 const float* __restrict__ gamma,
                                                                 const float* __restrict__ dq,
                                                                 const float* __restrict__ dk,
-                                                                const float* __restrict__ dhr,
+                                                                const TG* __restrict__ dhr,
                                                                 const float* __restrict__ att,
                                                                 const float* __restrict__ dv, float* __restrict__ dbase,
                                                                 __nv_bfloat16* __restrict__ dbase16,
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
         d = (gq * gamma[c] + gk * gamma[Z + c]) * dsilu;
       } else if (c < Z + H) {
         const long long j = row * H + (c - Z);
-        d = dhr[j] * att[j] * dsilu;
+        d = ld_f(dhr + j) * att[j] * dsilu;
       } else {
         d = dv[row * H + (c - Z - H)] * dsilu;
       }
@@ -214,15 +214,16 @@ __global__ void mul_r_bf16_kernel(long long rows, int Z, int H, const float* __r
   }
 }
 
-// out = a * r on rows < min(rows, *bound) (fp32 out; the bf16 path's datt = dhr r).
-__global__ void mul_r_kernel(long long rows, int Z, int H, const float* __restrict__ a,
+// out = a * r on rows < min(rows, *bound) (fp32 out; the bf16 path's datt = dhr r, dhr in bf16).
+__global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* __restrict__ a,
                              const __nv_bfloat16* __restrict__ base16, const float* __restrict__ bias,
                              const int* __restrict__ bound, float* __restrict__ out) {
   const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
   const int P = Z + 2 * H;
   for (long long row = blockIdx.x; row < live; row += gridDim.x) {
     const long long o = row * H;
-    for (int c = threadIdx.x; c < H; c += blockDim.x) out[o + c] = a[o + c] * r_of(base16, bias, row, P, Z, c);
+    for (int c = threadIdx.x; c < H; c += blockDim.x)
+      out[o + c] = __bfloat162float(a[o + c]) * r_of(base16, bias, row, P, Z, c);
   }
 }
 
@@ -734,12 +735,18 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     column_sum_add_bf16(M, D, dhc16, D, m.g("h_proj.bias"), s, bound);
   else
     column_sum_add(M, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
-  float* dhr = ws.alloc<float>(N * H);
-  gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H, dhc16);
+  // dhr = dhc W: bf16 on the bf16 path (as autocast's gradient of a bf16 product), fp32 otherwise.
+  float* dhr = bf ? nullptr : ws.alloc<float>(N * H);
+  __nv_bfloat16* dhr16 = bf ? ws.alloc<__nv_bfloat16>(N * H) : nullptr;
+  if (bf)
+    gemm_bf16_out(m.blas, false, false, Mi, H, D, dhc16, D,
+                  to_bf16(ws, s, m.p("h_proj.weight"), static_cast<long long>(D) * H), H, dhr16, H);
+  else
+    gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
   float* datt = ws.alloc<float>(N * H);
   const __nv_bfloat16* base16 = bf ? static_cast<const __nv_bfloat16*>(m.base16.data()) : nullptr;
   if (bf)
-    mul_r_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr, base16, m.p("mx_proj.bias"), bound, datt);
+    mul_r_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr16, base16, m.p("mx_proj.bias"), bound, datt);
   else
     mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt);
   SMA_CUDA_CHECK_LAUNCH();
@@ -761,7 +768,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* tk = ws.alloc<float>(N * Z);
   if (bf)
     gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), dq, dk,
-                                                         dhr, m.att.data(), dv, dbase, dbase16, tq, tk, bound);
+                                                         dhr16, m.att.data(), dv, dbase, dbase16, tq, tk, bound);
   else
     gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
                                                          dq, dk, dhr, m.att.data(), dv, dbase, dbase16, tq, tk,
