@@ -166,14 +166,31 @@ __device__ inline float dsilu_f(float v) {
   return sg * (1.f + v * (1.f - sg));
 }
 
-// mx = silu(e); with mx16, also its bf16 copy (the bf16 products' operand), in the same pass.
-__global__ void silu_copy_kernel(long long n, const float* __restrict__ e, float* __restrict__ mx,
-                                 __nv_bfloat16* __restrict__ mx16) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const float v = silu_f(e[i]);
-    mx[i] = v;
-    if (mx16) mx16[i] = __float2bfloat16_rn(v);
+// The bf16 path's SiLU: mx16 = bf16(silu(e)) and, in the same pass, the router's two logits in fp32 (the router
+// decides on fp32 logits: in bf16 its probabilities round to ties), logits[t] = silu(e[t]) . w[0:2]^T + b[0:2].
+// One warp per token row.
+__global__ void silu_logits_kernel(long long rows, int D, const float* __restrict__ e, const float* __restrict__ w,
+                                   const float* __restrict__ b, __nv_bfloat16* __restrict__ mx16,
+                                   float* __restrict__ logits) {
+  const int lane = threadIdx.x & 31;
+  for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
+       t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
+    float a0 = 0.f, a1 = 0.f;
+    for (int c = lane; c < D; c += 32) {
+      const float v = silu_f(e[t * D + c]);
+      mx16[t * D + c] = __float2bfloat16_rn(v);
+      a0 = fmaf(v, w[c], a0);
+      a1 = fmaf(v, w[D + c], a1);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      a0 += __shfl_xor_sync(0xffffffffu, a0, o);
+      a1 += __shfl_xor_sync(0xffffffffu, a1, o);
+    }
+    if (lane == 0) {
+      logits[2 * t] = a0 + b[0];
+      logits[2 * t + 1] = a1 + b[1];
+    }
   }
 }
 
@@ -227,10 +244,11 @@ __global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* 
   }
 }
 
-// The layer's output, per token t: pre = hu[t, 2:] + gate * (hc[slot] + h_bias) (activated tokens) + x[t];
-// out = silu(pre). Replaces the bias copy, extract_add and the residual pass.
+// The layer's output, per token t: pre = hu[t, 2:] (+ hx_bias: the bf16 path's product has none) + gate *
+// (hc[slot] + h_bias) (activated tokens) + x[t]; out = silu(pre). Replaces the bias copy, extract_add and the residual pass.
 __global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hu,
-                              const float* __restrict__ hc, const float* __restrict__ hbias,
+                              const float* __restrict__ hxbias, const float* __restrict__ hc,
+                              const float* __restrict__ hbias,
                               const float* __restrict__ gate, const int* __restrict__ slot_of,
                               const std::uint8_t* __restrict__ key_valid, float* __restrict__ pre,
                               float* __restrict__ out) {
@@ -243,7 +261,7 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
     const float* hr = hu + t * ldh + 2;
     const float* hcr = on ? hc + static_cast<long long>(slot) * D : nullptr;
     for (int c = lane; c < D; c += 32) {
-      float p = hr[c];
+      float p = hxbias ? hr[c] + hxbias[c] : hr[c];
       if (on) p += g * (hcr[c] + hbias[c]);
       p += x[t * D + c];
       pre[t * D + c] = p;
@@ -369,6 +387,7 @@ struct SeqBoatLayerDevice::Impl {
   bool bn_batch_stats = false;  ///< the last forward's batchnorm used batch statistics (train mode)
   DeviceArray<float> bn_mean, bn_invstd, bn_mean2, bn_invstd2;  ///< (D) batchnorm statistics of the pre / post norm
   std::unique_ptr<DeviceCompression> plan;
+  DeviceArray<float> logits;  ///< (N, 2) the router's fp32 logits on the bf16 path (in hu on the fp32 path)
   DeviceArray<float> x, xin, mean, rstd, ema_out, mx, hu, probs, gate, xc, base, q, k, r, v, att, row_stat, hr, hc,
       pre, act, mean2, rstd2;
   DeviceArray<std::uint8_t> padding, active;
@@ -467,6 +486,7 @@ struct SeqBoatLayerDevice::Impl {
 
   void ensure_fp32() {
     const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
+    ensure(mx, N * D);
     ensure(xc, N * D);
     ensure(base, N * (Z + 2 * H));
     ensure(r, N * H);
@@ -479,7 +499,8 @@ struct SeqBoatLayerDevice::Impl {
     L = l;
     const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
     plan = std::make_unique<DeviceCompression>(B, L);
-    for (auto* a : {&x, &xin, &ema_out, &mx, &hc, &pre, &act}) ensure(*a, N * D);
+    for (auto* a : {&x, &xin, &ema_out, &hc, &pre, &act}) ensure(*a, N * D);
+    ensure(logits, N * 2);
     for (auto* a : {&mean, &rstd, &gate, &row_stat, &mean2, &rstd2}) ensure(*a, N);
     for (auto* a : {&bn_mean, &bn_invstd, &bn_mean2, &bn_invstd2}) ensure(*a, D);
     ensure(hu, N * ldh());
@@ -487,7 +508,7 @@ struct SeqBoatLayerDevice::Impl {
     ensure(q, N * Z);
     ensure(k, N * Z);
     for (auto* a : {&v, &att}) ensure(*a, N * H);
-    // xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead.
+    // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead.
     padding = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
     active = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
   }
@@ -591,23 +612,28 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     xin = m.xin.data();
   }
   ema_forward(m.ema_cfg(), m.ema_params(), xin, pad, m.ema_out.data(), s);
-  __nv_bfloat16* mx16 = bf ? m.bf16_buffer(m.mx16, N * D) : nullptr;
-  silu_copy_kernel<<<grid(N * D), 256, 0, s>>>(N * D, m.ema_out.data(), m.mx.data(), mx16);
-  SMA_CUDA_CHECK_LAUNCH();
-  // 2. hx_proj: hu (N, 2+D; row stride ldh) = mx W^T + b.
+  // 2. hx_proj: hu (N, 2+D; row stride ldh) = mx W^T (+ b on the fp32 path; the bf16 path adds it where read).
   const int ldh = m.ldh();
-  copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), ldh, 0);
-  SMA_CUDA_CHECK_LAUNCH();
-  gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"), D,
-            1.f, m.hu.data(), ldh, mx16);
-  if (bf) {  // the router decides on fp32 logits: its two columns again, in fp32
-    copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2, m.p("hx_proj.bias"), 0, 0, m.hu.data(), ldh, 0);
+  __nv_bfloat16* mx16 = bf ? m.bf16_buffer(m.mx16, N * D) : nullptr;
+  const float* logits = m.hu.data();  // the router's two logits, row stride ld_logits
+  int ld_logits = ldh;
+  if (bf) {
+    silu_logits_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), m.p("hx_proj.weight"),
+                                                               m.p("hx_proj.bias"), mx16, m.logits.data());
     SMA_CUDA_CHECK_LAUNCH();
-    detail::gemm_rm(m.blas, false, true, static_cast<int>(N), 2, D, m.mx.data(), D, m.p("hx_proj.weight"), D, 1.f,
-            m.hu.data(), ldh);
+    gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, nullptr, D, m.p("hx_proj.weight"), D,
+              0.f, m.hu.data(), ldh, mx16);
+    logits = m.logits.data();
+    ld_logits = 2;
+  } else {
+    silu_forward(N * D, m.ema_out.data(), m.mx.data(), s);
+    copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), ldh, 0);
+    SMA_CUDA_CHECK_LAUNCH();
+    gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"),
+              D, 1.f, m.hu.data(), ldh);
   }
   // 3. router and the compression plan.
-  router_forward(batch, length, m.hu.data(), ldh, c.router_shift, m.p("q_router.temp"), pad, m.probs.data(),
+  router_forward(batch, length, logits, ld_logits, c.router_shift, m.p("q_router.temp"), pad, m.probs.data(),
                  m.active.data(), m.gate.data(), s);
   const CompressionView pv = m.plan->view();
   plan_compression(m.active.data(), c.routing, pv, s);
@@ -674,7 +700,8 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
             hr16);
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   float* act = c.prenorm ? out : m.act.data();
-  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, ldh, m.x.data(), m.hu.data(), m.hc.data(),
+  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, ldh, m.x.data(), m.hu.data(),
+                                                        bf ? m.p("hx_proj.bias") + 2 : nullptr, m.hc.data(),
                                                         m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
                                                         m.pre.data(), act);
   SMA_CUDA_CHECK_LAUNCH();
@@ -791,7 +818,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D, dbase16);
   // 3. router and hx_proj: dhu = [dlogits | dpre].
   float* dlogits = bf ? ws.alloc<float>(N * 2) : dhu;
-  router_backward(N, m.hu.data(), ldh, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
+  router_backward(N, bf ? m.logits.data() : m.hu.data(), bf ? 2 : ldh, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
                   dlogits, bf ? 2 : ldh, m.g("q_router.temp"), s);
   if (bf) {
     logits_to_bf16_kernel<<<grid(2 * N), 256, 0, s>>>(N, ldh, dlogits, dhu16);
