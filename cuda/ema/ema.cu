@@ -27,13 +27,13 @@ struct Geometry {
 
 /// Coefficients, each (N, R) order-major so that a warp's loads over channels are contiguous.
 struct Coefs {
-  float *q, *b, *c, *bqK, *cqK, *qK, *dK, *qC, *dC;
+  float *q, *b, *c, *bqK, *cqK, *qK, *dK, *qC, *dC, *w;
 };
-constexpr int kCoefFields = 9;
+constexpr int kCoefFields = 10;
 
 Coefs coef_view(float* base, long long rn) {
-  return {base, base + rn, base + 2 * rn, base + 3 * rn, base + 4 * rn,
-          base + 5 * rn, base + 6 * rn, base + 7 * rn, base + 8 * rn};
+  return {base,          base + rn,     base + 2 * rn, base + 3 * rn, base + 4 * rn,
+          base + 5 * rn, base + 6 * rn, base + 7 * rn, base + 8 * rn, base + 9 * rn};
 }
 
 __device__ inline double sigmoid_d(double v) { return 1.0 / (1.0 + exp(-v)); }
@@ -60,6 +60,7 @@ __global__ void coef_kernel(Geometry g, EmaParams prm, Coefs cf) {
     cf.dK[o] = static_cast<float>(dK);
     cf.qC[o] = static_cast<float>(qC);
     cf.dC[o] = static_cast<float>(dC);
+    cf.w[o] = static_cast<float>(b * c);
   }
 }
 
@@ -337,41 +338,326 @@ __global__ void bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__
   }
 }
 
-// One thread per (r, n): sums the segment partials in double, in a fixed order, and applies the chain rule from
-// (w, q) to the parameters (docs/maths/ema.md#parameters); gradients are ADDED.
-__global__ void param_grad_kernel(Geometry g, EmaParams prm, const float* __restrict__ gw_part,
-                                  const float* __restrict__ gq_part, EmaGrads grads) {
-  const long long rn = static_cast<long long>(g.R) * g.N;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < rn;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int n = static_cast<int>(i / g.R), r = static_cast<int>(i % g.R);  // order-major: coalesced reads
-    double sw = 0, sq = 0;
-    const long long parts = static_cast<long long>(g.B) * g.nseg;
-    for (long long k = 0; k < parts; ++k) {
-      sw += gw_part[(k * g.N + n) * g.R + r];
-      sq += gq_part[(k * g.N + n) * g.R + r];
+// ---------------------------------------------------------------------------------------------------------------
+// The register-tile path, for K = L (no truncation). One thread holds its whole segment (C steps of one channel)
+// in registers, so x and dy are read once per pass, both directions of a bidirectional EMA run from that one read,
+// and each output element is written once. Orders are the outer loop, two at a time (two independent chains per
+// step), so any N needs no register group. States are kept in units of x (v = s / b, y = sum_n w v, w = b c):
+// one FMA per order and step for the state. Block: 32 channels (x) by kSegsPerBlock segments (y), grid z = batch
+// row. The carries (B, nseg, N, R) and the carry pass are those of the generic path.
+constexpr int kSegsPerBlock = 4;
+constexpr int kPair = 2;  // orders per pass over the segment
+
+template <int C>
+struct Tile {
+  int b, d, seg, t0, steps;
+  __device__ long long at(const Geometry& g, int i) const {
+    return (static_cast<long long>(b) * g.L + t0 + i) * g.D + d;
+  }
+  __device__ long long carry(const Geometry& g, int n, int r) const {
+    return ((static_cast<long long>(b) * g.nseg + seg) * g.N + n) * g.R + r;
+  }
+  /// Reads C values of a (B, L, D) array, 0 past the end of the row.
+  __device__ void load(const Geometry& g, const float* __restrict__ a, float (&v)[C]) const {
+#pragma unroll
+    for (int i = 0; i < C; ++i) v[i] = i < steps ? __ldg(a + at(g, i)) : 0.f;
+  }
+  /// Bit i set where step i is padded.
+  __device__ unsigned long long pad_bits(const Geometry& g, const std::uint8_t* pad) const {
+    unsigned long long m = 0;
+    if (pad == nullptr) return m;
+    const std::uint8_t* p = pad + static_cast<long long>(b) * g.L + t0;
+#pragma unroll
+    for (int i = 0; i < C; ++i)
+      if (i < steps && __ldg(p + i) != 0) m |= 1ULL << i;
+    return m;
+  }
+};
+
+template <int C>
+__device__ inline bool make_tile(const Geometry& g, Tile<C>& tl) {
+  tl.d = blockIdx.x * 32 + threadIdx.x;
+  tl.seg = blockIdx.y * kSegsPerBlock + threadIdx.y;
+  tl.b = blockIdx.z;
+  tl.t0 = tl.seg * C;
+  tl.steps = min(C, g.L - tl.t0);
+  return tl.d < g.D && tl.seg < g.nseg;
+}
+
+/// Coefficient `f` and carry of orders n0, n0+1 for kernel row r; a missing second order reads q = w = carry = 0.
+struct PairCoefs {
+  float q[kPair], w[kPair];
+};
+__device__ inline PairCoefs pair_coefs(const Geometry& g, const Coefs& cf, int n0, int r) {
+  PairCoefs pc;
+#pragma unroll
+  for (int p = 0; p < kPair; ++p) {
+    const bool in = n0 + p < g.N;
+    const long long o = static_cast<long long>(n0 + p) * g.R + r;
+    pc.q[p] = in ? cf.q[o] : 0.f;
+    pc.w[p] = in ? cf.w[o] : 0.f;
+  }
+  return pc;
+}
+
+// Forward pass 1: each segment's end state from a zero start, v = sum_i q^(C-1-i) xm[i] in the row's direction.
+template <int C>
+__global__ void __launch_bounds__(32 * kSegsPerBlock)
+    tile_fwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
+                          float* __restrict__ carry) {
+  Tile<C> tl;
+  if (!make_tile(g, tl)) return;
+  float xm[C];
+  tl.load(g, x, xm);
+  const unsigned long long pm = tl.pad_bits(g, pad);
+#pragma unroll
+  for (int i = 0; i < C; ++i)
+    if ((pm >> i) & 1ULL) xm[i] = 0.f;
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + tl.d;
+    for (int n0 = 0; n0 < g.N; n0 += kPair) {
+      const PairCoefs pc = pair_coefs(g, cf, n0, r);
+      float v[kPair] = {};
+      if (h == 0) {
+#pragma unroll
+        for (int i = 0; i < C; ++i)
+#pragma unroll
+          for (int p = 0; p < kPair; ++p) v[p] = fmaf(pc.q[p], v[p], xm[i]);
+      } else {
+#pragma unroll
+        for (int i = C - 1; i >= 0; --i)
+#pragma unroll
+          for (int p = 0; p < kPair; ++p) v[p] = fmaf(pc.q[p], v[p], xm[i]);
+      }
+#pragma unroll
+      for (int p = 0; p < kPair; ++p)
+        if (n0 + p < g.N) carry[tl.carry(g, n0 + p, r)] = v[p];
     }
-    const long long pi = static_cast<long long>(r) * g.N + n;
-    const double p = sigmoid_d(prm.delta[pi]), a = sigmoid_d(prm.alpha[pi]);
-    const double beta = prm.beta[pi], gamma = prm.gamma[pi], rs = 1.0 / sqrt(static_cast<double>(g.N));
-    const double w = p * beta * gamma * rs;
-    const double dw = sw, dq = w * sq;
-    const double dp = dw * beta * gamma * rs - a * dq;
-    const double da = -p * dq;
-    grads.delta[pi] += static_cast<float>(dp * p * (1 - p));
-    grads.alpha[pi] += static_cast<float>(da * a * (1 - a));
-    grads.beta[pi] += static_cast<float>(dw * p * gamma * rs);
-    grads.gamma[pi] += static_cast<float>(dw * p * beta * rs);
   }
 }
 
-__global__ void omega_grad_kernel(Geometry g, const float* __restrict__ part, float* domega) {
-  for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < g.D; d += gridDim.x * blockDim.x) {
-    double s = 0;
-    const long long parts = static_cast<long long>(g.B) * g.nseg;
-    for (long long k = 0; k < parts; ++k) s += part[k * g.D + d];
-    domega[d] += static_cast<float>(s);
+// Forward pass 3: out = omega x + sum over halves and orders of w v, from each segment's carried start state.
+template <int C>
+__global__ void __launch_bounds__(32 * kSegsPerBlock)
+    tile_fwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
+                          const float* __restrict__ carry, const float* __restrict__ omega, float* __restrict__ out) {
+  Tile<C> tl;
+  if (!make_tile(g, tl)) return;
+  float xm[C], acc[C];
+  tl.load(g, x, xm);
+  const unsigned long long pm = tl.pad_bits(g, pad);
+  const float om = omega[tl.d];
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    acc[i] = om * xm[i];  // omega multiplies the unmasked input
+    if ((pm >> i) & 1ULL) xm[i] = 0.f;
   }
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + tl.d;
+    for (int n0 = 0; n0 < g.N; n0 += kPair) {
+      const PairCoefs pc = pair_coefs(g, cf, n0, r);
+      float v[kPair];
+#pragma unroll
+      for (int p = 0; p < kPair; ++p) v[p] = n0 + p < g.N ? carry[tl.carry(g, n0 + p, r)] : 0.f;
+      if (h == 0) {
+#pragma unroll
+        for (int i = 0; i < C; ++i)
+#pragma unroll
+          for (int p = 0; p < kPair; ++p) {
+            v[p] = fmaf(pc.q[p], v[p], xm[i]);
+            acc[i] = fmaf(pc.w[p], v[p], acc[i]);
+          }
+      } else {
+#pragma unroll
+        for (int i = C - 1; i >= 0; --i)
+#pragma unroll
+          for (int p = 0; p < kPair; ++p) {
+            v[p] = fmaf(pc.q[p], v[p], xm[i]);
+            acc[i] = fmaf(pc.w[p], v[p], acc[i]);
+          }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < C; ++i)
+    if (i < tl.steps) out[tl.at(g, i)] = acc[i];
+}
+
+// Backward pass 1: local end states of v (the forward recurrence, in the row's direction) and of the adjoint
+// lambda[t] = G[t] + q lambda[t + dir] (against it), both from zero.
+template <int C>
+__global__ void __launch_bounds__(32 * kSegsPerBlock)
+    tile_bwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
+                          const float* __restrict__ dy, float* __restrict__ cv, float* __restrict__ cl) {
+  Tile<C> tl;
+  if (!make_tile(g, tl)) return;
+  float xm[C], gy[C];
+  tl.load(g, x, xm);
+  tl.load(g, dy, gy);
+  const unsigned long long pm = tl.pad_bits(g, pad);
+#pragma unroll
+  for (int i = 0; i < C; ++i)
+    if ((pm >> i) & 1ULL) xm[i] = 0.f;
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + tl.d;
+    for (int n0 = 0; n0 < g.N; n0 += kPair) {
+      const PairCoefs pc = pair_coefs(g, cf, n0, r);
+      float v[kPair] = {}, l[kPair] = {};
+      if (h == 0) {
+#pragma unroll
+        for (int i = 0; i < C; ++i)
+#pragma unroll
+          for (int p = 0; p < kPair; ++p) {
+            v[p] = fmaf(pc.q[p], v[p], xm[i]);
+            l[p] = fmaf(pc.q[p], l[p], gy[C - 1 - i]);
+          }
+      } else {
+#pragma unroll
+        for (int i = 0; i < C; ++i)
+#pragma unroll
+          for (int p = 0; p < kPair; ++p) {
+            v[p] = fmaf(pc.q[p], v[p], xm[C - 1 - i]);
+            l[p] = fmaf(pc.q[p], l[p], gy[i]);
+          }
+      }
+#pragma unroll
+      for (int p = 0; p < kPair; ++p)
+        if (n0 + p < g.N) {
+          cv[tl.carry(g, n0 + p, r)] = v[p];
+          cl[tl.carry(g, n0 + p, r)] = l[p];
+        }
+    }
+  }
+}
+
+// Backward pass 3. Per order: v forward from its carried start (kept per step in registers), then lambda against
+// the direction from its carried start, giving dx += w lambda, dw += G v and dq += lambda v_prev (the explicit
+// q-derivative of v[t] = q v_prev + xm[t]; docs/maths/ema.md). The per-segment sums of G v and lambda v_prev are
+// written over cv and cl (each slot is read by this thread only), the omega partial sum G x per segment.
+template <int C>
+__global__ void __launch_bounds__(32 * kSegsPerBlock)
+    tile_bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
+                          const float* __restrict__ dy, const float* __restrict__ omega, float* cv, float* cl,
+                          float* __restrict__ dx, float* __restrict__ domega_part) {
+  Tile<C> tl;
+  if (!make_tile(g, tl)) return;
+  float xm[C], gy[C], acc[C], vs[C];
+  tl.load(g, x, xm);
+  tl.load(g, dy, gy);
+  const unsigned long long pm = tl.pad_bits(g, pad);
+  float dom = 0.f;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    dom = fmaf(gy[i], xm[i], dom);  // d omega: the unmasked input
+    if ((pm >> i) & 1ULL) xm[i] = 0.f;
+    acc[i] = 0.f;
+  }
+  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
+    const int r = h * g.D + tl.d;
+    for (int n0 = 0; n0 < g.N; n0 += kPair) {
+      const PairCoefs pc = pair_coefs(g, cf, n0, r);
+#pragma unroll
+      for (int p = 0; p < kPair; ++p) {
+        const bool in = n0 + p < g.N;
+        const long long ci = tl.carry(g, in ? n0 + p : 0, r);
+        const float v0 = in ? cv[ci] : 0.f;
+        float l = in ? cl[ci] : 0.f;
+        float gw = 0.f, gq = 0.f;
+        if (h == 0) {
+          float v = v0;
+#pragma unroll
+          for (int i = 0; i < C; ++i) {
+            v = fmaf(pc.q[p], v, xm[i]);
+            vs[i] = v;
+            gw = fmaf(gy[i], v, gw);
+          }
+#pragma unroll
+          for (int i = C - 1; i >= 0; --i) {
+            l = fmaf(pc.q[p], l, gy[i]);
+            acc[i] = fmaf(pc.w[p], l, acc[i]);
+            gq = fmaf(l, i > 0 ? vs[i - 1] : v0, gq);
+          }
+        } else {
+          float v = v0;
+#pragma unroll
+          for (int i = C - 1; i >= 0; --i) {
+            v = fmaf(pc.q[p], v, xm[i]);
+            vs[i] = v;
+            gw = fmaf(gy[i], v, gw);
+          }
+#pragma unroll
+          for (int i = 0; i < C; ++i) {
+            l = fmaf(pc.q[p], l, gy[i]);
+            acc[i] = fmaf(pc.w[p], l, acc[i]);
+            gq = fmaf(l, i < C - 1 ? vs[i + 1] : v0, gq);
+          }
+        }
+        if (in) {
+          cv[ci] = gw;
+          cl[ci] = gq;
+        }
+      }
+    }
+  }
+  const float om = omega[tl.d];
+#pragma unroll
+  for (int i = 0; i < C; ++i)
+    if (i < tl.steps) dx[tl.at(g, i)] = fmaf(om, gy[i], ((pm >> i) & 1ULL) ? 0.f : acc[i]);
+  domega_part[(static_cast<long long>(tl.b) * g.nseg + tl.seg) * g.D + tl.d] = dom;
+}
+
+// Deterministic column sums of per-segment partials: `parts` rows of `cols` floats, summed in double. A block
+// takes 32 columns; its kReduceRows thread rows take the rows k = y, y + kReduceRows, ... in order, and row 0 adds
+// the kReduceRows sums in order, so the result never depends on scheduling.
+constexpr int kReduceRows = 8;
+
+__device__ inline bool column_sum(const float* __restrict__ part, long long parts, long long cols, double (*sh)[32],
+                                  long long& col, double& sum) {
+  col = static_cast<long long>(blockIdx.x) * 32 + threadIdx.x;
+  double s = 0;
+  if (col < cols)
+    for (long long k = threadIdx.y; k < parts; k += kReduceRows) s += part[k * cols + col];
+  sh[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= cols) return false;
+  sum = 0;
+  for (int j = 0; j < kReduceRows; ++j) sum += sh[j][threadIdx.x];
+  return true;
+}
+
+// Per (n, r) column (order-major, as the partials): sums the segment partials of dw and of sum lambda v_prev (or,
+// on the generic path, sum G u) and applies the chain rule from (w, q) to the parameters
+// (docs/maths/ema.md#parameters); gradients are ADDED.
+__global__ void __launch_bounds__(32 * kReduceRows)
+    param_grad_kernel(Geometry g, EmaParams prm, const float* __restrict__ gw_part,
+                      const float* __restrict__ gq_part, EmaGrads grads) {
+  __shared__ double shw[kReduceRows][32], shq[kReduceRows][32];
+  const long long parts = static_cast<long long>(g.B) * g.nseg, cols = static_cast<long long>(g.R) * g.N;
+  long long i;
+  double sw = 0, sq = 0;
+  const bool mine = column_sum(gw_part, parts, cols, shw, i, sw);
+  column_sum(gq_part, parts, cols, shq, i, sq);
+  if (!mine) return;
+  const int n = static_cast<int>(i / g.R), r = static_cast<int>(i % g.R);
+  const long long pi = static_cast<long long>(r) * g.N + n;
+  const double p = sigmoid_d(prm.delta[pi]), a = sigmoid_d(prm.alpha[pi]);
+  const double beta = prm.beta[pi], gamma = prm.gamma[pi], rs = 1.0 / sqrt(static_cast<double>(g.N));
+  const double w = p * beta * gamma * rs;
+  const double dw = sw, dq = w * sq;
+  const double dp = dw * beta * gamma * rs - a * dq;
+  const double da = -p * dq;
+  grads.delta[pi] += static_cast<float>(dp * p * (1 - p));
+  grads.alpha[pi] += static_cast<float>(da * a * (1 - a));
+  grads.beta[pi] += static_cast<float>(dw * p * gamma * rs);
+  grads.gamma[pi] += static_cast<float>(dw * p * beta * rs);
+}
+
+__global__ void __launch_bounds__(32 * kReduceRows)
+    omega_grad_kernel(Geometry g, const float* __restrict__ part, float* domega) {
+  __shared__ double sh[kReduceRows][32];
+  long long d;
+  double s = 0;
+  if (column_sum(part, static_cast<long long>(g.B) * g.nseg, g.D, sh, d, s)) domega[d] += static_cast<float>(s);
 }
 
 constexpr long long kMaxSegments = 65535;
@@ -394,7 +680,33 @@ void check_params(const EmaParams& p, const char* where) {
     throw ValueError(str_cat(where, ": a parameter pointer is null"));
 }
 
-Geometry geometry(const EmaConfig& c) {
+/// The generic path's segment length: enough threads to fill the card (about 2^18 (batch row, channel, segment)
+/// triples), short segments otherwise; longer segments shrink the carry buffers (B ceil(L/C) R N floats). The
+/// segment index is the grid's y dimension, so at most 65535 segments (longer segments for very long rows).
+int generic_segment_length(const EmaConfig& c) {
+  const long long rows = static_cast<long long>(std::max(c.batch, 1)) * std::max(c.dim, 1);
+  const auto nseg = [&](int C) { return (static_cast<long long>(c.length) + C - 1) / C; };
+  int C = 32;
+  while (C < (1 << 20) && (nseg(C) > kMaxSegments || (C < 4096 && rows * nseg(C) > (1LL << 18)))) C *= 2;
+  return C;
+}
+
+/// The register-tile path's segment length, or 0 where that path does not apply (truncation K < L, or more than
+/// 65535 segments). 32 by default; SMA_CUDA_EMA_SEG=16 or 64 (read on every call) exists to time the trade
+/// between register pressure and carry traffic. The backward caps it at 32 (it holds four C-step arrays).
+int tile_segment_length(const EmaConfig& c, bool backward) {
+  if (c.kernel_size() < c.length) return 0;
+  int C = 32;
+  if (const char* e = std::getenv("SMA_CUDA_EMA_SEG")) {
+    const int v = std::atoi(e);
+    if (v == 16 || v == 64) C = v;
+  }
+  if (backward) C = std::min(C, 32);
+  if ((static_cast<long long>(c.length) + C - 1) / C > kMaxSegments) return 0;
+  return C;
+}
+
+Geometry geometry(const EmaConfig& c, int C) {
   Geometry g{};
   g.B = c.batch;
   g.L = c.length;
@@ -402,7 +714,7 @@ Geometry geometry(const EmaConfig& c) {
   g.N = c.order;
   g.R = c.rows();
   g.K = c.kernel_size();
-  g.C = ema_segment_length(c);
+  g.C = C;
   g.nseg = (c.length + g.C - 1) / g.C;
   g.bidir = c.bidirectional;
   return g;
@@ -410,9 +722,8 @@ Geometry geometry(const EmaConfig& c) {
 
 constexpr int kThreads = 128;
 
-/// Orders per register group in the backward kernels: 4 for N <= 4, else 16, or 8 with the environment variable
-/// SMA_CUDA_EMA_BWD_GROUP=8 (the 16-order apply kernel holds 234 registers per thread; the variable exists to
-/// time the trade between occupancy and re-reading the segment).
+/// Orders per register group in the generic backward kernels: 4 for N <= 4, else 16, or 8 with the environment
+/// variable SMA_CUDA_EMA_BWD_GROUP=8 (to time the trade between occupancy and re-reading the segment).
 int backward_group(int N) {
   if (N <= 4) return 4;
   static const int group = [] {
@@ -427,6 +738,8 @@ dim3 segment_grid(const Geometry& g) {
   const unsigned bx = segment_block(g).x;
   return dim3((g.D + bx - 1) / bx, g.nseg, g.B);
 }
+dim3 tile_block() { return dim3(32, kSegsPerBlock); }
+dim3 tile_grid(const Geometry& g) { return dim3((g.D + 31) / 32, (g.nseg + kSegsPerBlock - 1) / kSegsPerBlock, g.B); }
 
 Coefs make_coefs(const Geometry& g, const EmaParams& prm, detail::StreamWorkspace& ws, cudaStream_t s) {
   const long long rn = static_cast<long long>(g.R) * g.N;
@@ -436,30 +749,64 @@ Coefs make_coefs(const Geometry& g, const EmaParams& prm, detail::StreamWorkspac
   return cf;
 }
 
+void run_carry(const Geometry& g, const Coefs& cf, float* s_buf, float* u_buf, int flip, cudaStream_t s) {
+  const long long bnr = static_cast<long long>(g.B) * g.N * g.R;
+  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, s_buf, u_buf, flip);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+template <int C>
+void tile_forward(const Geometry& g, const Coefs& cf, const EmaParams& prm, const float* x, const std::uint8_t* pad,
+                  float* out, float* carry, cudaStream_t s) {
+  tile_fwd_local_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, carry);
+  SMA_CUDA_CHECK_LAUNCH();
+  run_carry(g, cf, carry, nullptr, 0, s);
+  tile_fwd_apply_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, carry, prm.omega, out);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+template <int C>
+void tile_backward(const Geometry& g, const Coefs& cf, const EmaParams& prm, const float* x, const std::uint8_t* pad,
+                   const float* dy, float* dx, float* cv, float* cl, float* dom, cudaStream_t s) {
+  tile_bwd_local_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, cv, cl);
+  SMA_CUDA_CHECK_LAUNCH();
+  run_carry(g, cf, cv, nullptr, 0, s);
+  run_carry(g, cf, cl, nullptr, 1, s);
+  tile_bwd_apply_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, prm.omega, cv, cl, dx, dom);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+void reduce_grads(const Geometry& g, const EmaParams& prm, const float* gw, const float* gq, const float* dom,
+                  const EmaGrads& grads, cudaStream_t s) {
+  const long long rn = static_cast<long long>(g.R) * g.N;
+  param_grad_kernel<<<static_cast<unsigned>((rn + 31) / 32), dim3(32, kReduceRows), 0, s>>>(g, prm, gw, gq, grads);
+  SMA_CUDA_CHECK_LAUNCH();
+  omega_grad_kernel<<<static_cast<unsigned>((g.D + 31) / 32), dim3(32, kReduceRows), 0, s>>>(g, dom, grads.omega);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 int ema_segment_length(const EmaConfig& c) {
-  // Enough threads to fill the card (about 2^18 (batch row, channel, segment) triples), short segments otherwise;
-  // longer segments shrink the carry buffers (B ceil(L/C) R N floats).
-  // The segment index is the grid's y dimension, so at most 65535 segments (longer segments for very long rows).
-  const long long rows = static_cast<long long>(std::max(c.batch, 1)) * std::max(c.dim, 1);
-  const auto nseg = [&](int C) { return (static_cast<long long>(c.length) + C - 1) / C; };
-  int C = 32;
-  while (C < (1 << 20) && (nseg(C) > kMaxSegments || (C < 4096 && rows * nseg(C) > (1LL << 18)))) C *= 2;
-  return C;
+  const int tile = tile_segment_length(c, false);
+  return tile > 0 ? tile : generic_segment_length(c);
 }
 
 void ema_forward(const EmaConfig& cfg, const EmaParams& prm, const float* x, const std::uint8_t* padding, float* out,
                  void* stream) {
   check_config(cfg, "sma::cuda::ema_forward");
   check_params(prm, "sma::cuda::ema_forward");
-  const Geometry g = geometry(cfg);
-  if (g.B == 0 || g.L == 0) return;
+  if (cfg.batch == 0 || cfg.length == 0) return;
   if (!x || !out) throw ValueError("sma::cuda::ema_forward: x or out is null");
+  const int tile = tile_segment_length(cfg, false);
+  const Geometry g = geometry(cfg, tile > 0 ? tile : generic_segment_length(cfg));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   detail::StreamWorkspace ws(s);
   const Coefs cf = make_coefs(g, prm, ws, s);
   float* carry = ws.alloc<float>(static_cast<long long>(g.B) * g.nseg * g.N * g.R);
+  if (tile == 16) return tile_forward<16>(g, cf, prm, x, padding, out, carry, s);
+  if (tile == 32) return tile_forward<32>(g, cf, prm, x, padding, out, carry, s);
+  if (tile == 64) return tile_forward<64>(g, cf, prm, x, padding, out, carry, s);
   const dim3 grid = segment_grid(g), block = segment_block(g);
   const bool small = g.N <= 4;
   if (small)
@@ -467,9 +814,7 @@ void ema_forward(const EmaConfig& cfg, const EmaParams& prm, const float* x, con
   else
     fwd_local_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, carry);
   SMA_CUDA_CHECK_LAUNCH();
-  const long long bnr = static_cast<long long>(g.B) * g.N * g.R;
-  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, carry, nullptr, 0);
-  SMA_CUDA_CHECK_LAUNCH();
+  run_carry(g, cf, carry, nullptr, 0, s);
   if (small)
     fwd_apply_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, carry, prm.omega, out);
   else
@@ -483,17 +828,27 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   check_params(prm, "sma::cuda::ema_backward");
   if (!grads.delta || !grads.alpha || !grads.beta || !grads.gamma || !grads.omega)
     throw ValueError("sma::cuda::ema_backward: a gradient pointer is null");
-  const Geometry g = geometry(cfg);
-  if (g.B == 0 || g.L == 0) return;  // nothing to add
+  if (cfg.batch == 0 || cfg.length == 0) return;  // nothing to add
   if (!x || !dout || !dx) throw ValueError("sma::cuda::ema_backward: x, dout or dx is null");
+  const int tile = tile_segment_length(cfg, true);
+  const Geometry g = geometry(cfg, tile > 0 ? tile : generic_segment_length(cfg));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   detail::StreamWorkspace ws(s);
   const Coefs cf = make_coefs(g, prm, ws, s);
   const long long cn = static_cast<long long>(g.B) * g.nseg * g.N * g.R;
   float* cv = ws.alloc<float>(cn);
   float* cu = ws.alloc<float>(cn);
-  float* cg = ws.alloc<float>(cn);
   float* dom = ws.alloc<float>(static_cast<long long>(g.B) * g.nseg * g.D);
+  if (tile > 0) {
+    // cv: v carries, then the per-segment sums of G v; cu: lambda carries, then the sums of lambda v_prev.
+    if (tile == 16)
+      tile_backward<16>(g, cf, prm, x, padding, dout, dx, cv, cu, dom, s);
+    else
+      tile_backward<32>(g, cf, prm, x, padding, dout, dx, cv, cu, dom, s);
+    reduce_grads(g, prm, cv, cu, dom, grads, s);
+    return;
+  }
+  float* cg = ws.alloc<float>(cn);
   const dim3 grid = segment_grid(g), block = segment_block(g);
   const int group = backward_group(g.N);
   if (group == 4)
@@ -503,11 +858,8 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   else
     bwd_local_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, cv, cu, cg);
   SMA_CUDA_CHECK_LAUNCH();
-  const long long bnr = static_cast<long long>(g.B) * g.N * g.R;
-  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, cv, cu, 0);
-  SMA_CUDA_CHECK_LAUNCH();
-  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, cg, nullptr, 1);
-  SMA_CUDA_CHECK_LAUNCH();
+  run_carry(g, cf, cv, cu, 0, s);
+  run_carry(g, cf, cg, nullptr, 1, s);
   if (group == 4)
     bwd_apply_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
   else if (group == 8)
@@ -515,11 +867,7 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   else
     bwd_apply_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
   SMA_CUDA_CHECK_LAUNCH();
-  const long long rn = static_cast<long long>(g.R) * g.N;
-  param_grad_kernel<<<detail::grid_for(rn, 128), 128, 0, s>>>(g, prm, cv, cu, grads);
-  SMA_CUDA_CHECK_LAUNCH();
-  omega_grad_kernel<<<detail::grid_for(g.D, 128), 128, 0, s>>>(g, dom, grads.omega);
-  SMA_CUDA_CHECK_LAUNCH();
+  reduce_grads(g, prm, cv, cu, dom, grads, s);
 }
 
 }  // namespace sma::cuda

@@ -1,12 +1,14 @@
 // sma::cuda::ema_forward / ema_backward against MultiHeadEma (the CPU layer) in double and float: causal and
 // bidirectional, truncated kernels, ragged (padded) rows, orders beyond one register group (N > 16), lengths that
 // are not a multiple of the segment, several segments per row; the accuracy rule of cuda_test_support.hpp for the
-// output, dx and every parameter gradient (added into pre-filled gradients).
+// output, dx and every parameter gradient (added into pre-filled gradients). Untruncated shapes take the register-tile
+// path (segments of 16, 32 or 64 steps, SMA_CUDA_EMA_SEG), truncated ones and very long rows the generic path.
 #include "cuda_test_support.hpp"
 
 #include <sma/cuda/ema.hpp>
 #include <sma/layers/ema.hpp>
 
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <string>
@@ -156,6 +158,68 @@ TEST_CASE("cuda ema matches MultiHeadEma (causal, bidirectional, truncation, rag
       {1, 1, 3, 2, true, 0, false, 9},      // L = 1
   };
   for (const auto& c : cases) check_ema(c);
+}
+
+TEST_CASE("cuda ema register-tile path: segment lengths, odd N, partial warps", "[cuda][ema][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  const std::vector<EmaCase> cases = {
+      {2, 100, 33, 5, true, 0, true, 21},    // odd N (a lone last order), D one past a warp, partial segment
+      {3, 129, 64, 1, false, 0, true, 22},   // N = 1
+      {2, 64, 160, 16, true, 0, false, 23},  // the training shape's D, exact segments
+      {1, 300, 17, 33, true, 0, true, 24},   // N > 32
+      {2, 250, 40, 16, false, 250, true, 25},  // truncation = L: still the tile path
+  };
+  // The segment length is read from the environment on every call; each one runs every case.
+  for (const char* seg : {"16", "64", "32"}) {
+    INFO("SMA_CUDA_EMA_SEG=" << seg);
+    ::setenv("SMA_CUDA_EMA_SEG", seg, 1);
+    for (const auto& c : cases) check_ema(c);
+  }
+  ::unsetenv("SMA_CUDA_EMA_SEG");
+}
+
+TEST_CASE("cuda ema backward is deterministic (bitwise equal gradients over repeated calls)", "[cuda][ema][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  for (const int trunc : {0, 40}) {  // the tile path and the generic path
+    INFO("truncation " << trunc);
+    cuda::EmaConfig cfg;
+    cfg.batch = 3;
+    cfg.length = 700;
+    cfg.dim = 48;
+    cfg.order = 16;
+    cfg.bidirectional = true;
+    cfg.truncation = trunc;
+    const std::size_t n = static_cast<std::size_t>(cfg.batch) * cfg.length * cfg.dim;
+    const std::size_t rn = static_cast<std::size_t>(cfg.rows()) * cfg.order;
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    const auto randv = [&](std::size_t m) {
+      std::vector<float> v(m);
+      for (float& e : v) e = nd(rng);
+      return v;
+    };
+    cuda::Stream stream;
+    cuda::DeviceArray<float> x(randv(n)), dy(randv(n)), dx(std::vector<float>(n, 0.f));
+    cuda::DeviceArray<float> delta(randv(rn)), alpha(randv(rn)), beta(randv(rn)), gamma(randv(rn));
+    cuda::DeviceArray<float> omega(randv(static_cast<std::size_t>(cfg.dim)));
+    const cuda::EmaParams prm{delta.data(), alpha.data(), beta.data(), gamma.data(), omega.data()};
+    std::vector<std::vector<float>> first;
+    for (int rep = 0; rep < 3; ++rep) {
+      std::vector<cuda::DeviceArray<float>> g;
+      for (int k = 0; k < 4; ++k) g.emplace_back(std::vector<float>(rn, 0.f));
+      g.emplace_back(std::vector<float>(static_cast<std::size_t>(cfg.dim), 0.f));
+      const cuda::EmaGrads grads{g[0].data(), g[1].data(), g[2].data(), g[3].data(), g[4].data()};
+      cuda::ema_backward(cfg, prm, x.data(), nullptr, dy.data(), dx.data(), grads, stream.handle());
+      stream.synchronize();
+      for (int k = 0; k < 5; ++k) {
+        const std::vector<float> h = g[static_cast<std::size_t>(k)].download();
+        if (rep == 0)
+          first.push_back(h);
+        else
+          CHECK(h == first[static_cast<std::size_t>(k)]);
+      }
+    }
+  }
 }
 
 TEST_CASE("cuda ema long rows (many segments, carry chain)", "[cuda][ema]") {
