@@ -1,7 +1,10 @@
 // The damped multi-head EMA on the device by a chunked scan (include/sma/cuda/ema.hpp; maths: docs/maths/ema.md).
-// Thread layout of the segment kernels: x = channel d (coalesced loads of (B, L, D) rows), y = segment, z = batch row.
-// Orders are processed in groups of G with their states in registers; the group loop re-reads the segment (from
-// L1/L2), which keeps any N working with a fixed register budget.
+// Two sets of segment kernels share the coefficient, carry and reduction kernels:
+// - the register-tile path (K = L, the common case; tile_* below): one thread holds one (batch row, channel,
+//   segment) of C steps in registers;
+// - the generic path (truncation K < L, or very long rows): x = channel d (coalesced loads of (B, L, D) rows),
+//   y = segment, z = batch row; orders in groups of G with their states in registers, the group loop re-reading
+//   the segment (from L1/L2), which keeps any N working with a fixed register budget.
 #include <sma/cuda/ema.hpp>
 
 #include <sma/core/error.hpp>

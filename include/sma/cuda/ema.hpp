@@ -8,21 +8,25 @@
 //     out[t] = sum_n c s_n[t] + omega x[t]                  D..2D-1 run the same recurrence backwards in time)
 //   K = min(L, truncation), or L without truncation. This is the exact scan form of the convolution with the kernel
 //   sum_n b c q^t (t < K), both halves including lag 0.
-// ALGORITHM  A chunked scan. The sequence is cut into segments of `ema_segment_length` steps; one thread runs one
-//   (batch row, channel, segment) with the states of up to 16 orders in registers (more orders: several passes):
+// ALGORITHM  A chunked scan. The sequence is cut into segments of `ema_segment_length` steps:
 //     1. local pass: each segment's end state from a zero start;
 //     2. carry pass: one thread per (batch row, kernel row, order) chains the segments, S_k = q^C S_{k-1} + local_k;
 //     3. apply pass: each segment re-runs from its carried start state and writes its outputs.
-//   The backward runs the adjoint recurrence (directions reversed, b and c exchanged) for dx, and the forward
-//   recurrence with its q-derivative u = dv/dq (v = s / b), carried as (v, u) -> (q^C v, q^C u + C q^(C-1) v), for
-//   dw = sum G v and dq = w sum G u; per-segment partials are summed in double in a fixed order (deterministic).
+//   Without truncation (K = L) one thread holds its whole segment (32 steps of one channel) in registers: x and
+//   dout are read once per pass, both directions of a bidirectional EMA run from that read, orders are the outer
+//   loop (any N), and the state is kept in units of x (one FMA per order and step). The backward runs the forward
+//   state v and the adjoint lambda[t] = dout[t] + q lambda[t+1] (directions reversed for the look-ahead rows):
+//   dx = sum_n w lambda, dw = sum G v, dq = w sum lambda v[t-1]. With truncation (K < L) or rows of more than
+//   65535 segments the generic kernels run instead: up to 16 orders' states in registers, the drop term as one more
+//   input, and dq from the forward-mode derivative u = dv/dq carried as (v, u) -> (q^C v, q^C u + C q^(C-1) v).
+//   Per-segment partials of the parameter gradients are summed in double in a fixed order (deterministic).
 //   No FFT: the scan is O(B L D N) with coalesced loads over channels and never a prime-sized transform.
 //   State and accumulation in fp32; coefficients and the parameter chain rule in double.
 // SHAPES (row-major float32, device memory)
 //   x, out, dout, dx (B, L, D); padding (B, L) uint8 or nullptr; delta, alpha, beta, gamma (R, N) (PyTorch's
 //   (R, N, 1) share this layout); omega (D). Gradients: same shapes, ADDED into.
 // MEMORY  temporary device memory from cudaMallocAsync on the stream: forward B*ceil(L/C)*R*N floats, backward
-//   three times that plus B*ceil(L/C)*D, plus the coefficients (9 R N floats).
+//   twice that (three times on the generic path) plus B*ceil(L/C)*D, plus the coefficients (10 R N floats).
 // ERRORS  ValueError for bad sizes or null pointers, CudaError for a failed CUDA call. Asynchronous on `stream`.
 #pragma once
 
@@ -60,8 +64,10 @@ struct EmaGrads {
   float* omega = nullptr;
 };
 
-/// The segment length C the chunked scan uses for this shape: a power of two, 32 to 4096, and longer only when a
-/// row would otherwise have more than 65535 segments (rows of more than 268M steps).
+/// The segment length C the chunked scan's forward uses for this shape. Without truncation: 32 (16 or 64 with the
+/// environment variable SMA_CUDA_EMA_SEG, for timing; the backward caps it at 32) while a row has at most 65535
+/// segments. Otherwise (generic path): a power of two, 32 to 4096, longer only when a row would otherwise have more
+/// than 65535 segments (rows of more than 268M steps).
 int ema_segment_length(const EmaConfig& cfg);
 
 /// out (B, L, D) = EMA(x) + omega x. `padding` may be nullptr.
