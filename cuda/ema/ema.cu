@@ -535,8 +535,9 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
 
 // Backward pass 3. Per order: v forward from its carried start (kept per step in registers), then lambda against
 // the direction from its carried start, giving dx += w lambda, dw += G v and dq += lambda v_prev (the explicit
-// q-derivative of v[t] = q v_prev + xm[t]; docs/maths/ema.md). The per-segment sums of G v and lambda v_prev are
-// written over cv and cl (each slot is read by this thread only), the omega partial sum G x per segment.
+// q-derivative of v[t] = q v_prev + xm[t]; docs/cuda.md, "The register-tile path"). The per-segment sums of G v
+// and lambda v_prev are written over cv and cl (each slot is read by this thread only), the omega partial sum G x
+// per segment.
 template <int C>
 __global__ void __launch_bounds__(32 * kSegsPerBlock)
     tile_bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
