@@ -16,13 +16,11 @@
 // windows of the first and last blocks and the slots >= S read zeros (never NaN from uninitialised memory).
 #pragma once
 
+#include "common/bounded_gemm.cuh"
 #include "launch.cuh"
 #include "tile.cuh"
 
-#include <cublas_v2.h>
 #include <cuda_bf16.h>
-
-#include <vector>
 
 namespace sma::cuda::attn {
 
@@ -50,19 +48,21 @@ struct BandGeometry {
 namespace {
 
 /// dst (rows, width) bf16: row wpad + s = bf16(R(positions[s]) src row s) for s < S (rotation only when kRot),
-/// every other row zero. One warp per row, V consecutive columns per lane and step (V divides width; with kRot
+/// every other row zero, up to the last row that a running chunk of the band products reads (chunk: slots per
+/// chunk, 0 = all rows; see band_row_bound); rows past it are not written. One warp per row, V consecutive columns per lane and step (V divides width; with kRot
 /// V is even, so a lane holds whole rotary pairs); `vec`: src rows may be read as float2/float4. Frequencies as
 /// rotary_kernel, angles reduced in double, then sincosf (rotary_angle<false>).
 template <int V, bool kRot>
 __global__ void pad_bf16_kernel(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst, int width,
                                 long long rows, int wpad, const int* __restrict__ offsets, int batch,
-                                const int* __restrict__ positions, double theta, int vec) {
+                                const int* __restrict__ positions, double theta, int vec, int chunk) {
   extern __shared__ double pad_inv[];
   if constexpr (kRot) rotary_frequencies(pad_inv, width, theta);
   const int S = offsets[batch];
+  const long long end = min(rows, detail::bounded_rows(S, chunk, rows - 2LL * wpad) + 2LL * wpad);
   const int lane = threadIdx.x & 31;
   const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
-  for (long long r = blockIdx.x * static_cast<long long>(blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+  for (long long r = blockIdx.x * static_cast<long long>(blockDim.x / 32) + threadIdx.x / 32; r < end; r += warps) {
     const long long s = r - wpad;
     const bool in = s >= 0 && s < S;
     const float* row = src + (in ? s : 0) * width;
@@ -118,10 +118,16 @@ __global__ void pad_bf16_kernel(const float* __restrict__ src, __nv_bfloat16* __
   }
 }
 
-/// Everything the band kernels need besides LocalAttentionParams.
+/// Everything the band kernels need besides LocalAttentionParams. chunk: slots per chunk of the bounded band
+/// products (0: the products run on every block).
 struct BandParams {
-  int nb, wpad, wlo, width;
+  int nb, wpad, wlo, width, chunk;
 };
+
+/// The band rows [0, bound) that the running chunks of the band products compute: S rounded up to a chunk.
+__device__ __forceinline__ int band_row_bound(const BandParams& g, int S) {
+  return static_cast<int>(detail::bounded_rows(S, g.chunk, static_cast<long long>(g.nb) * kBandRows));
+}
 
 /// The visible key slots of query i (row [rb, re)) form the contiguous range [lo, hi) (key_valid aside).
 __device__ __forceinline__ void visible_range(const LocalAttentionParams& p, int i, int rb, int re, int& lo, int& hi) {
@@ -131,11 +137,12 @@ __device__ __forceinline__ void visible_range(const LocalAttentionParams& p, int
 
 /// Forward elementwise pass, one warp per band row i: x = score + bias where visible; weights to `pq` (bf16, zero
 /// where invisible and for rows >= S), the softmax log-sum-exp to row_stat (rows < S; +inf without a visible key).
+/// Only the rows of the running chunks (band_row_bound): the others are neither read nor written.
 __global__ void band_forward_kernel(const LocalAttentionParams p, const BandParams g, const float* __restrict__ sband,
                                     __nv_bfloat16* __restrict__ pq) {
   const int S = p.offsets[p.batch];
   const int lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
-  const int n = g.nb * kBandRows;
+  const int n = band_row_bound(g, S);
   for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < n; i += warps) {
     __nv_bfloat16* prow = pq + static_cast<long long>(i) * g.width;
     if (i >= S) {
@@ -190,47 +197,63 @@ __global__ void band_forward_kernel(const LocalAttentionParams p, const BandPara
 
 }  // namespace
 
-/// The cuBLAS handles of this host thread, one per device, created on first use (a handle costs milliseconds to
-/// create; the attention runs every step) and destroyed when the thread ends (for the main thread: before the
-/// static destructors and the CUDA runtime's exit handlers, which were registered earlier).
-struct BandBlasHandles {
-  std::vector<cublasHandle_t> h;
-  ~BandBlasHandles() {
-    for (cublasHandle_t x : h)
-      if (x) cublasDestroy(x);
-  }
-};
-
-inline cublasHandle_t band_blas_handle() {
-  thread_local BandBlasHandles handles;
-  int dev = 0;
-  SMA_CUDA_CHECK(cudaGetDevice(&dev));
-  if (static_cast<int>(handles.h.size()) <= dev) handles.h.resize(static_cast<std::size_t>(dev) + 1, nullptr);
-  if (!handles.h[dev]) SMA_CUDA_CHECK(cublasCreate(&handles.h[dev]));
-  return handles.h[dev];
+/// The chunk of the bounded band products, in blocks of kBandRows slots: about 16 chunks over the blocks, so
+/// the products cost about ceil(16 S / capacity) / 16 of their full size. 0 when bounded_gemm runs in full mode
+/// (the kernels then also cover every row, as the full products read them).
+inline int band_chunk_blocks(const BandGeometry& g) {
+  if (bounded_gemm_mode() == BoundedGemmMode::full) return 0;
+  return std::max(1, (g.nb + 15) / 16);
 }
 
-/// Row-major, batched: C[t] (M x N, ldc) = alpha A[t] (M x K, lda) op(B[t]) for t < batch; op(B) = B^T with B
-/// (N x K, ldb) when b_nk, else B (K x N, ldb). bf16 operands, fp32 accumulation and result.
-inline void band_gemm(cublasHandle_t h, bool b_nk, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
-                      long long sa, const __nv_bfloat16* B, int ldb, long long sb, float* C, int ldc, long long sc,
-                      int batch) {
-  if (batch <= 0 || M <= 0) return;
-  const float beta = 0.f;
-  // Column-major view: C^T = op(B)^T A^T.
-  SMA_CUDA_CHECK(cublasGemmStridedBatchedEx(h, b_nk ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &alpha, B,
-                                            CUDA_R_16BF, ldb, sb, A, CUDA_R_16BF, lda, sa, &beta, C, CUDA_R_32F, ldc,
-                                            sc, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+/// A product over the blocks (batch entries of kBandRows rows), bounded by S = *count: C[t] (M x N, ldc) =
+/// alpha A[t] (M x K, lda) op(B[t]) for the blocks t < batch of the running chunks; op(B) = B^T with B (N x K, ldb)
+/// when b_nk, else B (K x N, ldb). bf16 operands, fp32 accumulation and result.
+inline BoundedGemm band_product(bool b_nk, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
+                                long long sa, const __nv_bfloat16* B, int ldb, long long sb, float* C, int ldc,
+                                long long sc, int batch, int chunk_blocks) {
+  BoundedGemm x;
+  x.type = GemmType::bf16;
+  x.trans_b = b_nk;
+  x.m = M;
+  x.n = N;
+  x.k = K;
+  x.alpha = alpha;
+  x.a = A;
+  x.lda = lda;
+  x.stride_a = sa;
+  x.b = B;
+  x.ldb = ldb;
+  x.stride_b = sb;
+  x.c = C;
+  x.ldc = ldc;
+  x.stride_c = sc;
+  x.batch = batch;
+  x.bound = GemmBound::batch;
+  x.chunk = chunk_blocks;
+  x.rows_per_entry = kBandRows;
+  return x;
 }
 
-/// A product whose result rows are slots (out, dq, dk, dv: `capacity` rows): full blocks batched, the last partial
-/// block as one more product, so nothing past row capacity is written.
-inline void band_gemm_rows(cublasHandle_t h, int capacity, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
-                           long long sa, const __nv_bfloat16* B, int ldb, long long sb, float* C, int ldc) {
+inline void band_gemm(const int* count, int chunk_blocks, bool b_nk, int M, int N, int K, float alpha,
+                      const __nv_bfloat16* A, int lda, long long sa, const __nv_bfloat16* B, int ldb, long long sb,
+                      float* C, int ldc, long long sc, int batch, cudaStream_t s) {
+  const BoundedGemm x = band_product(b_nk, M, N, K, alpha, A, lda, sa, B, ldb, sb, C, ldc, sc, batch, chunk_blocks);
+  detail::bounded_gemm(&x, 1, count, s);
+}
+
+/// A product whose result rows are slots (out, dq, dk, dv: `capacity` rows), appended to x: full blocks batched,
+/// the last partial block as one more product, so nothing past row capacity is written. Returns the products added.
+inline int band_rows_products(BoundedGemm* x, int chunk_blocks, int capacity, int N, int K, float alpha,
+                              const __nv_bfloat16* A, int lda, long long sa, const __nv_bfloat16* B, int ldb,
+                              long long sb, float* C, int ldc) {
   const int full = capacity / kBandRows, tail = capacity - full * kBandRows;
   const long long sc = static_cast<long long>(kBandRows) * ldc;
-  band_gemm(h, false, kBandRows, N, K, alpha, A, lda, sa, B, ldb, sb, C, ldc, sc, full);
-  band_gemm(h, false, tail, N, K, alpha, A + full * sa, lda, sa, B + full * sb, ldb, sb, C + full * sc, ldc, sc, 1);
+  x[0] = band_product(false, kBandRows, N, K, alpha, A, lda, sa, B, ldb, sb, C, ldc, sc, full, chunk_blocks);
+  if (tail == 0) return 1;
+  x[1] = band_product(false, tail, N, K, alpha, A + full * sa, lda, sa, B + full * sb, ldb, sb, C + full * sc, ldc,
+                      sc, 1, 1);
+  x[1].first_row = static_cast<long long>(full) * kBandRows;
+  return 2;
 }
 
 inline int band_grid(long long n, int per_block) {
@@ -240,13 +263,13 @@ inline int band_grid(long long n, int per_block) {
 /// The padded bf16 copy of src (capacity, width): see pad_bf16_kernel.
 inline void launch_pad_bf16(const float* src, __nv_bfloat16* dst, int width, const BandGeometry& g,
                             const LocalAttentionInputs& in, const LocalAttentionConfig& cfg, bool rotary,
-                            cudaStream_t s) {
+                            int chunk_blocks, cudaStream_t s) {
   const auto a = reinterpret_cast<std::uintptr_t>(src);
   const int grid = band_grid(g.rows, 8);
   const std::size_t smem = rotary ? static_cast<std::size_t>(width / 2) * sizeof(double) : 0;
   const auto go = [&](auto kernel, int vec) {
     kernel<<<grid, 256, smem, s>>>(src, dst, width, g.rows, g.wpad, in.offsets, in.batch, in.positions,
-                                   cfg.rotary_theta, vec);
+                                   cfg.rotary_theta, vec, chunk_blocks * kBandRows);
   };
   if (width % 4 == 0) {
     const int vec = (a & 15u) == 0;
@@ -278,7 +301,9 @@ inline void retain_workspace(std::size_t bytes) {
   }
 }
 
-inline BandParams band_params(const BandGeometry& g) { return BandParams{g.nb, g.wpad, g.wlo, g.width}; }
+inline BandParams band_params(const BandGeometry& g, int chunk_blocks) {
+  return BandParams{g.nb, g.wpad, g.wlo, g.width, chunk_blocks * kBandRows};
+}
 
 /// The bf16 forward (local_attention_forward when cfg.bf16): scores band, weights band, out.
 inline void local_attention_forward_bf16(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
@@ -287,23 +312,26 @@ inline void local_attention_forward_bf16(const LocalAttentionConfig& cfg, const 
   retain_workspace(static_cast<std::size_t>(g.rows * (2LL * in.z + in.h) * 2 + g.band() * 6 + (4 << 20)));
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
+  const int cb = band_chunk_blocks(g);
+  const int* count = in.offsets + in.batch;
   __nv_bfloat16* qp = ws.alloc<__nv_bfloat16>(g.rows * in.z);
   __nv_bfloat16* kp = ws.alloc<__nv_bfloat16>(g.rows * in.z);
   __nv_bfloat16* vp = ws.alloc<__nv_bfloat16>(g.rows * in.h);
-  launch_pad_bf16(in.q, qp, in.z, g, in, cfg, rot, s);
-  launch_pad_bf16(in.k, kp, in.z, g, in, cfg, rot, s);
-  launch_pad_bf16(in.v, vp, in.h, g, in, cfg, false, s);
+  launch_pad_bf16(in.q, qp, in.z, g, in, cfg, rot, cb, s);
+  launch_pad_bf16(in.k, kp, in.z, g, in, cfg, rot, cb, s);
+  launch_pad_bf16(in.v, vp, in.h, g, in, cfg, false, cb, s);
   float* sband = ws.alloc<float>(g.band());
   __nv_bfloat16* pq = ws.alloc<__nv_bfloat16>(g.band());
-  cublasHandle_t h = band_blas_handle();
-  SMA_CUDA_CHECK(cublasSetStream(h, s));
   const long long blk = kBandRows;
   // scores: block t's queries (padded rows W' + 64t ...) against its key window (padded rows 64t ...).
-  band_gemm(h, true, kBandRows, g.width, in.z, p.scale, qp + g.wpad * static_cast<long long>(in.z), in.z, blk * in.z,
-            kp, in.z, blk * in.z, sband, g.width, blk * g.width, g.nb);
-  band_forward_kernel<<<band_grid(g.nb * blk, 8), 256, 0, s>>>(p, band_params(g), sband, pq);
+  band_gemm(count, cb, true, kBandRows, g.width, in.z, p.scale, qp + g.wpad * static_cast<long long>(in.z), in.z,
+            blk * in.z, kp, in.z, blk * in.z, sband, g.width, blk * g.width, g.nb, s);
+  band_forward_kernel<<<band_grid(g.nb * blk, 8), 256, 0, s>>>(p, band_params(g, cb), sband, pq);
   SMA_CUDA_CHECK_LAUNCH();
-  band_gemm_rows(h, in.capacity, in.h, g.width, 1.f, pq, g.width, blk * g.width, vp, in.h, blk * in.h, out, in.h);
+  BoundedGemm x[2];
+  const int n = band_rows_products(x, cb, in.capacity, in.h, g.width, 1.f, pq, g.width, blk * g.width, vp, in.h,
+                                   blk * in.h, out, in.h);
+  detail::bounded_gemm(x, n, count, s);
 }
 
 }  // namespace sma::cuda::attn

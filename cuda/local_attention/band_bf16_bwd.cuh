@@ -15,13 +15,14 @@ namespace sma::cuda::attn {
 namespace {
 
 /// Backward elementwise pass, one warp per band row i (rows >= S: zeros). In: scores (sband) and dA (dband, fp32).
-/// Out: weights aq and dS dsq (bf16); dS in fp32 over dband when ds32 (the bias gradient's input).
+/// Out: weights aq and dS dsq (bf16); dS in fp32 over dband when ds32 (the bias gradient's input). Rows up to
+/// W' past the running chunks' bound: the key-major tiles of the running key blocks come from those rows.
 __global__ void band_backward_kernel(const LocalAttentionBackwardParams p, const BandParams g,
                                      const float* __restrict__ sband, float* __restrict__ dband,
                                      __nv_bfloat16* __restrict__ aq, __nv_bfloat16* __restrict__ dsq, int ds32) {
   const int S = p.offsets[p.batch];
   const int lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
-  const int n = g.nb * kBandRows;
+  const int n = min(g.nb * kBandRows, band_row_bound(g, S) + g.wpad);
   const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
   for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < n; i += warps) {
     const long long o = static_cast<long long>(i) * g.width;
@@ -58,11 +59,13 @@ __global__ void band_backward_kernel(const LocalAttentionBackwardParams p, const
 
 /// Key-major bands from the query-major ones: tile (key block kb, tile t') = transpose of (query block
 /// kb - wlo/64 + t', tile wpad/64 + kb - qb); zero where that query block does not exist. blockDim (32, 8).
-__global__ void band_transpose_kernel(const BandParams g, const __nv_bfloat16* __restrict__ a_src,
-                                      const __nv_bfloat16* __restrict__ b_src, __nv_bfloat16* __restrict__ a_dst,
-                                      __nv_bfloat16* __restrict__ b_dst) {
+/// Key blocks past the running chunks' bound are skipped (their products do not run).
+__global__ void band_transpose_kernel(const BandParams g, const int* __restrict__ count,
+                                      const __nv_bfloat16* __restrict__ a_src, const __nv_bfloat16* __restrict__ b_src,
+                                      __nv_bfloat16* __restrict__ a_dst, __nv_bfloat16* __restrict__ b_dst) {
   __shared__ __nv_bfloat16 ta[kBandRows][kBandRows + 2], tb[kBandRows][kBandRows + 2];
   const int kb = blockIdx.x, tk = blockIdx.y;
+  if (kb * kBandRows >= band_row_bound(g, *count)) return;
   const int qb = kb - g.wlo / kBandRows + tk, tq = g.wpad / kBandRows + kb - qb;
   const bool have = qb >= 0 && qb < g.nb;
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -204,45 +207,53 @@ inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const
                                             in.capacity * 4LL + (4 << 20)));
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
+  const int cb = band_chunk_blocks(g);
+  const int* count = in.offsets + in.batch;
   const long long Z = in.z, H = in.h, blk = kBandRows;
   __nv_bfloat16* qp = ws.alloc<__nv_bfloat16>(g.rows * Z);
   __nv_bfloat16* kp = ws.alloc<__nv_bfloat16>(g.rows * Z);
   __nv_bfloat16* vp = ws.alloc<__nv_bfloat16>(g.rows * H);
   __nv_bfloat16* dop = ws.alloc<__nv_bfloat16>(g.rows * H);
-  launch_pad_bf16(in.q, qp, in.z, g, in, cfg, rot, s);
-  launch_pad_bf16(in.k, kp, in.z, g, in, cfg, rot, s);
-  launch_pad_bf16(in.v, vp, in.h, g, in, cfg, false, s);
-  launch_pad_bf16(p.dout, dop, in.h, g, in, cfg, false, s);
+  launch_pad_bf16(in.q, qp, in.z, g, in, cfg, rot, cb, s);
+  launch_pad_bf16(in.k, kp, in.z, g, in, cfg, rot, cb, s);
+  launch_pad_bf16(in.v, vp, in.h, g, in, cfg, false, cb, s);
+  launch_pad_bf16(p.dout, dop, in.h, g, in, cfg, false, cb, s);
   float* sband = ws.alloc<float>(g.band());
   float* dband = ws.alloc<float>(g.band());
   __nv_bfloat16* aq = ws.alloc<__nv_bfloat16>(g.band());
   __nv_bfloat16* dsq = ws.alloc<__nv_bfloat16>(g.band());
   __nv_bfloat16* ak = ws.alloc<__nv_bfloat16>(g.band());
   __nv_bfloat16* dsk = ws.alloc<__nv_bfloat16>(g.band());
-  cublasHandle_t h = band_blas_handle();
-  SMA_CUDA_CHECK(cublasSetStream(h, s));
   const long long qoff = g.wpad;            // padded row of slot 64t: the queries of block t
   const long long koff = g.wpad - g.wlo;    // padded row of the first query of key block t's window
-  band_gemm(h, true, kBandRows, g.width, in.z, p.scale, qp + qoff * Z, in.z, blk * Z, kp, in.z, blk * Z, sband,
-            g.width, blk * g.width, g.nb);
-  band_gemm(h, true, kBandRows, g.width, in.h, 1.f, dop + qoff * H, in.h, blk * H, vp, in.h, blk * H, dband, g.width,
-            blk * g.width, g.nb);
+  // S and dA in one graph (independent products).
+  BoundedGemm sd[2];
+  sd[0] = band_product(true, kBandRows, g.width, in.z, p.scale, qp + qoff * Z, in.z, blk * Z, kp, in.z, blk * Z, sband,
+                       g.width, blk * g.width, g.nb, cb);
+  sd[1] = band_product(true, kBandRows, g.width, in.h, 1.f, dop + qoff * H, in.h, blk * H, vp, in.h, blk * H, dband,
+                       g.width, blk * g.width, g.nb, cb);
+  detail::bounded_gemm(sd, 2, count, s);
   const bool table = p.table_size > 0;
-  band_backward_kernel<<<band_grid(g.nb * blk, 8), 256, 0, s>>>(p, band_params(g), sband, dband, aq, dsq,
+  band_backward_kernel<<<band_grid(g.nb * blk, 8), 256, 0, s>>>(p, band_params(g, cb), sband, dband, aq, dsq,
                                                                 table ? 1 : 0);
   SMA_CUDA_CHECK_LAUNCH();
-  band_transpose_kernel<<<dim3(g.nb, g.width / kBandRows), dim3(32, 8), 0, s>>>(band_params(g), aq, dsq, ak, dsk);
+  band_transpose_kernel<<<dim3(g.nb, g.width / kBandRows), dim3(32, 8), 0, s>>>(band_params(g, cb), count, aq, dsq,
+                                                                                ak, dsk);
   SMA_CUDA_CHECK_LAUNCH();
   const long long sband_stride = blk * g.width;
-  band_gemm_rows(h, in.capacity, in.z, g.width, p.scale, dsq, g.width, sband_stride, kp, in.z, blk * Z, p.dq, in.z);
-  band_gemm_rows(h, in.capacity, in.z, g.width, p.scale, dsk, g.width, sband_stride, qp + koff * Z, in.z, blk * Z,
-                 p.dk, in.z);
-  band_gemm_rows(h, in.capacity, in.h, g.width, 1.f, ak, g.width, sband_stride, dop + koff * H, in.h, blk * H, p.dv,
-                 in.h);
+  // dq, dk, dv in one graph (they write different tensors).
+  BoundedGemm x[6];
+  int n = band_rows_products(x, cb, in.capacity, in.z, g.width, p.scale, dsq, g.width, sband_stride, kp, in.z, blk * Z,
+                             p.dq, in.z);
+  n += band_rows_products(x + n, cb, in.capacity, in.z, g.width, p.scale, dsk, g.width, sband_stride, qp + koff * Z,
+                          in.z, blk * Z, p.dk, in.z);
+  n += band_rows_products(x + n, cb, in.capacity, in.h, g.width, 1.f, ak, g.width, sband_stride, dop + koff * H, in.h,
+                          blk * H, p.dv, in.h);
+  detail::bounded_gemm(x, n, count, s);
   if (table) {
     p.dbias_partial = ws.alloc<double>(static_cast<long long>(g.nb) * p.table_size);
     p.dbias_range = ws.alloc<int>(2LL * g.nb);
-    band_dbias_kernel<<<g.nb, 256, 0, s>>>(p, band_params(g), dband);
+    band_dbias_kernel<<<g.nb, 256, 0, s>>>(p, band_params(g, cb), dband);
     SMA_CUDA_CHECK_LAUNCH();
     bias_reduce_kernel<<<bias_reduce_blocks(p.table_size), 256, 0, s>>>(p.dbias_partial, p.dbias_range, g.nb,
                                                                         p.table_size, dbias_table);

@@ -7,6 +7,7 @@
 // again on the bf16 tensor-core path (LocalAttentionConfig::bf16) with a bf16 accuracy rule (see bf16_ok).
 #include "cuda_test_support.hpp"
 
+#include <sma/cuda/bounded_gemm.hpp>
 #include <sma/cuda/compress.hpp>
 #include <sma/cuda/local_attention.hpp>
 #include <sma/ops/compress.hpp>
@@ -79,9 +80,12 @@ Case as_bf16(Case c) {
   return c;
 }
 
-bool all_zero(const std::vector<float>& v, std::size_t from) {
+// The bf16 path writes zeros to the rows past S of the chunks its bounded products run (cuda::bounded_gemm) and
+// leaves the rest untouched: each entry is zero or the sentinel.
+bool zero_or_sentinel(const std::vector<float>& v, std::size_t from) {
+  const float s = cuda_test::sentinel();
   for (std::size_t i = from; i < v.size(); ++i)
-    if (v[i] != 0.f) return false;
+    if (v[i] != 0.f && std::memcmp(&v[i], &s, sizeof s) != 0) return false;
   return true;
 }
 
@@ -167,7 +171,7 @@ struct GpuResult {
 };
 
 // Runs forward + backward on the device with `capacity` = S + c.extra rows (NaN past S), checks that no row past S
-// was written (the bf16 path: set to zero, row_stat untouched), and returns the first S rows.
+// was written (the bf16 path: zero or untouched, row_stat untouched), and returns the first S rows.
 GpuResult run_gpu(const Case& c, const Problem& p, float dbias_init) {
   const Index cap = p.S + c.extra;
   std::vector<int> off(p.offsets.begin(), p.offsets.end());
@@ -216,7 +220,7 @@ GpuResult run_gpu(const Case& c, const Problem& p, float dbias_init) {
   r.dbias = d_dtable.download();
   const auto S = static_cast<std::size_t>(p.S);
   const auto untouched = [&](const std::vector<float>& v, std::size_t from) {
-    return c.bf16 ? all_zero(v, from) : cuda_test::all_sentinel(v, from);
+    return c.bf16 ? zero_or_sentinel(v, from) : cuda_test::all_sentinel(v, from);
   };
   CHECK(untouched(r.out, S * c.H));
   CHECK(untouched(r.dq, S * c.Z));
@@ -371,6 +375,32 @@ TEST_CASE("cuda local attention bf16 matches the CPU op (forward and backward)",
   cases.push_back({{500, 300}, 160, 96, 130, Direction::causal, AA::relu2, PE::rotary, 16, 1.0, 17, 15});  // Z > 128: bf16 only
   cases.push_back({{700, 0, 333}, 64, 256, 256, Direction::causal, AA::relu2, PE::rotary, 16, 1.0, 40, 16});  // several 64-slot blocks of W
   for (const Case& c : cases) check_case(as_bf16(c));
+}
+
+TEST_CASE("cuda local attention bf16: products bounded by the device's S match the full products",
+          "[cuda][attention][bf16][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  // capacity 190 + 700: 14 blocks of 64 slots, of which the first 3 hold slots; the bounded products (one chunk
+  // per block here) skip the other 11, the full ones run all 14. Both must agree, and with the CPU.
+  for (Direction dir : {Direction::causal, Direction::bidirectional}) {
+    const Case c{{150, 0, 40}, 16, 32, 70, dir, AA::softmax, PE::rotary, 16, 0.9, 700, 41, true};
+    INFO(describe(c));
+    check_case(c);
+    const Problem p = make_problem(c);
+    cuda::set_bounded_gemm_mode(cuda::BoundedGemmMode::full);
+    const GpuResult full = run_gpu(c, p, 0.f);
+    cuda::set_bounded_gemm_mode(cuda::BoundedGemmMode::graph);
+    const long long launches = cuda::bounded_gemm_stats().launches;
+    const GpuResult bounded = run_gpu(c, p, 0.f);
+    CHECK(cuda::bounded_gemm_stats().launches == launches + 4);  // forward 2, backward 2
+    const auto close = [](const std::vector<float>& a, const std::vector<float>& b) {
+      return cuda_test::max_abs_diff(a.data(), b.data(), a.size()) <= 1e-5 * std::max(cuda_test::max_abs(b.data(), b.size()), 1e-3);
+    };
+    CHECK(close(bounded.out, full.out));
+    CHECK(close(bounded.dq, full.dq));
+    CHECK(close(bounded.dk, full.dk));
+    CHECK(close(bounded.dv, full.dv));
+  }
 }
 
 TEST_CASE("cuda local attention: every activation x position x direction", "[cuda][attention]") {
