@@ -244,21 +244,57 @@ struct GraphGuard {
   }
 };
 
-/// Captures the cuBLAS call of one chunk into `body` (an IF node's body graph) on the capture stream.
-void capture_into(cudaGraph_t body, const DeviceTools& t, const Call& c, void* workspace, std::size_t ws_bytes) {
-  SMA_CUDA_CHECK(cublasSetStream(t.blas, t.capture));  // resets the workspace, hence set after it
-  SMA_CUDA_CHECK(cublasSetWorkspace(t.blas, workspace, ws_bytes));
-  SMA_CUDA_CHECK(cudaStreamBeginCaptureToGraph(t.capture, body, nullptr, nullptr, 0, cudaStreamCaptureModeRelaxed));
+/// Captures the cuBLAS call of one chunk into `body` (an IF node's body graph) on the capture stream. First
+/// straight into the body (cudaStreamBeginCaptureToGraph); should that capture fail, into a graph of its own that
+/// becomes a child-graph node of the body. Returns whether the second way was taken.
+bool capture_into(cudaGraph_t body, const DeviceTools& t, const Call& c, void* workspace, std::size_t ws_bytes) {
+  const auto prepare = [&] {
+    SMA_CUDA_CHECK(cublasSetStream(t.blas, t.capture));  // resets the workspace, hence set after it
+    SMA_CUDA_CHECK(cublasSetWorkspace(t.blas, workspace, ws_bytes));
+  };
+  const auto abandon = [&] {
+    cudaGraph_t discard = nullptr;
+    cudaStreamEndCapture(t.capture, &discard);
+    if (discard && discard != body) cudaGraphDestroy(discard);
+    cudaGetLastError();
+  };
+  prepare();
+  bool direct = cudaStreamBeginCaptureToGraph(t.capture, body, nullptr, nullptr, 0, cudaStreamCaptureModeRelaxed) ==
+                cudaSuccess;
+  if (direct) {
+    try {
+      run_call(t.blas, c);
+    } catch (const CudaError&) {
+      abandon();
+      direct = false;
+    }
+  } else {
+    cudaGetLastError();
+  }
+  if (direct) {
+    cudaGraph_t captured = nullptr;
+    if (cudaStreamEndCapture(t.capture, &captured) == cudaSuccess) return false;
+    cudaGetLastError();
+  }
+  // The body may hold nodes of the failed attempt: child graph nodes go into a fresh body only when it is empty.
+  std::size_t nodes = 0;
+  SMA_CUDA_CHECK(cudaGraphGetNodes(body, nullptr, &nodes));
+  if (nodes != 0)
+    throw CudaError("cudaStreamBeginCaptureToGraph", "capture_failed",
+                    "cuda::bounded_gemm: capturing a cuBLAS call into a conditional node's body failed midway");
+  prepare();
+  GraphGuard own;
+  SMA_CUDA_CHECK(cudaStreamBeginCapture(t.capture, cudaStreamCaptureModeRelaxed));
   try {
     run_call(t.blas, c);
   } catch (...) {
-    cudaGraph_t discard = nullptr;
-    cudaStreamEndCapture(t.capture, &discard);
-    cudaGetLastError();
+    abandon();
     throw;
   }
-  cudaGraph_t captured = nullptr;
-  SMA_CUDA_CHECK(cudaStreamEndCapture(t.capture, &captured));
+  SMA_CUDA_CHECK(cudaStreamEndCapture(t.capture, &own.g));
+  cudaGraphNode_t child = nullptr;
+  SMA_CUDA_CHECK(cudaGraphAddChildGraphNode(&child, body, nullptr, 0, own.g));
+  return true;
 }
 
 Entry build(const std::vector<Piece>& pieces, const BoundedGemm* g, int n, const int* count) {
@@ -313,8 +349,9 @@ Entry build(const std::vector<Piece>& pieces, const BoundedGemm* g, int n, const
       cp.conditional.type = cudaGraphCondTypeIf;
       cp.conditional.size = 1;
       SMA_CUDA_CHECK(cudaGraphAddNode(&node[i], graph.g, &dep, nullptr, 1, &cp));
-      capture_into(cp.conditional.phGraph_out[0], t, pieces[i].call, static_cast<char*>(e.workspace) + offset[i],
-                   bytes[i]);
+      if (capture_into(cp.conditional.phGraph_out[0], t, pieces[i].call,
+                       static_cast<char*>(e.workspace) + offset[i], bytes[i]))
+        ++cache().stats.child_graphs;
     }
     SMA_CUDA_CHECK(cudaGraphInstantiate(&e.exec, graph.g, 0));
   } catch (...) {

@@ -14,6 +14,10 @@
 // bidirectional, else 0). Since W' is a multiple of 64, the two bands are 64 x 64 tiles of each other, transposed.
 // Padded copies: row W' + s holds slot s (s < S, bf16, rotated for rotary), every other row is zero, so the
 // windows of the first and last blocks and the slots >= S read zeros (never NaN from uninitialised memory).
+// Following S: every product is a cuda::bounded_gemm over the blocks (about 16 chunks of blocks, a chunk running
+// only when it holds a slot < S, decided on the device), and the elementwise passes stop at the rows that the
+// running chunks read (band_row_bound; the padded copies W' rows further on each side, the backward's weights W'
+// further for the key-major tiles). Rows past those are neither read nor written.
 #pragma once
 
 #include "common/bounded_gemm.cuh"

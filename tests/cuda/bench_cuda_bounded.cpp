@@ -185,8 +185,8 @@ int main(int argc, char** argv) {
       report("bf16 attention forward", v, density, S, timed(mode, fwd));
       report("bf16 attention forward+backward", v, density, S, timed(mode, fwd_bwd));
       const cuda::BoundedGemmStats b1 = cuda::bounded_gemm_stats();
-      std::printf("  graphs built %lld, launched %lld, cached %lld\n", b1.builds - b0.builds,
-                  b1.launches - b0.launches, b1.cached);
+      std::printf("  graphs built %lld, launched %lld, cached %lld, chunks captured as child graphs %lld\n",
+                  b1.builds - b0.builds, b1.launches - b0.launches, b1.cached, b1.child_graphs);
     }
   }
   if (json) std::fclose(json);

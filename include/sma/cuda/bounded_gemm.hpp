@@ -79,9 +79,10 @@ enum class BoundedGemmMode : int { graph, full };
 void set_bounded_gemm_mode(BoundedGemmMode mode);
 BoundedGemmMode bounded_gemm_mode();
 
-/// Counters of this host thread: graphs built (captured and instantiated), graph launches, graphs cached now.
+/// Counters of this host thread: graphs built (captured and instantiated), graph launches, graphs cached now, and
+/// chunks whose cuBLAS call had to be captured into a child graph (a direct capture into the IF node's body failed).
 struct BoundedGemmStats {
-  long long builds = 0, launches = 0, cached = 0;
+  long long builds = 0, launches = 0, cached = 0, child_graphs = 0;
 };
 BoundedGemmStats bounded_gemm_stats();
 /// Frees this thread's cached graphs and their workspace (synchronises the device first).

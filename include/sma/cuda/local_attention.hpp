@@ -25,13 +25,16 @@
 //   and dS are rounded to bf16 as operands of the second products, the bias gradient is summed from the fp32 dS in
 //   double. Inputs and outputs at this API stay fp32, so a caller (SeqBoatLayerDevice) needs no change. Errors
 //   measured in the tests: a few 1e-3 of each tensor's largest magnitude (8-bit mantissas), not fp32's 1e-6.
-//   Differences of the bf16 path: it sets rows [S, capacity) of out, dq, dk, dv to ZERO (written; row_stat rows
-//   >= S stay untouched); its temporaries hold a band of capacity x (64 + 2 W') scores (W' = min(W, capacity)
-//   rounded up to 64; one side only when causal): about 16 bytes per band entry in the backward, 6 in the forward.
-//   It creates a cuBLAS handle per device and host thread on first use and destroys it when the thread ends, and
-//   raises the release threshold of the device's stream-ordered memory pool to its workspace size, so the pool
-//   keeps that much memory across synchronisations instead of mapping it afresh for every call. Its products have
-//   host shapes (cuBLAS), so its time follows `capacity`, not S: at low density the fp32 kernels can be as fast.
+//   Differences of the bf16 path: rows [S, capacity) of out, dq, dk, dv are either set to ZERO or left untouched
+//   (its products run in chunks of blocks of 64 slots, up to the chunk holding slot S - 1; row_stat rows >= S stay
+//   untouched); its temporaries hold a band of capacity x (64 + 2 W') scores (W' = min(W, capacity) rounded up
+//   to 64; one side only when causal): about 16 bytes per band entry in the backward, 6 in the forward. Its
+//   products go through cuda::bounded_gemm (sma/cuda/bounded_gemm.hpp): CUDA graphs, cached per host thread, that
+//   skip the chunks past S on the device, so its time follows S rounded up to 1/16 of `capacity`, without a host
+//   wait. Those graphs and a cuBLAS handle per device and host thread live until the thread ends. It raises the
+//   release threshold of the device's stream-ordered memory pool to its workspace size, so the pool keeps that
+//   much memory across synchronisations instead of mapping it afresh for every call (which also keeps the
+//   workspace addresses, hence the cached graphs, the same from call to call).
 // GRADIENTS: backward ASSIGNS dq, dk, dv (rows < S) and ADDS into dbias_table, deterministically (the bias
 //   gradient is reduced per tile in a fixed order, in double, then over tiles in a fixed order). The softmax
 //   backward needs the forward's `out` and `row_stat`; relu2 and laplace need neither (pass nullptr).
