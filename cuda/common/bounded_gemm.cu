@@ -376,8 +376,8 @@ std::atomic<int>& mode_flag() {
 
 int bounded_gemm_default_chunk(const BoundedGemm& g) {
   const long long units = units_of(g);
-  if (g.bound == GemmBound::batch) return static_cast<int>(std::max<long long>(1, (units + 15) / 16));
-  const long long c = ((units + 15) / 16 + 63) / 64 * 64;
+  if (g.bound == GemmBound::batch) return static_cast<int>(std::max<long long>(1, (units + 7) / 8));
+  const long long c = ((units + 7) / 8 + 63) / 64 * 64;
   return static_cast<int>(std::max<long long>(64, c));
 }
 

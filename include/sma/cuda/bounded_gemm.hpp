@@ -64,8 +64,9 @@ struct BoundedGemm {
 constexpr int kBoundedGemmMaxChunks = 64;     ///< chunks of all products of one call together
 constexpr int kBoundedGemmCacheEntries = 32;  ///< instantiated graphs kept per host thread
 
-/// The chunk used when BoundedGemm::chunk is 0: `units` (rows, or entries for batch) split in 16, rows rounded up
-/// to a multiple of 64 (tile friendly), never fewer than 64 rows or 1 entry.
+/// The chunk used when BoundedGemm::chunk is 0: `units` (rows, or entries for batch) split in 8, rows rounded up
+/// to a multiple of 64 (tile friendly), never fewer than 64 rows or 1 entry. 8 rather than 16: every chunk node
+/// costs a few microseconds even when the product is large (docs/benchmarks.md, "Products bounded by S").
 int bounded_gemm_default_chunk(const BoundedGemm& g);
 
 /// Runs products[0..n) (see WHAT) with S = *count (a device int) on `stream`.
