@@ -244,9 +244,9 @@ __global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* 
   }
 }
 
-// The layer's output, per token t: pre = hu[t, 2:] (+ hx_bias: the bf16 path's product has none) + gate *
+// The layer's output, per token t: pre = hx[t] (row stride ldh; + hx_bias: the bf16 path's product has none) + gate *
 // (hc[slot] + h_bias) (activated tokens) + x[t]; out = silu(pre). Replaces the bias copy, extract_add and the residual pass.
-__global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hu,
+__global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hx,
                               const float* __restrict__ hxbias, const float* __restrict__ hc,
                               const float* __restrict__ hbias,
                               const float* __restrict__ gate, const int* __restrict__ slot_of,
@@ -258,7 +258,7 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
     const int slot = slot_of[t];
     const bool on = slot >= 0 && key_valid[slot] != 0;
     const float g = on ? gate[t] : 0.f;
-    const float* hr = hu + t * ldh + 2;
+    const float* hr = hx + t * ldh;
     const float* hcr = on ? hc + static_cast<long long>(slot) * D : nullptr;
     for (int c = lane; c < D; c += 32) {
       float p = hxbias ? hr[c] + hxbias[c] : hr[c];
@@ -272,7 +272,8 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
 
 // Backward of output_kernel (and of the extraction), per token t: dpre = dact silu'(pre); for an activated token
 // dhc[slot] = gate dpre and dgate = <dpre, hc[slot] + h_bias>; dgate = 0 otherwise (dgate is read only for
-// activated tokens). dpre also goes to columns 2.. of the hx_proj gradient dhu, in fp32 or bf16. With dhc16 the
+// activated tokens). dpre also goes to hx's gradient (dhu, row stride ldh, already offset to hx's columns), in fp32
+// or bf16. With dhc16 the
 // slot gradient is written as bf16 only (rows past S are zeroed separately).
 __global__ void output_backward_kernel(long long rows, int D, int ldh, const float* __restrict__ pre,
                                        const float* __restrict__ dact, const float* __restrict__ hc,
@@ -294,9 +295,9 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
       const float d = dact[i] * dsilu_f(pre[i]);
       dpre[i] = d;
       if (dhu16)
-        dhu16[t * ldh + 2 + c] = __float2bfloat16_rn(d);
+        dhu16[t * ldh + c] = __float2bfloat16_rn(d);
       else
-        dhu[t * ldh + 2 + c] = d;
+        dhu[t * ldh + c] = d;
       if (slot >= 0) {  // slots of inactive tokens (the uncompressed fallback) get a zero gradient
         const float v = on ? g * d : 0.f;
         if (dhc16)
@@ -328,9 +329,12 @@ __global__ void logits_to_bf16_kernel(long long rows, int ld, const float* __res
     dhu16[(i / 2) * ld + (i % 2)] = __float2bfloat16_rn(dlogits[i]);
 }
 
-// dmx = (dmx + dxc[slot]) silu'(e) per token: the compression's backward and the SiLU's in one pass.
+// dmx = (dmx + dxc[slot] [+ dlogits[t] W[0:2]]) silu'(e) per token: the compression's backward, the router
+// logits' share of hx_proj's backward (bf16 path: a rank-2 product, cheaper here than as a product of its own)
+// and the SiLU's in one pass.
 __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, const float* __restrict__ dxc,
-                           const int* __restrict__ slot_of, float* __restrict__ dmx) {
+                           const int* __restrict__ slot_of, const float* __restrict__ dlogits,
+                           const float* __restrict__ w2, float* __restrict__ dmx) {
   const int lane = threadIdx.x & 31;
   for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
        t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
@@ -340,6 +344,7 @@ __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, c
       const long long i = t * D + c;
       float v = dmx[i];
       if (g) v += g[c];
+      if (dlogits) v += dlogits[2 * t] * w2[c] + dlogits[2 * t + 1] * w2[D + c];
       dmx[i] = v * dsilu_f(e[i]);
     }
   }
@@ -621,8 +626,10 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     silu_logits_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), m.p("hx_proj.weight"),
                                                                m.p("hx_proj.bias"), mx16, m.logits.data());
     SMA_CUDA_CHECK_LAUNCH();
-    gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, nullptr, D, m.p("hx_proj.weight"), D,
-              0.f, m.hu.data(), ldh, mx16);
+    // hx alone (N x D, row stride D): the logits are above, so every operand is 16-byte aligned (with the 2 + D
+    // columns cuBLAS falls back to slow 4-byte-aligned kernels).
+    gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), D, D, nullptr, D, m.p("hx_proj.weight") + 2 * D, D,
+              0.f, m.hu.data(), D, mx16);
     logits = m.logits.data();
     ld_logits = 2;
   } else {
@@ -700,7 +707,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
             hr16);
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   float* act = c.prenorm ? out : m.act.data();
-  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, ldh, m.x.data(), m.hu.data(),
+  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, bf ? D : ldh, m.x.data(), m.hu.data() + (bf ? 0 : 2),
                                                         bf ? m.p("hx_proj.bias") + 2 : nullptr, m.hc.data(),
                                                         m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
                                                         m.pre.data(), act);
@@ -742,12 +749,13 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* dhc = bf ? nullptr : ws.alloc<float>(N * D);
   __nv_bfloat16* dhc16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;
   const int ldh = m.ldh();
-  float* dhu = bf ? nullptr : ws.alloc<float>(N * ldh);
-  __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * ldh) : nullptr;
+  float* dhu = bf ? nullptr : ws.alloc<float>(N * ldh);              // fp32: [dlogits | dhx], row stride ldh
+  __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;  // bf16: dhx alone (N x D)
   if (!bf && !host_s) SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
-  output_backward_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, ldh, m.pre.data(), dact, m.hc.data(),
+  output_backward_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, bf ? D : ldh, m.pre.data(), dact, m.hc.data(),
                                                                  m.p("h_proj.bias"), m.gate.data(), pv.slot,
-                                                                 pv.key_valid, dpre, dgate, dhc, dhc16, dhu, dhu16);
+                                                                 pv.key_valid, dpre, dgate, dhc, dhc16,
+                                                                 bf ? nullptr : dhu + 2, dhu16);
   SMA_CUDA_CHECK_LAUNCH();
   if (bf) {
     zero_tail_bf16_kernel<<<row_grid(N), kRowThreads, 0, s>>>(M, D, S_dev, dhc16);
@@ -820,22 +828,31 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* dlogits = bf ? ws.alloc<float>(N * 2) : dhu;
   router_backward(N, bf ? m.logits.data() : m.hu.data(), bf ? 2 : ldh, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
                   dlogits, bf ? 2 : ldh, m.g("q_router.temp"), s);
+  float* dmx = ws.alloc<float>(N * D);
   if (bf) {
-    logits_to_bf16_kernel<<<grid(2 * N), 256, 0, s>>>(N, ldh, dlogits, dhu16);
-    SMA_CUDA_CHECK_LAUNCH();
-    // The bias gradient from the fp32 values (the bf16 copy is only the products' operand).
+    // hx's rows of hx_proj (aligned products), then the logits' two rows: dW[0:2] += dlogits^T mx (a small
+    // product) and their share of dmx in dmx_kernel.
     column_sum_add(N, 2, dlogits, 2, nullptr, m.g("hx_proj.bias"), s);
     column_sum_add(N, D, dpre, D, nullptr, m.g("hx_proj.bias") + 2, s);
+    gemm_proj(m.blas, bf, ws, s, true, false, D, D, static_cast<int>(N), nullptr, D, nullptr, D, 1.f,
+              m.g("hx_proj.weight") + 2 * D, D, dhu16, b16(m.mx16));
+    gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, D, nullptr, D, m.p("hx_proj.weight") + 2 * D, D,
+              0.f, dmx, D, dhu16);
+    __nv_bfloat16* dl16 = ws.alloc<__nv_bfloat16>(N * 2);
+    logits_to_bf16_kernel<<<grid(2 * N), 256, 0, s>>>(N, 2, dlogits, dl16);
+    SMA_CUDA_CHECK_LAUNCH();
+    gemm_proj(m.blas, bf, ws, s, true, false, 2, D, static_cast<int>(N), nullptr, 2, nullptr, D, 1.f,
+              m.g("hx_proj.weight"), D, dl16, b16(m.mx16));
   } else {
     column_sum_add(N, 2 + D, dhu, ldh, nullptr, m.g("hx_proj.bias"), s);
+    gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, ldh, m.mx.data(), D, 1.f,
+              m.g("hx_proj.weight"), D);
+    gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, 2 + D, dhu, ldh, m.p("hx_proj.weight"), D, 0.f,
+              dmx, D);
   }
-  gemm_proj(m.blas, bf, ws, s, true, false, 2 + D, D, static_cast<int>(N), dhu, ldh, m.mx.data(), D, 1.f,
-            m.g("hx_proj.weight"), D, dhu16, b16(m.mx16));
-  float* dmx = ws.alloc<float>(N * D);
-  gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, 2 + D, dhu, ldh, m.p("hx_proj.weight"), D, 0.f,
-            dmx, D, dhu16);
   // 4. compression backward + SiLU, EMA, pre-norm, residual.
-  dmx_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), dxc, pv.slot, dmx);
+  dmx_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), dxc, pv.slot, bf ? dlogits : nullptr,
+                                                     m.p("hx_proj.weight"), dmx);
   SMA_CUDA_CHECK_LAUNCH();
   const float* xin = c.prenorm ? m.xin.data() : m.x.data();
   float* dxin = c.prenorm ? ws.alloc<float>(N * D) : dx;
