@@ -43,7 +43,8 @@ struct Call {
   const void* b;
   int ldb;
   long long sb;
-  float* c;
+  void* c;
+  GemmType ct;
   int ldc;
   long long sc;
   int batch;
@@ -58,14 +59,15 @@ struct Piece {
 
 void run_call(cublasHandle_t h, const Call& c) {
   const cudaDataType_t t = c.type == GemmType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const cudaDataType_t tc = c.ct == GemmType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
   const cublasOperation_t opa = c.ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = c.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   // cuBLAS is column-major: the row-major C = op(A) op(B) is C^T = op(B)^T op(A)^T, operands swapped.
   if (c.batch == 1) {
     SMA_CUDA_CHECK(cublasGemmEx(h, opb, opa, c.n, c.m, c.k, &c.alpha, c.b, t, c.ldb, c.a, t, c.lda, &c.beta, c.c,
-                                CUDA_R_32F, c.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                tc, c.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   } else {
     SMA_CUDA_CHECK(cublasGemmStridedBatchedEx(h, opb, opa, c.n, c.m, c.k, &c.alpha, c.b, t, c.ldb, c.sb, c.a, t,
-                                              c.lda, c.sa, &c.beta, c.c, CUDA_R_32F, c.ldc, c.sc, c.batch,
+                                              c.lda, c.sa, &c.beta, c.c, tc, c.ldc, c.sc, c.batch,
                                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 }
@@ -81,6 +83,7 @@ const char* bound_name(GemmBound b) {
 void validate(const BoundedGemm& g, int i) {
   const std::string where = str_cat("cuda::bounded_gemm: product ", i, " (bound ", bound_name(g.bound), ")");
   if (g.type != GemmType::bf16 && g.type != GemmType::fp32) throw ValueError(str_cat(where, ": unknown type"));
+  if (g.c_type != GemmType::bf16 && g.c_type != GemmType::fp32) throw ValueError(str_cat(where, ": unknown c_type"));
   if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0)
     throw ValueError(str_cat(where, ": negative size (m ", g.m, ", n ", g.n, ", k ", g.k, ", batch ", g.batch, ")"));
   if (g.chunk < 0) throw ValueError(str_cat(where, ": chunk ", g.chunk, " < 0"));
@@ -107,11 +110,14 @@ bool empty(const BoundedGemm& g) { return g.m == 0 || g.n == 0 || g.batch == 0 |
 
 Call whole(const BoundedGemm& g) {
   return Call{g.type, g.trans_a, g.trans_b, g.m,   g.n,   g.k,   g.alpha,   g.beta,
-              g.a,    g.lda,     g.stride_a, g.b,  g.ldb, g.stride_b, g.c, g.ldc, g.stride_c, g.batch};
+              g.a,    g.lda,     g.stride_a, g.b,  g.ldb, g.stride_b, g.c, g.c_type, g.ldc, g.stride_c, g.batch};
 }
 
 const void* advance(const void* p, long long elements, GemmType t) {
   return static_cast<const char*>(p) + elements * (t == GemmType::bf16 ? 2 : 4);
+}
+void* advance(void* p, long long elements, GemmType t) {
+  return static_cast<char*>(p) + elements * (t == GemmType::bf16 ? 2 : 4);
 }
 
 /// The chunks of product g (index i) appended to `out`.
@@ -130,7 +136,7 @@ void split(const BoundedGemm& g, int i, std::vector<Piece>& out) {
       case GemmBound::rows:
         x.m = static_cast<int>(len);
         x.a = advance(g.a, g.trans_a ? lo : lo * g.lda, g.type);
-        x.c = g.c + lo * g.ldc;
+        x.c = advance(g.c, lo * g.ldc, g.c_type);
         break;
       case GemmBound::reduction:
         x.k = static_cast<int>(len);
@@ -142,7 +148,7 @@ void split(const BoundedGemm& g, int i, std::vector<Piece>& out) {
         x.batch = static_cast<int>(len);
         x.a = advance(g.a, lo * g.stride_a, g.type);
         x.b = advance(g.b, lo * g.stride_b, g.type);
-        x.c = g.c + lo * g.stride_c;
+        x.c = advance(g.c, lo * g.stride_c, g.c_type);
         break;
     }
     const bool always = g.bound == GemmBound::reduction && c == 0;
@@ -230,7 +236,8 @@ std::vector<long long> key_of(const BoundedGemm* g, int n, const int* count, int
     const BoundedGemm& x = g[i];
     const long long chunk = x.chunk > 0 ? x.chunk : bounded_gemm_default_chunk(x);
     k.insert(k.end(), {static_cast<long long>(x.type), x.trans_a, x.trans_b, x.m, x.n, x.k, bits(x.alpha),
-                       bits(x.beta), addr(x.a), x.lda, x.stride_a, addr(x.b), x.ldb, x.stride_b, addr(x.c), x.ldc,
+                       bits(x.beta), addr(x.a), x.lda, x.stride_a, addr(x.b), x.ldb, x.stride_b, addr(x.c),
+                       static_cast<long long>(x.c_type), x.ldc,
                        x.stride_c, x.batch, static_cast<long long>(x.bound), chunk, x.rows_per_entry, x.first_row});
   }
   return k;

@@ -1,5 +1,6 @@
 // SeqBoatLayerDevice (include/sma/cuda/seqboat_layer.hpp): the SeqBoat layer's forward and backward as a chain of
 // device kernels and cuBLAS products, all on one stream, nothing waiting for the host (S stays on the device).
+#include <sma/cuda/bounded_gemm.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/compress.hpp>
 #include <sma/cuda/ema.hpp>
@@ -398,6 +399,30 @@ struct SeqBoatLayerDevice::Impl {
   DeviceArray<std::uint8_t> padding, active;
   DeviceBuffer mx16, xc16, hr16;  ///< bf16 copies of the projections' inputs (bf16_projections), for the backward
   DeviceBuffer base16;            ///< the GAU's base (rows, Z+2H) in bf16 on the bf16 path (r is not stored there)
+  // The bf16 path's weight copies (made in each forward, used by its backward) and backward operands. They live
+  // as long as the layer because the bounded products' graphs are keyed by their pointers (bounded_gemm.hpp).
+  DeviceBuffer w_mx16, w_h16, dhc16, dhr16, dbase16, dxc;
+
+  /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of
+  /// rows past S are skipped, with no host wait).
+  static BoundedGemm rows_product(bool tb, int M, int N, int K, const void* a, int lda, const void* b, int ldb,
+                                  void* c, int ldc, GemmType c_type) {
+    BoundedGemm g;
+    g.type = GemmType::bf16;
+    g.trans_b = tb;
+    g.m = M;
+    g.n = N;
+    g.k = K;
+    g.a = a;
+    g.lda = lda;
+    g.b = b;
+    g.ldb = ldb;
+    g.c = c;
+    g.ldc = ldc;
+    g.c_type = c_type;
+    g.bound = GemmBound::rows;
+    return g;
+  }
 
   __nv_bfloat16* bf16_buffer(DeviceBuffer& b, long long n) {
     const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(__nv_bfloat16);
@@ -674,8 +699,11 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   }
   __nv_bfloat16* base16 = bf ? m.bf16_buffer(m.base16, N * P) : nullptr;
   if (bf) {
-    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("mx_proj.weight"), static_cast<long long>(P) * D);
-    gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
+    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("mx_proj.weight"), 1LL * P * D, m.bf16_buffer(m.w_mx16, 1LL * P * D));
+    if (host_s)
+      gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
+    else
+      bounded_gemm(Impl::rows_product(true, Mi, P, D, xc16, D, w16, D, base16, P, GemmType::bf16), S_dev, s);
     gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"),
                                                        m.p("beta"), m.q.data(), m.k.data(), nullptr, m.v.data(),
                                                        S_dev);
@@ -703,8 +731,16 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, m.att.data(), m.r.data(), m.hr.data());
     SMA_CUDA_CHECK_LAUNCH();
   }
-  gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 0.f, m.hc.data(), D,
-            hr16);
+  if (bf) {
+    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("h_proj.weight"), 1LL * D * H, m.bf16_buffer(m.w_h16, 1LL * D * H));
+    if (host_s)
+      gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, nullptr, H, nullptr, H, 0.f, m.hc.data(), D, hr16, w16);
+    else
+      bounded_gemm(Impl::rows_product(true, Mi, D, H, hr16, H, w16, H, m.hc.data(), D, GemmType::fp32), S_dev, s);
+  } else {
+    gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, m.hr.data(), H, m.p("h_proj.weight"), H, 0.f, m.hc.data(),
+              D);
+  }
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   float* act = c.prenorm ? out : m.act.data();
   output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, bf ? D : ldh, m.x.data(), m.hu.data() + (bf ? 0 : 2),
@@ -747,7 +783,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   }
   float* dgate = ws.alloc<float>(N);
   float* dhc = bf ? nullptr : ws.alloc<float>(N * D);
-  __nv_bfloat16* dhc16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;
+  __nv_bfloat16* dhc16 = bf ? m.bf16_buffer(m.dhc16, N * D) : nullptr;
   const int ldh = m.ldh();
   float* dhu = bf ? nullptr : ws.alloc<float>(N * ldh);              // fp32: [dlogits | dhx], row stride ldh
   __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;  // bf16: dhx alone (N x D)
@@ -772,10 +808,13 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     column_sum_add(M, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
   // dhr = dhc W: bf16 on the bf16 path (as autocast's gradient of a bf16 product), fp32 otherwise.
   float* dhr = bf ? nullptr : ws.alloc<float>(N * H);
-  __nv_bfloat16* dhr16 = bf ? ws.alloc<__nv_bfloat16>(N * H) : nullptr;
-  if (bf)
-    gemm_bf16_out(m.blas, false, false, Mi, H, D, dhc16, D,
-                  to_bf16(ws, s, m.p("h_proj.weight"), static_cast<long long>(D) * H), H, dhr16, H);
+  __nv_bfloat16* dhr16 = bf ? m.bf16_buffer(m.dhr16, N * H) : nullptr;
+  // The weight products (reductions over the rows) stay plain cuBLAS calls: bounded in chunks they run one after
+  // another and only pay off at low density (docs/benchmarks.md, "Products bounded by S").
+  if (bf && host_s)
+    gemm_bf16_out(m.blas, false, false, Mi, H, D, dhc16, D, b16(m.w_h16), H, dhr16, H);
+  else if (bf)
+    bounded_gemm(Impl::rows_product(false, Mi, H, D, dhc16, D, b16(m.w_h16), H, dhr16, H, GemmType::bf16), S_dev, s);
   else
     gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
   float* datt = ws.alloc<float>(N * H);
@@ -798,7 +837,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
                            m.g("rel_pos_bias.rel_pos_bias"), s);
   float* dbase = bf ? nullptr : ws.alloc<float>(N * P);
-  __nv_bfloat16* dbase16 = bf ? ws.alloc<__nv_bfloat16>(N * P) : nullptr;
+  __nv_bfloat16* dbase16 = bf ? m.bf16_buffer(m.dbase16, N * P) : nullptr;
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
   if (bf)
@@ -822,8 +861,19 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     column_sum_add_bf16(M, P, dbase16, P, m.g("mx_proj.bias"), s, bound);
   else
     column_sum_add(M, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
-  float* dxc = ws.alloc<float>(N * D);
-  gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D, dbase16);
+  float* dxc = nullptr;
+  if (bf) {
+    if (m.dxc.bytes() < static_cast<std::size_t>(N * D) * sizeof(float))
+      m.dxc = DeviceBuffer(static_cast<std::size_t>(N * D) * sizeof(float));
+    dxc = static_cast<float*>(m.dxc.data());
+  } else {
+    dxc = ws.alloc<float>(N * D);
+  }
+  if (bf && !host_s)
+    bounded_gemm(Impl::rows_product(false, Mi, D, P, dbase16, P, b16(m.w_mx16), D, dxc, D, GemmType::fp32), S_dev, s);
+  else
+    gemm_proj(m.blas, bf, ws, s, false, false, Mi, D, P, dbase, P, m.p("mx_proj.weight"), D, 0.f, dxc, D, dbase16,
+              b16(m.w_mx16));
   // 3. router and hx_proj: dhu = [dlogits | dpre].
   float* dlogits = bf ? ws.alloc<float>(N * 2) : dhu;
   router_backward(N, bf ? m.logits.data() : m.hu.data(), bf ? 2 : ldh, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,

@@ -5,7 +5,8 @@
 //
 // WHAT
 //   Each BoundedGemm is a row-major, optionally strided-batched product C[t] = alpha op(A[t]) op(B[t]) + beta C[t]
-//   (t < batch; A, B bf16 or fp32, C fp32, fp32 accumulation; op = transpose when trans_a / trans_b). One of its
+//   (t < batch; A, B bf16 or fp32, C fp32 or bf16 (c_type), fp32 accumulation; op = transpose when trans_a /
+//   trans_b). One of its
 //   dimensions is split into chunks of `chunk` units and a chunk runs only when its first row is below *count:
 //     bound = rows       rows of C (m); chunk c covers rows [c*chunk, (c+1)*chunk): a projection on B*L rows.
 //     bound = reduction  the reduction dimension (k), e.g. dW += A^T B over the token rows; the chunks run one
@@ -37,7 +38,7 @@
 
 namespace sma::cuda {
 
-enum class GemmType : int { bf16, fp32 };        ///< element type of A and B (C is always fp32)
+enum class GemmType : int { bf16, fp32 };        ///< element type of A and B, and of C (c_type)
 enum class GemmBound : int { rows, reduction, batch };
 
 struct BoundedGemm {
@@ -51,7 +52,8 @@ struct BoundedGemm {
   const void* b = nullptr;
   int ldb = 0;
   long long stride_b = 0;
-  float* c = nullptr;
+  void* c = nullptr;                       ///< fp32, or bf16 with c_type = bf16 (fp32 accumulation either way)
+  GemmType c_type = GemmType::fp32;
   int ldc = 0;
   long long stride_c = 0;
   int batch = 1;
@@ -62,7 +64,9 @@ struct BoundedGemm {
 };
 
 constexpr int kBoundedGemmMaxChunks = 64;     ///< chunks of all products of one call together
-constexpr int kBoundedGemmCacheEntries = 32;  ///< instantiated graphs kept per host thread
+/// Instantiated graphs kept per host thread: a model's layers each hold a few (their buffers differ), and evicting
+/// one waits for the device, so the cache is sized for dozens of layers.
+constexpr int kBoundedGemmCacheEntries = 256;
 
 /// The chunk used when BoundedGemm::chunk is 0: `units` (rows, or entries for batch) split in 8, rows rounded up
 /// to a multiple of 64 (tile friendly), never fewer than 64 rows or 1 entry. 8 rather than 16: every chunk node
