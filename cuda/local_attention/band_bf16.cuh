@@ -215,21 +215,10 @@ inline int band_chunk_blocks(const BandGeometry& g) {
 inline BoundedGemm band_product(bool b_nk, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
                                 long long sa, const __nv_bfloat16* B, int ldb, long long sb, float* C, int ldc,
                                 long long sc, int batch, int chunk_blocks) {
-  BoundedGemm x;
-  x.type = GemmType::bf16;
-  x.trans_b = b_nk;
-  x.m = M;
-  x.n = N;
-  x.k = K;
+  BoundedGemm x = bf16_product(false, b_nk, M, N, K, A, lda, B, ldb, C, ldc);
   x.alpha = alpha;
-  x.a = A;
-  x.lda = lda;
   x.stride_a = sa;
-  x.b = B;
-  x.ldb = ldb;
   x.stride_b = sb;
-  x.c = C;
-  x.ldc = ldc;
   x.stride_c = sc;
   x.batch = batch;
   x.bound = GemmBound::batch;

@@ -407,20 +407,8 @@ struct SeqBoatLayerDevice::Impl {
   /// rows past S are skipped, with no host wait).
   static BoundedGemm rows_product(bool tb, int M, int N, int K, const void* a, int lda, const void* b, int ldb,
                                   void* c, int ldc, GemmType c_type) {
-    BoundedGemm g;
-    g.type = GemmType::bf16;
-    g.trans_b = tb;
-    g.m = M;
-    g.n = N;
-    g.k = K;
-    g.a = a;
-    g.lda = lda;
-    g.b = b;
-    g.ldb = ldb;
-    g.c = c;
-    g.ldc = ldc;
+    BoundedGemm g = bf16_product(false, tb, M, N, K, a, lda, b, ldb, c, ldc);
     g.c_type = c_type;
-    g.bound = GemmBound::rows;
     return g;
   }
 

@@ -63,6 +63,26 @@ struct BoundedGemm {
   long long first_row = 0;  ///< rows of *count before the first row (entry) of this product
 };
 
+/// The common part of a description: a bf16 product C = op(A) op(B) (alpha 1, beta 0, fp32 C, bound = rows,
+/// batch 1); callers set the other fields (alpha, beta, c_type, strides and batch, bound, chunk) after.
+inline BoundedGemm bf16_product(bool trans_a, bool trans_b, int m, int n, int k, const void* a, int lda,
+                                const void* b, int ldb, void* c, int ldc) {
+  BoundedGemm g;
+  g.type = GemmType::bf16;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a;
+  g.lda = lda;
+  g.b = b;
+  g.ldb = ldb;
+  g.c = c;
+  g.ldc = ldc;
+  return g;
+}
+
 constexpr int kBoundedGemmMaxChunks = 64;     ///< chunks of all products of one call together
 /// Instantiated graphs kept per host thread: a model's layers each hold a few (their buffers differ), and evicting
 /// one waits for the device, so the cache is sized for dozens of layers.
