@@ -412,8 +412,8 @@ void norm_backward(NormKind kind, long long rows, int D, const float* x, const f
     throw ValueError("sma::cuda::norm_backward: x, dy, dx, rstd (and mean for layernorm) must not be null");
   const cudaStream_t s = as_stream(stream);
   const int threads = 32 * kWarpsPerBlock;
-  norm_backward_kernel<<<detail::grid_for(rows * 32, threads), threads, 0, s>>>(static_cast<int>(kind), rows, D, x,
-                                                                                 weight, mean, rstd, dy, dx, residual);
+  norm_backward_kernel<<<detail::grid_for(rows * 32, threads), threads, 0, s>>>(
+      static_cast<int>(kind), rows, D, x, weight, mean, rstd, dy, dx, residual);
   SMA_CUDA_CHECK_LAUNCH();
   const int mode = kind == NormKind::layernorm ? 1 : 2;
   if (dweight && weight) column_reduce(rows, D, dy, D, nullptr, mode, x, mean, rstd, dweight,

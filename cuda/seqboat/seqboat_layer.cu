@@ -246,7 +246,8 @@ __global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* 
 }
 
 // The layer's output, per token t: pre = hx[t] (row stride ldh; + hx_bias: the bf16 path's product has none) + gate *
-// (hc[slot] + h_bias) (activated tokens) + x[t]; out = silu(pre). Replaces the bias copy, extract_add and the residual pass.
+// (hc[slot] + h_bias) (activated tokens) + x[t]; out = silu(pre). Replaces the bias copy, extract_add and the
+// residual pass.
 __global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hx,
                               const float* __restrict__ hxbias, const float* __restrict__ hc,
                               const float* __restrict__ hbias,
@@ -412,10 +413,12 @@ struct SeqBoatLayerDevice::Impl {
     return g;
   }
 
-  __nv_bfloat16* bf16_buffer(DeviceBuffer& b, long long n) {
-    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(__nv_bfloat16);
+  /// n elements of T in b, grown when too small (kept across calls: stable pointers).
+  template <class T = __nv_bfloat16>
+  static T* held(DeviceBuffer& b, long long n) {
+    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
     if (b.bytes() < bytes) b = DeviceBuffer(bytes);
-    return static_cast<__nv_bfloat16*>(b.data());
+    return static_cast<T*>(b.data());
   }
 
   ~Impl() {
@@ -632,7 +635,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   ema_forward(m.ema_cfg(), m.ema_params(), xin, pad, m.ema_out.data(), s);
   // 2. hx_proj: hu (N, 2+D; row stride ldh) = mx W^T (+ b on the fp32 path; the bf16 path adds it where read).
   const int ldh = m.ldh();
-  __nv_bfloat16* mx16 = bf ? m.bf16_buffer(m.mx16, N * D) : nullptr;
+  __nv_bfloat16* mx16 = bf ? m.held(m.mx16, N * D) : nullptr;
   const float* logits = m.hu.data();  // the router's two logits, row stride ld_logits
   int ld_logits = ldh;
   if (bf) {
@@ -676,7 +679,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   const int Mi = static_cast<int>(M);
   const __nv_bfloat16* xc16 = nullptr;
   if (bf) {
-    __nv_bfloat16* xc16w = m.bf16_buffer(m.xc16, N * D);
+    __nv_bfloat16* xc16w = m.held(m.xc16, N * D);
     if (M > 0) {
       compress_bf16_kernel<<<warp_grid(M), 32 * kWarpRows, 0, s>>>(M, D, mx16, pv.token, S_dev, xc16w);
       SMA_CUDA_CHECK_LAUNCH();
@@ -685,9 +688,9 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   } else {
     compress(m.mx.data(), D, pv, m.xc.data(), s);
   }
-  __nv_bfloat16* base16 = bf ? m.bf16_buffer(m.base16, N * P) : nullptr;
+  __nv_bfloat16* base16 = bf ? m.held(m.base16, N * P) : nullptr;
   if (bf) {
-    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("mx_proj.weight"), 1LL * P * D, m.bf16_buffer(m.w_mx16, 1LL * P * D));
+    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("mx_proj.weight"), 1LL * P * D, m.held(m.w_mx16, 1LL * P * D));
     if (host_s)
       gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
     else
@@ -708,7 +711,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   // hc = hr h_proj^T, without its bias (output_kernel and the backward add it).
   const __nv_bfloat16* hr16 = nullptr;
   if (bf) {
-    __nv_bfloat16* hr16w = m.bf16_buffer(m.hr16, N * H);
+    __nv_bfloat16* hr16w = m.held(m.hr16, N * H);
     if (M > 0) {
       mul_r_bf16_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.att.data(), base16, m.p("mx_proj.bias"),
                                                             S_dev, hr16w);
@@ -720,7 +723,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     SMA_CUDA_CHECK_LAUNCH();
   }
   if (bf) {
-    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("h_proj.weight"), 1LL * D * H, m.bf16_buffer(m.w_h16, 1LL * D * H));
+    const __nv_bfloat16* w16 = to_bf16(ws, s, m.p("h_proj.weight"), 1LL * D * H, m.held(m.w_h16, 1LL * D * H));
     if (host_s)
       gemm_proj(m.blas, bf, ws, s, false, true, Mi, D, H, nullptr, H, nullptr, H, 0.f, m.hc.data(), D, hr16, w16);
     else
@@ -771,7 +774,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   }
   float* dgate = ws.alloc<float>(N);
   float* dhc = bf ? nullptr : ws.alloc<float>(N * D);
-  __nv_bfloat16* dhc16 = bf ? m.bf16_buffer(m.dhc16, N * D) : nullptr;
+  __nv_bfloat16* dhc16 = bf ? m.held(m.dhc16, N * D) : nullptr;
   const int ldh = m.ldh();
   float* dhu = bf ? nullptr : ws.alloc<float>(N * ldh);              // fp32: [dlogits | dhx], row stride ldh
   __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;  // bf16: dhx alone (N x D)
@@ -796,7 +799,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     column_sum_add(M, D, dhc, D, nullptr, m.g("h_proj.bias"), s);
   // dhr = dhc W: bf16 on the bf16 path (as autocast's gradient of a bf16 product), fp32 otherwise.
   float* dhr = bf ? nullptr : ws.alloc<float>(N * H);
-  __nv_bfloat16* dhr16 = bf ? m.bf16_buffer(m.dhr16, N * H) : nullptr;
+  __nv_bfloat16* dhr16 = bf ? m.held(m.dhr16, N * H) : nullptr;
   // The weight products (reductions over the rows) stay plain cuBLAS calls: bounded in chunks they run one after
   // another and only pay off at low density (docs/benchmarks.md, "Products bounded by S").
   if (bf && host_s)
@@ -825,7 +828,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
                            m.g("rel_pos_bias.rel_pos_bias"), s);
   float* dbase = bf ? nullptr : ws.alloc<float>(N * P);
-  __nv_bfloat16* dbase16 = bf ? m.bf16_buffer(m.dbase16, N * P) : nullptr;
+  __nv_bfloat16* dbase16 = bf ? m.held(m.dbase16, N * P) : nullptr;
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
   if (bf)
@@ -849,14 +852,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     column_sum_add_bf16(M, P, dbase16, P, m.g("mx_proj.bias"), s, bound);
   else
     column_sum_add(M, P, dbase, P, nullptr, m.g("mx_proj.bias"), s);
-  float* dxc = nullptr;
-  if (bf) {
-    if (m.dxc.bytes() < static_cast<std::size_t>(N * D) * sizeof(float))
-      m.dxc = DeviceBuffer(static_cast<std::size_t>(N * D) * sizeof(float));
-    dxc = static_cast<float*>(m.dxc.data());
-  } else {
-    dxc = ws.alloc<float>(N * D);
-  }
+  float* dxc = bf ? Impl::held<float>(m.dxc, N * D) : ws.alloc<float>(N * D);
   if (bf && !host_s)
     bounded_gemm(Impl::rows_product(false, Mi, D, P, dbase16, P, b16(m.w_mx16), D, dxc, D, GemmType::fp32), S_dev, s);
   else
@@ -864,7 +860,8 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
               b16(m.w_mx16));
   // 3. router and hx_proj: dhu = [dlogits | dpre].
   float* dlogits = bf ? ws.alloc<float>(N * 2) : dhu;
-  router_backward(N, bf ? m.logits.data() : m.hu.data(), bf ? 2 : ldh, c.router_shift, m.p("q_router.temp"), m.probs.data(), m.active.data(), dgate,
+  router_backward(N, bf ? m.logits.data() : m.hu.data(), bf ? 2 : ldh, c.router_shift, m.p("q_router.temp"),
+                  m.probs.data(), m.active.data(), dgate,
                   dlogits, bf ? 2 : ldh, m.g("q_router.temp"), s);
   float* dmx = ws.alloc<float>(N * D);
   if (bf) {
