@@ -160,6 +160,7 @@ __global__ void fwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__
 // Pass 2: turns per-segment local end states into each segment's start state, walking the segments in the scan's
 // direction: S_k = q^C S_{k-1} + local_k. With `u` also the q-derivative pair (v, u). `flip` reverses the
 // direction (the adjoint). One thread per (b, n, r), r fastest.
+template <int kAhead, bool kU>
 __global__ void carry_kernel(Geometry g, Coefs cf, float* __restrict__ s_buf, float* __restrict__ u_buf, int flip) {
   const long long total = static_cast<long long>(g.B) * g.N * g.R;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
@@ -174,28 +175,27 @@ __global__ void carry_kernel(Geometry g, Coefs cf, float* __restrict__ s_buf, fl
     float S = 0.f, U = 0.f;
     const long long stride = static_cast<long long>(g.N) * g.R;  // between consecutive segments
     const long long base = static_cast<long long>(b) * g.nseg * stride + static_cast<long long>(n) * g.R + r;
-    // Blocks of 8 segments: the 8 loads are issued before the dependent chain (the stores would otherwise keep the
-    // compiler from hoisting the next loads).
-    constexpr int kAhead = 8;
+    const long long step = dir * stride;  // from one segment to the next in the scan's direction
+    // Blocks of kAhead segments: their loads are issued before the dependent chain (the stores would otherwise
+    // keep the compiler from hoisting the next loads). The chain is latency-bound, so more loads in flight per
+    // thread is what makes it faster (ncu, H200: 8 ahead ran at 19% of DRAM bandwidth).
     for (int k0 = 0; k0 < g.nseg; k0 += kAhead) {
-      float ls[kAhead], lu[kAhead];
+      const long long first = base + (dir > 0 ? k0 : g.nseg - 1 - k0) * stride;
+      float* ps = s_buf + first;
+      float* pu = kU ? u_buf + first : nullptr;
+      const int m = min(kAhead, g.nseg - k0);
+      float ls[kAhead], lu[kU ? kAhead : 1];
 #pragma unroll
       for (int j = 0; j < kAhead; ++j) {
-        const int k = k0 + j;
-        const int seg = dir > 0 ? k : g.nseg - 1 - k;
-        const long long at = base + seg * stride;
-        ls[j] = k < g.nseg ? s_buf[at] : 0.f;
-        lu[j] = (u_buf && k < g.nseg) ? u_buf[at] : 0.f;
+        ls[j] = j < m ? ps[j * step] : 0.f;
+        if constexpr (kU) lu[j] = j < m ? pu[j * step] : 0.f;
       }
 #pragma unroll
       for (int j = 0; j < kAhead; ++j) {
-        const int k = k0 + j;
-        if (k >= g.nseg) break;
-        const int seg = dir > 0 ? k : g.nseg - 1 - k;
-        const long long at = base + seg * stride;
-        s_buf[at] = S;
-        if (u_buf) {
-          u_buf[at] = U;
+        if (j >= m) break;
+        ps[j * step] = S;
+        if constexpr (kU) {
+          pu[j * step] = U;
           U = fmaf(qC, U, fmaf(dC, S, lu[j]));
         }
         S = fmaf(qC, S, ls[j]);
@@ -613,13 +613,14 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
 // Deterministic column sums of per-segment partials: `parts` rows of `cols` floats, summed in double. A block
 // takes 32 columns; its kReduceRows thread rows take the rows k = y, y + kReduceRows, ... in order, and row 0 adds
 // the kReduceRows sums in order, so the result never depends on scheduling.
-constexpr int kReduceRows = 8;
+constexpr int kReduceRows = 32;
 
 __device__ inline bool column_sum(const float* __restrict__ part, long long parts, long long cols, double (*sh)[32],
                                   long long& col, double& sum) {
   col = static_cast<long long>(blockIdx.x) * 32 + threadIdx.x;
   double s = 0;
   if (col < cols)
+#pragma unroll 4
     for (long long k = threadIdx.y; k < parts; k += kReduceRows) s += part[k * cols + col];
   sh[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
@@ -696,14 +697,16 @@ int generic_segment_length(const EmaConfig& c) {
 }
 
 /// The register-tile path's segment length, or 0 where that path does not apply (truncation K < L, or more than
-/// 65535 segments). 32 by default; SMA_CUDA_EMA_SEG=16 or 64 (read on every call) exists to time the trade
-/// between register pressure and carry traffic. The backward caps it at 32 (it holds four C-step arrays).
+/// 65535 segments). 64 for a bidirectional forward, else 32 (H200, 2026-12-03: 64 took the bidirectional forward
+/// at B 16 x L 4096 x D 512 from 0.81 to 0.66 ms and left the causal one unchanged; 16 was slower everywhere);
+/// SMA_CUDA_EMA_SEG=16, 32 or 64 (read on every call) overrides it, to time the trade between register pressure
+/// and carry traffic. The backward caps it at 32 (it holds four C-step arrays; 64 would spill).
 int tile_segment_length(const EmaConfig& c, bool backward) {
   if (c.kernel_size() < c.length) return 0;
-  int C = 32;
+  int C = c.bidirectional ? 64 : 32;
   if (const char* e = std::getenv("SMA_CUDA_EMA_SEG")) {
     const int v = std::atoi(e);
-    if (v == 16 || v == 64) C = v;
+    if (v == 16 || v == 32 || v == 64) C = v;
   }
   if (backward) C = std::min(C, 32);
   if ((static_cast<long long>(c.length) + C - 1) / C > kMaxSegments) return 0;
@@ -755,7 +758,10 @@ Coefs make_coefs(const Geometry& g, const EmaParams& prm, detail::StreamWorkspac
 
 void run_carry(const Geometry& g, const Coefs& cf, float* s_buf, float* u_buf, int flip, cudaStream_t s) {
   const long long bnr = static_cast<long long>(g.B) * g.N * g.R;
-  carry_kernel<<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, s_buf, u_buf, flip);
+  if (u_buf != nullptr)
+    carry_kernel<16, true><<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, s_buf, u_buf, flip);
+  else
+    carry_kernel<32, false><<<detail::grid_for(bnr, 256), 256, 0, s>>>(g, cf, s_buf, u_buf, flip);
   SMA_CUDA_CHECK_LAUNCH();
 }
 

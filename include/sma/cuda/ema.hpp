@@ -12,7 +12,7 @@
 //     1. local pass: each segment's end state from a zero start;
 //     2. carry pass: one thread per (batch row, kernel row, order) chains the segments, S_k = q^C S_{k-1} + local_k;
 //     3. apply pass: each segment re-runs from its carried start state and writes its outputs.
-//   Without truncation (K = L) one thread holds its whole segment (32 steps of one channel) in registers: x and
+//   Without truncation (K = L) one thread holds its whole segment (32 or 64 steps of one channel) in registers: x and
 //   dout are read once per pass, both directions of a bidirectional EMA run from that read, orders are the outer
 //   loop (any N), and the state is kept in units of x (one FMA per order and step). The backward runs the forward
 //   state v and the adjoint lambda[t] = dout[t] + q lambda[t+1] (directions reversed for the look-ahead rows):
@@ -64,9 +64,9 @@ struct EmaGrads {
   float* omega = nullptr;
 };
 
-/// The segment length C the chunked scan's forward uses for this shape. Without truncation: 32 (16 or 64 with the
-/// environment variable SMA_CUDA_EMA_SEG, for timing; the backward caps it at 32) while a row has at most 65535
-/// segments. Otherwise (generic path): a power of two, 32 to 4096, longer only when a row would otherwise have more
+/// The segment length C the chunked scan's forward uses for this shape. Without truncation: 64 bidirectional, 32
+/// causal (the environment variable SMA_CUDA_EMA_SEG = 16, 32 or 64 overrides it, for timing; the backward caps it
+/// at 32) while a row has at most 65535 segments. Otherwise (generic path): a power of two, 32 to 4096, longer only when a row would otherwise have more
 /// than 65535 segments (rows of more than 268M steps).
 int ema_segment_length(const EmaConfig& cfg);
 
