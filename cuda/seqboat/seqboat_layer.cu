@@ -116,6 +116,53 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
   }
 }
 
+// gau_dbase_kernel on the bf16 path with Z and H even: each thread takes two adjacent columns (bf16x2 and float2
+// loads and stores), which halves the load instructions of the layer's largest element-wise backward pass.
+__global__ void __launch_bounds__(kRowThreads) gau_dbase_bf16x2_kernel(
+    long long rows, int Z, int H, const __nv_bfloat162* __restrict__ base16, const float* __restrict__ bias,
+    const float* __restrict__ gamma, const float2* __restrict__ dq, const float2* __restrict__ dk,
+    const __nv_bfloat162* __restrict__ dhr16, const float2* __restrict__ att, const float2* __restrict__ dv,
+    __nv_bfloat162* __restrict__ dbase16, float2* __restrict__ tq, float2* __restrict__ tk,
+    const int* __restrict__ bound) {
+  const int P2 = (Z + 2 * H) / 2, Z2 = Z / 2, H2 = H / 2;
+  const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
+  const __nv_bfloat162 zero = __floats2bfloat162_rn(0.f, 0.f);
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    if (row >= live) {
+      for (int c2 = threadIdx.x; c2 < P2; c2 += blockDim.x) dbase16[row * P2 + c2] = zero;
+      continue;
+    }
+    for (int c2 = threadIdx.x; c2 < P2; c2 += blockDim.x) {
+      const int c = 2 * c2;
+      const float2 b0 = __bfloat1622float2(base16[row * P2 + c2]);
+      const float b[2] = {b0.x + bias[c], b0.y + bias[c + 1]};
+      float ds[2], z[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float sg = 1.f / (1.f + expf(-b[e]));
+        ds[e] = sg * (1.f + b[e] * (1.f - sg));
+        z[e] = b[e] * sg;
+      }
+      float2 d;
+      if (c < Z) {
+        const float2 gq = dq[row * Z2 + c2], gk = dk[row * Z2 + c2];
+        tq[row * Z2 + c2] = make_float2(gq.x * z[0], gq.y * z[1]);
+        tk[row * Z2 + c2] = make_float2(gk.x * z[0], gk.y * z[1]);
+        d = make_float2((gq.x * gamma[c] + gk.x * gamma[Z + c]) * ds[0],
+                        (gq.y * gamma[c + 1] + gk.y * gamma[Z + c + 1]) * ds[1]);
+      } else if (c < Z + H) {
+        const long long j = row * H2 + (c2 - Z2);
+        const float2 g = __bfloat1622float2(dhr16[j]), a = att[j];
+        d = make_float2(g.x * a.x * ds[0], g.y * a.y * ds[1]);
+      } else {
+        const float2 g = dv[row * H2 + (c2 - Z2 - H2)];
+        d = make_float2(g.x * ds[0], g.y * ds[1]);
+      }
+      dbase16[row * P2 + c2] = __floats2bfloat162_rn(d.x, d.y);
+    }
+  }
+}
+
 __global__ void mul_kernel(long long n, const float* a, const float* b, float* out) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
@@ -831,7 +878,14 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   __nv_bfloat16* dbase16 = bf ? m.held(m.dbase16, N * P) : nullptr;
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
-  if (bf)
+  if (bf && Z % 2 == 0 && H % 2 == 0)
+    gau_dbase_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
+        M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"),
+        reinterpret_cast<const float2*>(dq), reinterpret_cast<const float2*>(dk),
+        reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const float2*>(m.att.data()),
+        reinterpret_cast<const float2*>(dv), reinterpret_cast<__nv_bfloat162*>(dbase16), reinterpret_cast<float2*>(tq),
+        reinterpret_cast<float2*>(tk), bound);
+  else if (bf)
     gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), dq, dk,
                                                          dhr16, m.att.data(), dv, dbase, dbase16, tq, tk, bound);
   else
