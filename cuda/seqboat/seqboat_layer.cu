@@ -279,6 +279,68 @@ __global__ void mul_r_bf16_kernel(long long rows, int Z, int H, const float* __r
   }
 }
 
+// Column-pair versions of the bf16 path's passes over the base (Z and H even): bf16x2 and float2 accesses.
+__device__ inline float2 r2_of(const __nv_bfloat162* base2, const float* bias, long long row, int P2, int Z2,
+                               int c2) {
+  const float2 b = __bfloat1622float2(base2[row * P2 + Z2 + c2]);
+  const int c = 2 * (Z2 + c2);
+  const float b0 = b.x + bias[c], b1 = b.y + bias[c + 1];
+  return make_float2(b0 / (1.f + expf(-b0)), b1 / (1.f + expf(-b1)));
+}
+
+__global__ void __launch_bounds__(kRowThreads) gau_act_bf16x2_kernel(
+    long long rows, int Z, int H, const __nv_bfloat162* __restrict__ base2, const float* __restrict__ bias,
+    const float* __restrict__ gamma, const float* __restrict__ beta, float2* __restrict__ q, float2* __restrict__ k,
+    float2* __restrict__ v, const int* __restrict__ bound) {
+  const int Z2 = Z / 2, H2 = H / 2, P2 = Z2 + 2 * H2;
+  if (bound) rows = min(rows, static_cast<long long>(*bound));
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x)
+    for (int j = threadIdx.x; j < Z2 + H2; j += blockDim.x) {  // the z and v columns (r is not stored)
+      const int c2 = j < Z2 ? j : j + H2, c = 2 * c2;
+      const float2 b0 = __bfloat1622float2(base2[row * P2 + c2]);
+      const float b[2] = {b0.x + bias[c], b0.y + bias[c + 1]};
+      const float a0 = b[0] / (1.f + expf(-b[0])), a1 = b[1] / (1.f + expf(-b[1]));
+      if (j < Z2) {
+        q[row * Z2 + j] = make_float2(a0 * gamma[c] + beta[c], a1 * gamma[c + 1] + beta[c + 1]);
+        k[row * Z2 + j] = make_float2(a0 * gamma[Z + c] + beta[Z + c], a1 * gamma[Z + c + 1] + beta[Z + c + 1]);
+      } else {
+        v[row * H2 + (j - Z2)] = make_float2(a0, a1);
+      }
+    }
+}
+
+__global__ void mul_r_bf16x2_kernel(long long rows, int Z, int H, const float2* __restrict__ a,
+                                    const __nv_bfloat162* __restrict__ base2, const float* __restrict__ bias,
+                                    const int* __restrict__ bound, __nv_bfloat162* __restrict__ out2) {
+  const long long live = min(rows, static_cast<long long>(*bound));
+  const int Z2 = Z / 2, H2 = H / 2, P2 = Z2 + 2 * H2;
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const long long o = row * H2;
+    for (int c2 = threadIdx.x; c2 < H2; c2 += blockDim.x) {
+      if (row >= live) {
+        out2[o + c2] = __floats2bfloat162_rn(0.f, 0.f);
+        continue;
+      }
+      const float2 x = a[o + c2], r = r2_of(base2, bias, row, P2, Z2, c2);
+      out2[o + c2] = __floats2bfloat162_rn(x.x * r.x, x.y * r.y);
+    }
+  }
+}
+
+__global__ void mul_r_x2_kernel(long long rows, int Z, int H, const __nv_bfloat162* __restrict__ a,
+                                const __nv_bfloat162* __restrict__ base2, const float* __restrict__ bias,
+                                const int* __restrict__ bound, float2* __restrict__ out) {
+  const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
+  const int Z2 = Z / 2, H2 = H / 2, P2 = Z2 + 2 * H2;
+  for (long long row = blockIdx.x; row < live; row += gridDim.x) {
+    const long long o = row * H2;
+    for (int c2 = threadIdx.x; c2 < H2; c2 += blockDim.x) {
+      const float2 x = __bfloat1622float2(a[o + c2]), r = r2_of(base2, bias, row, P2, Z2, c2);
+      out[o + c2] = make_float2(x.x * r.x, x.y * r.y);
+    }
+  }
+}
+
 // out = a * r on rows < min(rows, *bound) (fp32 out; the bf16 path's datt = dhr r, dhr in bf16).
 __global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* __restrict__ a,
                              const __nv_bfloat16* __restrict__ base16, const float* __restrict__ bias,
@@ -666,6 +728,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   SMA_CUDA_CHECK(cublasSetStream(m.blas, s));
   detail::StreamWorkspace ws(s);
   const bool bf = c.bf16_projections;
+  const bool pairs = bf && Z % 2 == 0 && H % 2 == 0;  // the bf16 passes over the base on column pairs
   if (!bf) m.ensure_fp32();
   SMA_CUDA_CHECK(cudaMemcpyAsync(m.x.data(), x, N * D * sizeof(float), cudaMemcpyDeviceToDevice, s));
   m.has_padding = padding != nullptr;
@@ -742,7 +805,13 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
       gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
     else
       bounded_gemm(Impl::rows_product(true, Mi, P, D, xc16, D, w16, D, base16, P, GemmType::bf16), S_dev, s);
-    gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"),
+    if (pairs)
+      gau_act_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
+          M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"),
+          reinterpret_cast<float2*>(m.q.data()), reinterpret_cast<float2*>(m.k.data()),
+          reinterpret_cast<float2*>(m.v.data()), S_dev);
+    else
+      gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"),
                                                        m.p("beta"), m.q.data(), m.k.data(), nullptr, m.v.data(),
                                                        S_dev);
   } else {
@@ -760,7 +829,12 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   if (bf) {
     __nv_bfloat16* hr16w = m.held(m.hr16, N * H);
     if (M > 0) {
-      mul_r_bf16_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.att.data(), base16, m.p("mx_proj.bias"),
+      if (pairs)
+        mul_r_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
+            M, Z, H, reinterpret_cast<const float2*>(m.att.data()), reinterpret_cast<const __nv_bfloat162*>(base16),
+            m.p("mx_proj.bias"), S_dev, reinterpret_cast<__nv_bfloat162*>(hr16w));
+      else
+        mul_r_bf16_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.att.data(), base16, m.p("mx_proj.bias"),
                                                             S_dev, hr16w);
       SMA_CUDA_CHECK_LAUNCH();
     }
@@ -803,6 +877,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   SMA_CUDA_CHECK(cublasSetStream(m.blas, s));
   detail::StreamWorkspace ws(s);
   const bool bf = c.bf16_projections;
+  const bool pairs = bf && Z % 2 == 0 && H % 2 == 0;  // the bf16 passes over the base on column pairs
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
   const CompressionView pv = m.plan->view();
 
@@ -857,7 +932,11 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
   float* datt = ws.alloc<float>(N * H);
   const __nv_bfloat16* base16 = bf ? static_cast<const __nv_bfloat16*>(m.base16.data()) : nullptr;
-  if (bf)
+  if (pairs)
+    mul_r_x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
+        M, Z, H, reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const __nv_bfloat162*>(base16),
+        m.p("mx_proj.bias"), bound, reinterpret_cast<float2*>(datt));
+  else if (bf)
     mul_r_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr16, base16, m.p("mx_proj.bias"), bound, datt);
   else
     mul_kernel<<<grid(M * H), 256, 0, s>>>(M * H, dhr, m.r.data(), datt);
@@ -878,7 +957,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   __nv_bfloat16* dbase16 = bf ? m.held(m.dbase16, N * P) : nullptr;
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
-  if (bf && Z % 2 == 0 && H % 2 == 0)
+  if (pairs)
     gau_dbase_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
         M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"),
         reinterpret_cast<const float2*>(dq), reinterpret_cast<const float2*>(dk),
