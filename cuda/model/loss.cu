@@ -1,5 +1,7 @@
-// Softmax cross-entropy on the device (include/sma/cuda/loss.hpp). One block: a classifier's batch is small, and
-// one block sums the rows in a fixed order without a second launch.
+// Softmax cross-entropy on the device (include/sma/cuda/loss.hpp) in three launches: one block counts the rows and
+// finds the first bad label, a grid of warps (one row each) takes the rows' losses and gradients, and one block sums
+// the row losses in a fixed order. A classifier's batch is a few rows, an LM's B*L rows of V logits: the rows pass
+// scales with the grid, and the result stays deterministic.
 #include <sma/cuda/loss.hpp>
 
 #include "../common/check.cuh"
@@ -12,14 +14,11 @@
 namespace sma::cuda {
 namespace {
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kThreads = 256, kWarps = kThreads / 32, kSumThreads = 512;
 
-__global__ void __launch_bounds__(kThreads) cross_entropy_kernel(int rows, int C, const float* __restrict__ logits,
-                                                                 const int* __restrict__ labels, int ignore,
-                                                                 float* __restrict__ dlogits,
-                                                                 double* __restrict__ row_loss,
-                                                                 int* __restrict__ row_correct,
-                                                                 double* __restrict__ result) {
+// head[0] = counted rows, head[1] = the first row whose label is neither `ignore` nor in [0, C) (rows if none).
+__global__ void __launch_bounds__(kSumThreads) count_rows_kernel(int rows, int C, const int* __restrict__ labels,
+                                                                 int ignore, int* __restrict__ head) {
   __shared__ int counted, bad_row;
   if (threadIdx.x == 0) {
     counted = 0;
@@ -37,10 +36,22 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(int rows, int C
   }
   atomicAdd(&counted, mine);
   __syncthreads();
-  const int n = counted;
-  const bool bad = bad_row < rows;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int r = warp; r < rows; r += kWarps) {
+  if (threadIdx.x == 0) {
+    head[0] = counted;
+    head[1] = bad_row;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(int rows, int C, const float* __restrict__ logits,
+                                                                      const int* __restrict__ labels, int ignore,
+                                                                      const int* __restrict__ head,
+                                                                      float* __restrict__ dlogits,
+                                                                      double* __restrict__ row_loss,
+                                                                      int* __restrict__ row_correct) {
+  const int n = head[0];
+  const bool bad = head[1] < rows;
+  const int lane = threadIdx.x % 32;
+  for (int r = blockIdx.x * kWarps + threadIdx.x / 32; r < rows; r += gridDim.x * kWarps) {
     const float* lr = logits + static_cast<long long>(r) * C;
     const int y = labels[r];
     const bool use = y != ignore && y >= 0 && y < C && !bad;
@@ -69,16 +80,37 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(int rows, int C
                              : 0.f;
     }
   }
+}
+
+// Each thread sums a strided set of rows, then a fixed tree: the same order on every call.
+__global__ void __launch_bounds__(kSumThreads) cross_entropy_sum_kernel(int rows, const int* __restrict__ labels,
+                                                                        const int* __restrict__ head,
+                                                                        const double* __restrict__ row_loss,
+                                                                        const int* __restrict__ row_correct,
+                                                                        double* __restrict__ result) {
+  __shared__ double sum[kSumThreads];
+  __shared__ long long correct[kSumThreads];
+  double s = 0;
+  long long k = 0;
+  for (int r = threadIdx.x; r < rows; r += kSumThreads) {
+    s += row_loss[r];
+    k += row_correct[r];
+  }
+  sum[threadIdx.x] = s;
+  correct[threadIdx.x] = k;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    double sum = 0;
-    long long correct = 0;
-    for (int r = 0; r < rows; ++r) {
-      sum += row_loss[r];
-      correct += row_correct[r];
+  for (int w = kSumThreads / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) {
+      sum[threadIdx.x] += sum[threadIdx.x + w];
+      correct[threadIdx.x] += correct[threadIdx.x + w];
     }
-    result[0] = bad ? NAN : (n > 0 ? sum / n : 0.0);
-    result[1] = static_cast<double>(correct);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const int n = head[0], bad_row = head[1];
+    const bool bad = bad_row < rows;
+    result[0] = bad ? NAN : (n > 0 ? sum[0] / n : 0.0);
+    result[1] = static_cast<double>(correct[0]);
     result[2] = static_cast<double>(n);
     result[3] = bad ? static_cast<double>(bad_row) : -1.0;
     result[4] = bad ? static_cast<double>(labels[bad_row]) : 0.0;
@@ -97,8 +129,15 @@ void cross_entropy(int rows, int classes, const float* logits, const int* labels
   detail::StreamWorkspace ws(s);
   double* row_loss = ws.alloc<double>(rows);
   int* row_correct = ws.alloc<int>(rows);
-  cross_entropy_kernel<<<1, kThreads, 0, s>>>(rows, classes, logits, labels, ignore, dlogits, row_loss, row_correct,
-                                               result);
+  int* head = ws.alloc<int>(2);
+  count_rows_kernel<<<1, kSumThreads, 0, s>>>(rows, classes, labels, ignore, head);
+  SMA_CUDA_CHECK_LAUNCH();
+  if (rows > 0) {
+    cross_entropy_rows_kernel<<<detail::grid_for(rows, kWarps), kThreads, 0, s>>>(
+        rows, classes, logits, labels, ignore, head, dlogits, row_loss, row_correct);
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  cross_entropy_sum_kernel<<<1, kSumThreads, 0, s>>>(rows, labels, head, row_loss, row_correct, result);
   SMA_CUDA_CHECK_LAUNCH();
 }
 

@@ -12,6 +12,8 @@
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
+#include "param_table.cuh"
+#include "rows.cuh"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -72,14 +74,6 @@ __global__ void pool_backward_kernel(long long n, int L, int D, const float* __r
   }
 }
 
-// out (rows, cols) = bias, row by row (the products then add into it).
-__global__ void bias_rows_kernel(long long n, int cols, const float* __restrict__ bias, float* __restrict__ out) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x)
-    out[i] = bias[i % cols];
-}
-
-
 unsigned grid(long long n) { return detail::grid_for(n, 256); }
 
 }  // namespace
@@ -88,16 +82,7 @@ struct SeqBoatModelDevice::Impl {
   SeqBoatModelDeviceConfig cfg;
   std::vector<SeqBoatLayerDevice> layers;
   cublasHandle_t blas = nullptr;
-  std::map<std::string, DeviceArray<float>> value, grad;  // encoder., final_norm., decoder.
-  struct Ref {
-    std::string name;
-    float* value;
-    float* grad;
-    long long size;
-    bool trainable, decay;
-  };
-  std::vector<Ref> refs;  // every parameter, CPU order
-  std::map<std::string, std::size_t> index;
+  detail::ParamTable params{"SeqBoatModelDevice"};  // encoder., final_norm., decoder. owned; every one listed
   bool training = true;
   std::optional<DeviceAdamW> opt;
   bool grads_zero = true;  ///< host-side knowledge that every gradient is 0 (train_step skips zero_grad)
@@ -113,14 +98,8 @@ struct SeqBoatModelDevice::Impl {
   ~Impl() {
     if (blas) cublasDestroy(blas);
   }
-  float* p(const std::string& n) const {
-    auto it = value.find(n);
-    return it == value.end() ? nullptr : it->second.data();
-  }
-  float* g(const std::string& n) const {
-    auto it = grad.find(n);
-    return it == grad.end() ? nullptr : it->second.data();
-  }
+  float* p(const std::string& n) const { return params.p(n); }
+  float* g(const std::string& n) const { return params.g(n); }
   static void ensure(DeviceArray<float>& a, long long n) {
     if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(std::max(n, 1LL)));
   }
@@ -154,14 +133,13 @@ SeqBoatModelDevice::SeqBoatModelDevice(const SeqBoatModelDeviceConfig& cfg, std:
     if (it != expected.end() && static_cast<long long>(vals.size()) != it->second)
       throw ShapeError(str_cat("SeqBoatModelDevice: parameter ", name, " has ", vals.size(), " values, expected ",
                                it->second));
-    m.value.emplace(name, DeviceArray<float>(vals));
-    m.grad.emplace(name, DeviceArray<float>(std::vector<float>(vals.size(), 0.f)));
+    m.params.own(name, vals);
   }
   for (const auto& [name, n] : expected)
-    if (!m.value.count(name)) throw ValueError(str_cat("SeqBoatModelDevice: parameter ", name, " is missing"));
+    if (!m.params.owns(name)) throw ValueError(str_cat("SeqBoatModelDevice: parameter ", name, " is missing"));
   if (cfg.prenorm && cfg.final_norm == NormKind::batchnorm)
     for (const char* name : {"final_norm.norm.running_mean", "final_norm.norm.running_var"})
-      if (!m.value.count(name)) throw ValueError(str_cat("SeqBoatModelDevice: batchnorm needs the buffer ", name));
+      if (!m.params.owns(name)) throw ValueError(str_cat("SeqBoatModelDevice: batchnorm needs the buffer ", name));
   // Every parameter's storage, in the CPU order.
   std::map<std::string, DeviceParamRef> layer_refs;
   for (std::size_t i = 0; i < m.layers.size(); ++i)
@@ -169,25 +147,7 @@ SeqBoatModelDevice::SeqBoatModelDevice(const SeqBoatModelDeviceConfig& cfg, std:
       r.name = str_cat("seq_layers.", i, ".", r.name);
       layer_refs.emplace(r.name, r);
     }
-  for (const DeviceParamInfo& in : info) {
-    Impl::Ref r{in.name, nullptr, nullptr, 0, in.trainable, in.decay};
-    if (auto it = layer_refs.find(in.name); it != layer_refs.end()) {
-      r.value = it->second.value;
-      r.grad = it->second.grad;
-      r.size = it->second.size;
-    } else if (auto jt = m.value.find(in.name); jt != m.value.end()) {
-      r.value = jt->second.data();
-      r.grad = m.grad.at(in.name).data();
-      r.size = static_cast<long long>(jt->second.size());
-    } else {
-      throw ValueError(str_cat("SeqBoatModelDevice: parameter ", in.name, " has no device storage"));
-    }
-    m.index[in.name] = m.refs.size();
-    m.refs.push_back(r);
-  }
-  if (m.refs.size() != layer_refs.size() + m.value.size())
-    throw ValueError(str_cat("SeqBoatModelDevice: ", layer_refs.size() + m.value.size(), " device parameters but ",
-                             m.refs.size(), " named in the parameter list"));
+  m.params.bind(info, layer_refs);
   m.loss_result = DeviceArray<double>(std::vector<double>{0, 0, 0, -1, 0});  // no loss yet, no bad label
   SMA_CUDA_CHECK(cublasCreate(&m.blas));
   set_training(true);
@@ -250,8 +210,7 @@ void SeqBoatModelDevice::forward(int batch, int length, const float* x, const st
   if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
   // encoder: h0 = x We^T + be
-  bias_rows_kernel<<<grid(N * D), 256, 0, s>>>(N * D, D, m.p("encoder.bias"), m.h0.data());
-  SMA_CUDA_CHECK_LAUNCH();
+  detail::bias_rows(N, D, m.p("encoder.bias"), nullptr, m.h0.data(), s);
   detail::gemm_rm(m.blas, false, true, static_cast<int>(N), D, Di, m.x.data(), Di, m.p("encoder.weight"), Di, 1.f, m.h0.data(),
           D);
   // layers, ping-pong (each layer keeps its own copy of its input)
@@ -281,9 +240,7 @@ void SeqBoatModelDevice::forward(int batch, int length, const float* x, const st
   pool_forward_kernel<<<dim3((D + 31) / 32, batch), dim3(32, kPoolRows), 0, s>>>(length, D, top, pad, m.pooled.data(),
                                                                                  m.counts.data());
   SMA_CUDA_CHECK_LAUNCH();
-  bias_rows_kernel<<<grid(static_cast<long long>(batch) * C), 256, 0, s>>>(static_cast<long long>(batch) * C, C,
-                                                                           m.p("decoder.bias"), m.logits.data());
-  SMA_CUDA_CHECK_LAUNCH();
+  detail::bias_rows(batch, C, m.p("decoder.bias"), nullptr, m.logits.data(), s);
   detail::gemm_rm(m.blas, false, true, batch, C, D, m.pooled.data(), D, m.p("decoder.weight"), D, 1.f, m.logits.data(), C);
   if (logits)
     SMA_CUDA_CHECK(cudaMemcpyAsync(logits, m.logits.data(), static_cast<long long>(batch) * C * sizeof(float),
@@ -347,16 +304,12 @@ CrossEntropyValue SeqBoatModelDevice::read_loss(void* stream) const {
 }
 
 void SeqBoatModelDevice::zero_grad(void* stream) {
-  for (const auto& r : impl_->refs)
-    SMA_CUDA_CHECK(cudaMemsetAsync(r.grad, 0, r.size * sizeof(float), static_cast<cudaStream_t>(stream)));
+  impl_->params.zero_grad(static_cast<cudaStream_t>(stream));
   impl_->grads_zero = true;
 }
 
 void SeqBoatModelDevice::set_optimizer(const AdamWConfig& cfg) {
-  std::vector<AdamWRange> ranges;
-  for (const auto& r : impl_->refs)
-    if (r.trainable) ranges.push_back({r.value, r.grad, r.size, r.decay});
-  impl_->opt.emplace(std::move(ranges), cfg);
+  impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
 }
 
 DeviceAdamW& SeqBoatModelDevice::optimizer() {
@@ -379,34 +332,14 @@ void SeqBoatModelDevice::train_step(int batch, int length, const float* x, const
   m.grads_zero = true;
 }
 
-std::vector<std::string> SeqBoatModelDevice::param_names() const {
-  std::vector<std::string> out;
-  for (const auto& r : impl_->refs) out.push_back(r.name);
-  return out;
-}
-
-namespace {
-std::vector<float> download_range(const float* p, long long n, void* stream) {
-  std::vector<float> v(static_cast<std::size_t>(n));
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (n > 0) SMA_CUDA_CHECK(cudaMemcpyAsync(v.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost, s));
-  SMA_CUDA_CHECK(cudaStreamSynchronize(s));
-  return v;
-}
-}  // namespace
+std::vector<std::string> SeqBoatModelDevice::param_names() const { return impl_->params.names(); }
 
 std::vector<float> SeqBoatModelDevice::param(const std::string& name, void* stream) const {
-  auto it = impl_->index.find(name);
-  if (it == impl_->index.end()) throw KeyError(str_cat("SeqBoatModelDevice: no parameter ", name));
-  const auto& r = impl_->refs[it->second];
-  return download_range(r.value, r.size, stream);
+  return impl_->params.value(name, static_cast<cudaStream_t>(stream));
 }
 
 std::vector<float> SeqBoatModelDevice::grad(const std::string& name, void* stream) const {
-  auto it = impl_->index.find(name);
-  if (it == impl_->index.end()) throw KeyError(str_cat("SeqBoatModelDevice: no parameter ", name));
-  const auto& r = impl_->refs[it->second];
-  return download_range(r.grad, r.size, stream);
+  return impl_->params.grad(name, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace sma::cuda

@@ -7,7 +7,8 @@
 //          first row with a label outside [0, C) (-1 if none) and that label. A bad label cannot throw without a
 //          wait for the host, so the loss is then NaN and the host reader (CrossEntropyValue::from) throws.
 // MATHS    per row lse - logit[y] with the log-sum-exp in double; dlogits = (softmax - onehot) / counted, 0 on
-//          ignored rows (all rows when nothing is counted; the loss is then 0). One block; rows summed in order.
+//          ignored rows (all rows when nothing is counted; the loss is then 0). The rows' losses are summed in a
+//          fixed order (deterministic).
 #pragma once
 
 #include <sma/core/error.hpp>
