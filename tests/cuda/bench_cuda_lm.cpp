@@ -2,7 +2,8 @@
 // SeqBoat LM on the device: V 256 (bytes), D 256, 4 layers (H 512, Z 128, N 16, W 256, simple bias, softmax,
 // layernorm pre-norm) each with a silu feed-forward block of 512, B 16 x L 1024 tokens. Times each step with CUDA
 // events (median of the repetitions after warm-up) in fp32, with bf16 projections, and with bf16 projections and
-// bf16 attention, plus the forward alone, forward+loss+backward and the update, and prints tokens per second.
+// bf16 attention, plus the forward alone, forward+loss+backward, the update, and the step and update with gradient
+// clipping (AdamWConfig::clip_norm 1), and prints tokens per second.
 // Usage: sma_bench_cuda_lm [reps=15] [B=16] [L=1024].
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
@@ -70,6 +71,12 @@ int main(int argc, char** argv) {
     const float t_fb = cuda::time_median_ms(fwd_bwd, s, reps, 2);
     dev.zero_grad(s);
     const float t_opt = cuda::time_median_ms([&] { dev.step(0.0, s); }, s, reps, 2);
+    cuda::AdamWConfig clipped = ac;
+    clipped.clip_norm = 1.0;
+    dev.set_optimizer(clipped);
+    const float t_opt_clip = cuda::time_median_ms([&] { dev.step(0.0, s); }, s, reps, 2);
+    const float t_step_clip = cuda::time_median_ms(step, s, reps, 2);
+    dev.set_optimizer(ac);
     step();
     const cuda::CrossEntropyValue lv = dev.read_loss(s);
     double dens = 0;
@@ -80,8 +87,10 @@ int main(int argc, char** argv) {
       dens += on / a.size();
     }
     std::printf("lm %s B=%d L=%d step %.3f ms (median of %d) = %.0f tokens/s | forward %.3f ms "
-                "forward+loss+backward %.3f ms adamw %.3f ms | loss %.4f density %.3f\n",
-                prec, B, L, t_step, reps, 1e3 * B * L / t_step, t_fwd, t_fb, t_opt, lv.loss, dens / dev.n_layers());
+                "forward+loss+backward %.3f ms adamw %.3f ms | with clip_norm 1: step %.3f ms adamw %.3f ms | "
+                "loss %.4f density %.3f\n",
+                prec, B, L, t_step, reps, 1e3 * B * L / t_step, t_fwd, t_fb, t_opt, t_step_clip, t_opt_clip, lv.loss,
+                dens / dev.n_layers());
   }
   return 0;
 }

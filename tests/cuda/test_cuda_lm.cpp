@@ -1,6 +1,7 @@
 // SeqBoatLmDevice against the CPU SeqBoatLm (double reference, float CPU path for the error budget): logits, the
 // token-level loss with ignored targets, every parameter gradient (the tied embedding's two parts included), and
-// the parameters after 3 AdamW steps (train_step on the device, sma::train::Optimizer on the CPU). Configurations:
+// the parameters after 3 AdamW steps (train_step on the device, sma::train::Optimizer on the CPU; in the first
+// configuration with the global gradient norm clipped as sma::optim::clip_grad_norm does). Configurations:
 // pre-norm layernorm with silu blocks and ragged padding; post-norm rmsnorm with gelu blocks, rotary, relu2
 // attention and unscaled embeddings; no feed-forward blocks. The router margins are widened as in
 // test_cuda_model.cpp so that no decision is a near tie. Then the error cases, and the embedding gradient's
@@ -10,6 +11,7 @@
 #include <sma/cuda/seqboat_lm.hpp>
 #include <sma/models/lm.hpp>
 #include <sma/optim/loss.hpp>
+#include <sma/optim/optimizer.hpp>
 #include <sma/train/optimizer.hpp>
 
 #include <cmath>
@@ -53,15 +55,17 @@ void require_same_routing(const Cache& cache, cuda::SeqBoatLmDevice& dev, int B,
     int differ = 0, on = 0;
     for (int b = 0; b < B; ++b)
       for (int t = 0; t < L; ++t) {
-        differ += cache.layers[static_cast<std::size_t>(l)].router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
-        on += act[static_cast<std::size_t>(b) * L + t];
+        const std::uint8_t a = act[static_cast<std::size_t>(b) * L + t];
+        differ += cache.layers[static_cast<std::size_t>(l)].router.active(b, t) != a;
+        on += a;
       }
     INFO(when << "layer " << l << ": " << on << " active tokens of " << B * L);
     REQUIRE(differ == 0);
   }
 }
 
-void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigned seed) {
+/// `clip`: the AdamW steps clip the global gradient norm at half the first step's (so that clipping acts).
+void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigned seed, bool clip = false) {
   INFO("LM case " << name);
   SeqBoatLm<double> md(cfg, seed);
   SeqBoatLm<float> mf(cfg, seed);
@@ -170,6 +174,10 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   }
 
   // 3 AdamW steps (sma::train::Optimizer's rule: decay on matrices only) from here.
+  double norm0 = 0;
+  for (auto& [n, p] : pd)
+    for (Index i = 0; i < p->size(); ++i) norm0 += p->grad()[i] * p->grad()[i];
+  const double clip_norm = clip ? 0.5 * std::sqrt(norm0) : 0.0;
   std::map<std::string, std::vector<double>> w0;
   for (auto& [n, p] : pd) w0[n] = std::vector<double>(p->data(), p->data() + p->size());
   train::OptimizerConfig oc;
@@ -183,6 +191,7 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   ac.beta2 = oc.beta2;
   ac.eps = oc.eps;
   ac.weight_decay = oc.weight_decay;
+  ac.clip_norm = clip_norm;
   dev.set_optimizer(ac);
   pd = cuda_test::params_of<double>(md);
   pf = cuda_test::params_of<float>(mf);
@@ -190,9 +199,19 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   for (int step = 0; step < 3; ++step) {
     cpu_step(md, cd);
     cpu_step(mf, cf);
+    if (clip) {
+      const double nd_ = optim::clip_grad_norm(bd, clip_norm), nf = optim::clip_grad_norm(bf, clip_norm);
+      dev.train_step(B, L, d_tokens.data(), d_pad, d_targets.data(), lr, s);
+      const double ng = dev.optimizer().last_grad_norm(s);
+      INFO("step " << step << ": gradient norm " << ng << " (double " << nd_ << ", float " << nf << "), clip at "
+                   << clip_norm);
+      CHECK(nd_ > clip_norm);  // clipping acts
+      CHECK(std::abs(ng - nd_) <= 2 * std::abs(nf - nd_) + 1e-5 * nd_);
+    } else {
+      dev.train_step(B, L, d_tokens.data(), d_pad, d_targets.data(), lr, s);
+    }
     od.step(lr);
     of.step(lr);
-    dev.train_step(B, L, d_tokens.data(), d_pad, d_targets.data(), lr, s);
   }
   stream.synchronize();
   require_same_routing(cd, dev, B, L, s, "after training, ");
@@ -221,7 +240,7 @@ TEST_CASE("cuda SeqBoat LM matches the CPU LM (forward, loss, gradients, AdamW)"
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   {
     SeqBoatLmConfig c = small_config();
-    check_lm("prenorm layernorm silu, ragged", c, true, 3);
+    check_lm("prenorm layernorm silu, ragged, gradient clipping", c, true, 3, /*clip=*/true);
   }
   {
     SeqBoatLmConfig c = small_config();
@@ -291,6 +310,12 @@ TEST_CASE("cuda SeqBoat LM: unsupported configurations and misuse", "[cuda][lm][
   CHECK_THROWS_AS(dev.grad("nope"), KeyError);
   cuda::DeviceArray<int> tok(std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8});
   CHECK_THROWS_WITH(dev.train_step(2, 4, tok.data(), nullptr, tok.data(), 1e-3), Catch::Contains("no optimiser"));
+  dev.set_optimizer(cuda::AdamWConfig{});
+  CHECK_THROWS_WITH(dev.optimizer().last_grad_norm(), Catch::Contains("clipping is off"));
+  cuda::AdamWConfig clipped;
+  clipped.clip_norm = 1.0;
+  dev.set_optimizer(clipped);
+  CHECK_THROWS_WITH(dev.optimizer().last_grad_norm(), Catch::Contains("no step"));
   cuda::Stream stream;
   void* s = stream.handle();
   // A token outside [0, V): recorded by the forward, named when read.

@@ -17,6 +17,10 @@ namespace sma::cuda {
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.98, eps = 1e-8;
   double weight_decay = 0.01;
+  /// Global gradient-norm clipping before each update, as sma::optim::clip_grad_norm (sma::train::TrainConfig's
+  /// clip_norm, 1.0 there): when the norm over every range exceeds clip_norm, the update sees the gradients times
+  /// clip_norm / (norm + 1e-6). <= 0: off (the default here, so that a bare optimiser is plain AdamW).
+  double clip_norm = 0;
 };
 
 /// `size` floats of parameter values and their gradients (device memory).
@@ -39,8 +43,13 @@ class DeviceAdamW {
   /// Elements over all ranges.
   long long size() const;
   /// One update with learning rate `lr`, queued on `stream`. With `zero_grads` the kernel also clears each
-  /// gradient after reading it (saving the separate zero_grad pass of a training step).
+  /// gradient after reading it (saving the separate zero_grad pass of a training step). With clip_norm > 0 the
+  /// norm is taken on the device first (in double, summed in a fixed order) and the update reads the scaled
+  /// gradients; the stored gradients are not rescaled. Nothing waits for the host.
   void step(double lr, void* stream = nullptr, bool zero_grads = false);
+  /// The gradient norm (before clipping) of the last step with clip_norm > 0, read back (waits for `stream`);
+  /// ValueError when clipping is off or no step was taken.
+  double last_grad_norm(void* stream = nullptr) const;
 
  private:
   struct Impl;
