@@ -287,7 +287,8 @@ __global__ void bwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__
 template <int G>
 __global__ void bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* pad,
                                  const float* __restrict__ dy, const float* __restrict__ omega, float* cv, float* cu,
-                                 const float* __restrict__ cg, float* dx, float* __restrict__ domega_part) {
+                                 const float* __restrict__ cg, float* dx, const float* __restrict__ residual,
+                                 float* __restrict__ domega_part) {
   bool ok;
   const Seq sq = make_seq(g, ok);
   if (!ok) return;
@@ -330,7 +331,7 @@ __global__ void bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__
         }
         const bool pd = sq.padded(pad, t);
         if (first) {
-          dx[sq.idx(t)] = fmaf(om, gv, pd ? 0.f : acc);
+          dx[sq.idx(t)] = fmaf(om, gv, pd ? 0.f : acc) + (residual ? residual[sq.idx(t)] : 0.f);
           dom = fmaf(gv, x[sq.idx(t)], dom);
         } else if (!pd) {
           dx[sq.idx(t)] += acc;
@@ -542,7 +543,8 @@ template <int C>
 __global__ void __launch_bounds__(32 * kSegsPerBlock)
     tile_bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
                           const float* __restrict__ dy, const float* __restrict__ omega, float* cv, float* cl,
-                          float* __restrict__ dx, float* __restrict__ domega_part) {
+                          float* __restrict__ dx, const float* __restrict__ residual,
+                          float* __restrict__ domega_part) {
   Tile<C> tl;
   if (!make_tile(g, tl)) return;
   float xm[C], gy[C], acc[C], vs[C];
@@ -606,7 +608,10 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
   const float om = omega[tl.d];
 #pragma unroll
   for (int i = 0; i < C; ++i)
-    if (i < tl.steps) dx[tl.at(g, i)] = fmaf(om, gy[i], ((pm >> i) & 1ULL) ? 0.f : acc[i]);
+    if (i < tl.steps) {
+      const long long at = tl.at(g, i);
+      dx[at] = fmaf(om, gy[i], ((pm >> i) & 1ULL) ? 0.f : acc[i]) + (residual ? residual[at] : 0.f);
+    }
   domega_part[(static_cast<long long>(tl.b) * g.nseg + tl.seg) * g.D + tl.d] = dom;
 }
 
@@ -777,12 +782,14 @@ void tile_forward(const Geometry& g, const Coefs& cf, const EmaParams& prm, cons
 
 template <int C>
 void tile_backward(const Geometry& g, const Coefs& cf, const EmaParams& prm, const float* x, const std::uint8_t* pad,
-                   const float* dy, float* dx, float* cv, float* cl, float* dom, cudaStream_t s) {
+                   const float* dy, float* dx, const float* residual, float* cv, float* cl, float* dom,
+                   cudaStream_t s) {
   tile_bwd_local_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, cv, cl);
   SMA_CUDA_CHECK_LAUNCH();
   run_carry(g, cf, cv, nullptr, 0, s);
   run_carry(g, cf, cl, nullptr, 1, s);
-  tile_bwd_apply_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, prm.omega, cv, cl, dx, dom);
+  tile_bwd_apply_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, prm.omega, cv, cl, dx, residual,
+                                                                 dom);
   SMA_CUDA_CHECK_LAUNCH();
 }
 
@@ -833,7 +840,7 @@ void ema_forward(const EmaConfig& cfg, const EmaParams& prm, const float* x, con
 }
 
 void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, const std::uint8_t* padding,
-                  const float* dout, float* dx, const EmaGrads& grads, void* stream) {
+                  const float* dout, float* dx, const EmaGrads& grads, void* stream, const float* residual) {
   check_config(cfg, "sma::cuda::ema_backward");
   check_params(prm, "sma::cuda::ema_backward");
   if (!grads.delta || !grads.alpha || !grads.beta || !grads.gamma || !grads.omega)
@@ -852,9 +859,9 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   if (tile > 0) {
     // cv: v carries, then the per-segment sums of G v; cu: lambda carries, then the sums of lambda v_prev.
     if (tile == 16)
-      tile_backward<16>(g, cf, prm, x, padding, dout, dx, cv, cu, dom, s);
+      tile_backward<16>(g, cf, prm, x, padding, dout, dx, residual, cv, cu, dom, s);
     else
-      tile_backward<32>(g, cf, prm, x, padding, dout, dx, cv, cu, dom, s);
+      tile_backward<32>(g, cf, prm, x, padding, dout, dx, residual, cv, cu, dom, s);
     reduce_grads(g, prm, cv, cu, dom, grads, s);
     return;
   }
@@ -871,11 +878,11 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   run_carry(g, cf, cv, cu, 0, s);
   run_carry(g, cf, cg, nullptr, 1, s);
   if (group == 4)
-    bwd_apply_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
+    bwd_apply_kernel<4><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, residual, dom);
   else if (group == 8)
-    bwd_apply_kernel<8><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
+    bwd_apply_kernel<8><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, residual, dom);
   else
-    bwd_apply_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, dom);
+    bwd_apply_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, residual, dom);
   SMA_CUDA_CHECK_LAUNCH();
   reduce_grads(g, prm, cv, cu, dom, grads, s);
 }

@@ -209,8 +209,9 @@ void column_reduce(long long rows, int cols, const T* a, int lda, const float* b
 }
 
 
-// BatchNorm channel sums. mode 0: x; mode 1: (x - mean)^2; mode 2: dy (into p1) and dy xhat (into p2). One thread per
-// channel and 256-row chunk; loads are coalesced over channels.
+// BatchNorm channel sums, one thread per channel and 256-row chunk (loads coalesced over channels). mode 0: the
+// sums of x - K and (x - K)^2 with K = x[0, c], a shift that keeps E[x^2] - E[x]^2 free of cancellation for any
+// mean, so that the statistics take one pass over x; mode 2: dy (into p1) and dy xhat (into p2).
 __global__ void bn_partial_kernel(int mode, long long rows, int D, const float* __restrict__ x,
                                   const float* __restrict__ dy, const float* __restrict__ mean,
                                   const float* __restrict__ invstd, double* __restrict__ p1, double* __restrict__ p2) {
@@ -218,16 +219,15 @@ __global__ void bn_partial_kernel(int mode, long long rows, int D, const float* 
   if (c >= D) return;
   const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
   const long long r1 = min(rows, r0 + kColRows);
-  const float m = mode == 0 ? 0.f : mean[c];
+  const float m = mode == 0 ? x[c] : mean[c];
   const float is = mode == 2 ? invstd[c] : 0.f;
   double s1 = 0, s2 = 0;
   for (long long r = r0; r < r1; ++r) {
     const float v = x[r * D + c];
     if (mode == 0) {
-      s1 += v;
-    } else if (mode == 1) {
-      const float d = v - m;
-      s1 += d * d;
+      const double d = static_cast<double>(v) - m;
+      s1 += d;
+      s2 += d * d;
     } else {
       const float g = dy[r * D + c];
       s1 += g;
@@ -236,29 +236,29 @@ __global__ void bn_partial_kernel(int mode, long long rows, int D, const float* 
   }
   const long long o = static_cast<long long>(blockIdx.y) * D + c;
   p1[o] = s1;
-  if (mode == 2) p2[o] = s2;
+  p2[o] = s2;
 }
 
-__global__ void bn_mean_kernel(int chunks, long long rows, int D, const double* __restrict__ p, float* __restrict__ mean) {
+// mean, var and invstd from the shifted sums (bn_partial_kernel mode 0); the running statistics, in float as the
+// CPU layer updates them.
+__global__ void bn_stats_kernel(int chunks, long long rows, int D, float eps, float momentum,
+                                const float* __restrict__ x, const double* __restrict__ p1,
+                                const double* __restrict__ p2, float* __restrict__ mean, float* __restrict__ invstd,
+                                float* running_mean, float* running_var, float* nbt) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= D) return;
-  double s = 0;
-  for (int k = 0; k < chunks; ++k) s += p[static_cast<long long>(k) * D + c];
-  mean[c] = static_cast<float>(s / static_cast<double>(rows));
-}
-
-// var from the partials; invstd; the running statistics, in float as the CPU layer updates them.
-__global__ void bn_var_kernel(int chunks, long long rows, int D, float eps, float momentum,
-                              const double* __restrict__ p, const float* __restrict__ mean, float* __restrict__ invstd,
-                              float* running_mean, float* running_var, float* nbt) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= D) return;
-  double s = 0;
-  for (int k = 0; k < chunks; ++k) s += p[static_cast<long long>(k) * D + c];
-  const float var = static_cast<float>(s / static_cast<double>(rows));
+  double s1 = 0, s2 = 0;
+  for (int k = 0; k < chunks; ++k) {
+    s1 += p1[static_cast<long long>(k) * D + c];
+    s2 += p2[static_cast<long long>(k) * D + c];
+  }
+  const double n = static_cast<double>(rows), shifted = s1 / n;
+  const float mu = static_cast<float>(static_cast<double>(x[c]) + shifted);
+  const float var = static_cast<float>(max(s2 / n - shifted * shifted, 0.0));
+  mean[c] = mu;
   invstd[c] = 1.f / sqrtf(var + eps);
   const float unbias = static_cast<float>(rows) / static_cast<float>(rows - 1);
-  if (running_mean) running_mean[c] = (1.f - momentum) * running_mean[c] + momentum * mean[c];
+  if (running_mean) running_mean[c] = (1.f - momentum) * running_mean[c] + momentum * mu;
   if (running_var) running_var[c] = (1.f - momentum) * running_var[c] + momentum * unbias * var;
   if (nbt && c == 0) nbt[0] += 1.f;
 }
@@ -304,17 +304,20 @@ __global__ void bn_grad_sums_kernel(int chunks, int D, const double* __restrict_
 __global__ void bn_dx_kernel(long long n, int D, float inv_rows, int training, const float* __restrict__ x,
                              const float* __restrict__ mean, const float* __restrict__ invstd,
                              const float* __restrict__ w, const float* __restrict__ sum_dy,
-                             const float* __restrict__ sum_dyx, const float* __restrict__ dy, float* __restrict__ dx) {
+                             const float* __restrict__ sum_dyx, const float* __restrict__ dy,
+                             const float* __restrict__ residual, float* __restrict__ dx) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const int c = static_cast<int>(i % D);
     const float scale = w ? invstd[c] * w[c] : invstd[c];
+    float v;
     if (training) {
       const float xh = (x[i] - mean[c]) * invstd[c];
-      dx[i] = ((dy[i] - sum_dy[c] * inv_rows) - xh * (sum_dyx[c] * inv_rows)) * scale;
+      v = ((dy[i] - sum_dy[c] * inv_rows) - xh * (sum_dyx[c] * inv_rows)) * scale;
     } else {
-      dx[i] = dy[i] * scale;
+      v = dy[i] * scale;
     }
+    dx[i] = residual ? v + residual[i] : v;
   }
 }
 
@@ -441,15 +444,12 @@ void batchnorm_forward(long long rows, int D, float eps, bool training, float mo
   if (training) {
     const int chunks = bn_chunks(rows, "sma::cuda::batchnorm_forward");
     detail::StreamWorkspace ws(s);
-    double* part = ws.alloc<double>(static_cast<long long>(chunks) * D);
-    bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(0, rows, D, x, nullptr, nullptr, nullptr, part, nullptr);
+    double* p1 = ws.alloc<double>(static_cast<long long>(chunks) * D);
+    double* p2 = ws.alloc<double>(static_cast<long long>(chunks) * D);
+    bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(0, rows, D, x, nullptr, nullptr, nullptr, p1, p2);
     SMA_CUDA_CHECK_LAUNCH();
-    bn_mean_kernel<<<cgrid, bx, 0, s>>>(chunks, rows, D, part, mean);
-    SMA_CUDA_CHECK_LAUNCH();
-    bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(1, rows, D, x, nullptr, mean, nullptr, part, nullptr);
-    SMA_CUDA_CHECK_LAUNCH();
-    bn_var_kernel<<<cgrid, bx, 0, s>>>(chunks, rows, D, eps, momentum, part, mean, invstd, running_mean, running_var,
-                                       num_batches_tracked);
+    bn_stats_kernel<<<cgrid, bx, 0, s>>>(chunks, rows, D, eps, momentum, x, p1, p2, mean, invstd, running_mean,
+                                         running_var, num_batches_tracked);
     SMA_CUDA_CHECK_LAUNCH();
   } else {
     bn_eval_stats_kernel<<<cgrid, bx, 0, s>>>(D, eps, running_mean, running_var, mean, invstd);
@@ -461,7 +461,8 @@ void batchnorm_forward(long long rows, int D, float eps, bool training, float mo
 }
 
 void batchnorm_backward(long long rows, int D, bool training, const float* x, const float* weight, const float* mean,
-                        const float* invstd, const float* dy, float* dx, float* dweight, float* dbias, void* stream) {
+                        const float* invstd, const float* dy, float* dx, float* dweight, float* dbias, void* stream,
+                        const float* residual) {
   if (rows < 0 || D < 1) throw ValueError(str_cat("sma::cuda::batchnorm_backward: bad sizes rows=", rows, " D=", D));
   if (rows == 0) return;
   if (!x || !mean || !invstd || !dy || !dx)
@@ -481,7 +482,7 @@ void batchnorm_backward(long long rows, int D, bool training, const float* x, co
   SMA_CUDA_CHECK_LAUNCH();
   const long long n = rows * D;
   bn_dx_kernel<<<detail::grid_for(n, 256), 256, 0, s>>>(n, D, 1.f / static_cast<float>(rows), training ? 1 : 0, x,
-                                                        mean, invstd, weight, sums, sums + D, dy, dx);
+                                                        mean, invstd, weight, sums, sums + D, dy, residual, dx);
   SMA_CUDA_CHECK_LAUNCH();
 }
 

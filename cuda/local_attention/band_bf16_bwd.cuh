@@ -90,15 +90,19 @@ __global__ void band_transpose_kernel(const BandParams g, const int* __restrict_
 }
 
 constexpr int kDbiasStagedKeys = 2048;  // key positions of a band row kept in shared memory when the band is narrower
+constexpr int kDbiasWindow = 4096;      // table entries accumulated in shared memory per pass over the block's rows
 
 /// The bias gradient of block blockIdx.x (64 queries) from the fp32 dS band: partial[block, e] for e in the
-/// block's [lo, hi) (written to range). Entry e is summed by one thread over the rows in order and, within a row,
-/// over the run of visible keys with index e (indices are nondecreasing along a row's keys, so a binary search
-/// finds the run; with consecutive positions the first guess is already the run's start).
+/// block's [lo, hi) (written to range). The rows are added in order into a double accumulator in shared memory:
+/// within a row the index is nondecreasing along the visible keys, so the keys with one index form a run, and the
+/// thread at a run's head adds the run's sum; no two threads touch one entry in a row, and a barrier separates the
+/// rows, so the order of the additions is fixed. (Summing each entry over the rows by binary search, as before,
+/// took 0.32 ms per layer at the training step's shape.) Ranges wider than kDbiasWindow take several passes.
 __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const BandParams g,
                                   const float* __restrict__ dsband) {
   __shared__ int r_a[kBandRows], r_e[kBandRows], r_uf[kBandRows], r_ul[kBandRows], r_pos[kBandRows];
   __shared__ int k_pos[kDbiasStagedKeys];
+  __shared__ double acc[kDbiasWindow];
   __shared__ int s_lo, s_hi;
   const int S = p.offsets[p.batch];
   const int q0 = blockIdx.x * kBandRows, tid = threadIdx.x;
@@ -146,16 +150,12 @@ __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const Ba
   }
   __syncthreads();
   double* part = p.dbias_partial + static_cast<long long>(blockIdx.x) * p.table_size;
-  // Row r's keys with index e are the band columns [first(r, e), first(r, e + 1)): indices are nondecreasing.
   const auto u = [&](int r, int c) {
     const int j = base + c;
     return bias_index(p, q0 + r, j, r_pos[r], staged ? k_pos[c] : (p.positions ? p.positions[j] : 0));
   };
-  const auto first = [&](int r, int e) {
-    int lo = r_a[r] + (e - r_uf[r]);  // exact for local_simple and for consecutive positions
-    if (lo < r_e[r] && u(r, lo) == e && (lo == r_a[r] || u(r, lo - 1) < e)) return lo;
-    lo = r_a[r];
-    int hi = r_e[r];
+  const auto first = [&](int r, int e) {  // row r's first band column with index >= e (binary search)
+    int lo = r_a[r], hi = r_e[r];
     while (lo < hi) {
       const int mid = (lo + hi) >> 1;
       if (u(r, mid) < e) lo = mid + 1;
@@ -164,19 +164,30 @@ __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const Ba
     return lo;
   };
   // The two clamped ends of the simple table can collect most of every row (positions further apart than P - 1):
-  // a warp takes each of them, its lanes striding over the run, then a fixed shuffle tree.
+  // a warp takes each of them below, its lanes striding over the run, then a fixed shuffle tree.
   const int top = 2 * p.max_positions - 2;
   const bool clamp_lo = p.position == kPosSimple && s_lo == 0 && s_lo < s_hi;
   const bool clamp_hi = p.position == kPosSimple && top > 0 && s_hi - 1 == top && s_lo < s_hi;
-  for (int e = s_lo + tid; e < s_hi; e += blockDim.x) {
-    if ((clamp_lo && e == 0) || (clamp_hi && e == top)) continue;
-    double sum = 0.0;
+  const auto clamped = [&](int e) { return (clamp_lo && e == 0) || (clamp_hi && e == top); };
+  for (int w0 = s_lo; w0 < s_hi; w0 += kDbiasWindow) {
+    const int w1 = min(s_hi, w0 + kDbiasWindow);
+    for (int e = tid; e < w1 - w0; e += blockDim.x) acc[e] = 0.0;
+    __syncthreads();
     for (int r = 0; r < kBandRows; ++r) {
-      if (e < r_uf[r] || e > r_ul[r]) continue;
+      if (r_ul[r] < w0 || r_uf[r] >= w1) continue;  // shared values: the whole block skips the row together
       const float* row = dsband + static_cast<long long>(q0 + r) * g.width;
-      for (int c = first(r, e); c < r_e[r] && u(r, c) == e; ++c) sum += static_cast<double>(row[c]);
+      for (int c = r_a[r] + tid; c < r_e[r]; c += blockDim.x) {
+        const int e = u(r, c);
+        if (e < w0 || e >= w1 || clamped(e) || (c > r_a[r] && u(r, c - 1) == e)) continue;
+        double sum = 0.0;
+        for (int k = c; k < r_e[r] && u(r, k) == e; ++k) sum += static_cast<double>(row[k]);
+        acc[e - w0] += sum;
+      }
+      __syncthreads();
     }
-    part[e] = sum;
+    for (int e = tid; e < w1 - w0; e += blockDim.x)
+      if (!clamped(w0 + e)) part[w0 + e] = acc[e];
+    __syncthreads();
   }
   const int warp = tid / 32, lane = tid % 32;
   if ((warp == 0 && clamp_lo) || (warp == 1 && clamp_hi)) {

@@ -219,6 +219,19 @@ TEST_CASE("cuda ema backward is deterministic (bitwise equal gradients over repe
           CHECK(h == first[static_cast<std::size_t>(k)]);
       }
     }
+    // With a residual, dx gains exactly it (the same float addition, in the same pass).
+    const std::vector<float> res = randv(n);
+    cuda::DeviceArray<float> residual(res), dx2(std::vector<float>(n, 0.f));
+    std::vector<cuda::DeviceArray<float>> g;
+    for (int k = 0; k < 4; ++k) g.emplace_back(std::vector<float>(rn, 0.f));
+    g.emplace_back(std::vector<float>(static_cast<std::size_t>(cfg.dim), 0.f));
+    const cuda::EmaGrads grads{g[0].data(), g[1].data(), g[2].data(), g[3].data(), g[4].data()};
+    cuda::ema_backward(cfg, prm, x.data(), nullptr, dy.data(), dx2.data(), grads, stream.handle(), residual.data());
+    stream.synchronize();
+    const std::vector<float> plain = dx.download(), with = dx2.download();
+    std::size_t off = 0;
+    for (std::size_t i = 0; i < n; ++i) off += with[i] != plain[i] + res[i];
+    CHECK(off == 0);
   }
 }
 

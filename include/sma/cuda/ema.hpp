@@ -74,9 +74,11 @@ int ema_segment_length(const EmaConfig& cfg);
 void ema_forward(const EmaConfig& cfg, const EmaParams& prm, const float* x, const std::uint8_t* padding, float* out,
                  void* stream = nullptr);
 
-/// Writes dx (B, L, D) = (1 - pad) conv^T(dout) + omega dout and ADDS the parameter gradients into `grads`.
-/// `x` and `padding` are the forward's inputs (nothing is kept between the calls).
+/// Writes dx (B, L, D) = (1 - pad) conv^T(dout) + omega dout [+ residual] and ADDS the parameter gradients into
+/// `grads`. `x` and `padding` are the forward's inputs (nothing is kept between the calls). `residual` (B, L, D),
+/// optional and not aliasing dx, is the gradient of a skip path around the EMA, added in the same pass.
 void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, const std::uint8_t* padding,
-                  const float* dout, float* dx, const EmaGrads& grads, void* stream = nullptr);
+                  const float* dout, float* dx, const EmaGrads& grads, void* stream = nullptr,
+                  const float* residual = nullptr);
 
 }  // namespace sma::cuda

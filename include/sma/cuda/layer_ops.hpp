@@ -45,11 +45,12 @@ void batchnorm_forward(long long rows, int D, float eps, bool training, float mo
                        const float* weight, const float* bias, float* running_mean, float* running_var,
                        float* num_batches_tracked, float* y, float* mean, float* invstd, void* stream = nullptr);
 
-/// dx (rows, D) assigned (through the batch statistics when `training`, i.e. when the forward used them);
-/// dweight += sum dy xhat, dbias += sum dy (nullptr: skipped).
+/// dx (rows, D) assigned (through the batch statistics when `training`, i.e. when the forward used them), plus
+/// `residual` (rows, D) when given (a pre-norm layer's skip path); dweight += sum dy xhat, dbias += sum dy
+/// (nullptr: skipped).
 void batchnorm_backward(long long rows, int D, bool training, const float* x, const float* weight, const float* mean,
                         const float* invstd, const float* dy, float* dx, float* dweight, float* dbias,
-                        void* stream = nullptr);
+                        void* stream = nullptr, const float* residual = nullptr);
 
 /// y = x sigmoid(x), n elements (y may alias x).
 void silu_forward(long long n, const float* x, float* y, void* stream = nullptr);
