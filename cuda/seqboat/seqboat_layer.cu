@@ -1055,8 +1055,6 @@ std::vector<float> SeqBoatLayerDevice::param(const std::string& name, void* stre
   return it->second.download(stream);
 }
 
-const float* SeqBoatLayerDevice::param_data(const std::string& name) const { return impl_->p(name.c_str()); }
-
 std::vector<float> SeqBoatLayerDevice::grad(const std::string& name, void* stream) const {
   auto it = impl_->grad.find(name);
   if (it == impl_->grad.end()) throw KeyError(str_cat("SeqBoatLayerDevice: no parameter ", name));

@@ -35,8 +35,15 @@ Weights weights_of(const SeqBoatLayerDevice& L) {
   Weights w;
   std::memset(&w, 0, sizeof w);  // padding bytes too: operator== compares the bytes
   const SeqBoatDeviceConfig& c = L.config();
+  // param_refs() is not const because it hands out the gradients for writing; only the values are read here.
+  const std::vector<DeviceParamRef> refs = const_cast<SeqBoatLayerDevice&>(L).param_refs();
+  auto find = [&](const char* n) -> const float* {
+    for (const DeviceParamRef& r : refs)
+      if (r.name == n) return r.value;
+    return nullptr;
+  };
   auto need = [&](const char* n) {
-    const float* p = L.param_data(n);
+    const float* p = find(n);
     if (!p) throw ValueError(str_cat("SeqBoatLayerStreamerDevice: the layer has no parameter ", n));
     return p;
   };
@@ -55,8 +62,8 @@ Weights weights_of(const SeqBoatLayerDevice& L) {
   w.qk_gamma = need("gamma");
   w.qk_beta = need("beta");
   w.table = c.attention.bias_table_size() > 0 ? need("rel_pos_bias.rel_pos_bias") : nullptr;
-  w.norm_w = L.param_data(c.norm == NormKind::scalenorm ? "norm.norm.scalar" : "norm.norm.weight");
-  w.norm_b = L.param_data("norm.norm.bias");
+  w.norm_w = find(c.norm == NormKind::scalenorm ? "norm.norm.scalar" : "norm.norm.weight");
+  w.norm_b = find("norm.norm.bias");
   if (c.norm == NormKind::batchnorm) {
     w.bn_mean = need("norm.norm.running_mean");
     w.bn_var = need("norm.norm.running_var");

@@ -90,9 +90,6 @@ class SeqBoatLayerDevice {
   /// Host copies, taken after the work queued on `stream` (pass the stream the layer ran on).
   std::vector<float> param(const std::string& name, void* stream = nullptr) const;
   std::vector<float> grad(const std::string& name, void* stream = nullptr) const;
-  /// A parameter's device storage, read-only, or nullptr when the layer has none of that name (for code that reads
-  /// the weights in place, such as SeqBoatLayerStreamerDevice). Stable for the layer's lifetime.
-  const float* param_data(const std::string& name) const;
   /// Adds the device gradients into the CPU layer's Param::grad (same names).
   void add_grads_to(SeqBoatLayer<float>& cpu, void* stream = nullptr) const;
 
