@@ -1,10 +1,10 @@
 // cuda/local_attention/backward_kernel.cuh: the fused backward, FlashAttention style (scores recomputed per tile,
 // nothing of size S x W stored), as three band kernels that never write the same element twice, so every result is
 // deterministic without atomics:
-//   dq kernel   64 queries per CTA: S, dA = dout V^T (over H), dS, dq = scale dS K'; and the bias gradient of its
-//               tiles (each table entry summed over the tile's pairs in a fixed order, in double, into a per-CTA
-//               partial that bias_reduce_kernel adds up in a fixed order). An entry's partial may be updated by
-//               different threads in different tiles; the barriers between tiles order those updates.
+//   dq kernel   64 queries per CTA: S, dA = dout V^T (over H), dS, dq = scale dS K'; with a bias table it also
+//               writes dS into a band (p.dsband), from which band_dbias_kernel (band_bf16_bwd.cuh) sums the bias
+//               gradient per block of 64 queries in a fixed order and bias_reduce_kernel adds the blocks in order.
+//               (Summing it inside this kernel by a binary search per entry and row doubled the kernel's time.)
 //   dk kernel   64 keys per CTA: S^T, dA^T, dS^T, dk = dS^T Q'.
 //   dv kernel   64 keys x kBlockN columns per CTA: S^T, A^T, dv = A^T dout.
 // dS_ij = relu2: 2 relu(s) dA; laplace: phi'(s) dA; softmax: a (dA - delta_i), delta_i = dout_i . out_i.
@@ -34,20 +34,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
   __shared__ __align__(16) float dst[Tr::kTileFloats];  // dS, key-major: dst[c * kLd + r]
   __shared__ int q_rb[M], q_re[M], q_pos[M], k_pos[C], k_ok[C];
   __shared__ float q_lse[M], q_delta[M];
-  __shared__ int r_first[M], r_end[M], r_ufirst[M], r_ulast[M];  // per query: visible keys of the chunk, indices
-  __shared__ int s_lo, s_hi;
 
   const bool has_table = p.table_size > 0;
   const int S = p.offsets[p.batch];
   const int q0 = blockIdx.x * M;
   const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
-  if (q0 >= S) {
-    if (has_table && tid == 0) {
-      p.dbias_range[2 * blockIdx.x] = 0;
-      p.dbias_range[2 * blockIdx.x + 1] = 0;
-    }
-    return;
-  }
+  if (q0 >= S) return;
   const int nq = min(M, S - q0);
   const int W = p.window;
 
@@ -71,48 +63,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
     q_lse[tid] = lse;
     q_delta[tid] = delta;
   }
-  if (tid == 0) {
-    s_lo = 0x7fffffff;
-    s_hi = -0x7fffffff;
-  }
   __syncthreads();
   const int k_begin = max(q_rb[0], q0 - W);
   const int k_end = p.causal ? q0 + nq : min(q_re[nq - 1], q0 + nq + W);
-
-  // The table entries this CTA can touch, [lo, hi): a superset from position extremes (min/max are order-free).
-  if (has_table) {
-    if (p.position == kPosSimple) {
-      int kmin = 0x7fffffff, kmax = -0x7fffffff;
-      for (int j = k_begin + tid; j < k_end; j += Tr::kThreads) {
-        kmin = min(kmin, p.positions[j]);
-        kmax = max(kmax, p.positions[j]);
-      }
-      int lo = 0x7fffffff, hi = -0x7fffffff;
-      if (kmin <= kmax)
-        for (int r = 0; r < nq; ++r) {
-          lo = min(lo, p.max_positions - 1 + kmin - q_pos[r]);
-          hi = max(hi, p.max_positions - 1 + kmax - q_pos[r]);
-        }
-      if (lo <= hi) {
-        atomicMin(&s_lo, max(lo, 0));
-        atomicMax(&s_hi, min(hi, 2 * p.max_positions - 2) + 1);
-      }
-    } else if (tid == 0) {
-      s_lo = max(4 * W - 1 + k_begin - (q0 + nq - 1), 3 * W - 1);
-      s_hi = min(4 * W - 1 + (k_end - 1) - q0, 5 * W - 1) + 1;
-    }
-    __syncthreads();
-  }
-  const int e_lo = has_table ? s_lo : 0, e_hi = has_table ? max(s_hi, s_lo) : 0;
-  if (has_table) {
-    if (tid == 0) {
-      p.dbias_range[2 * blockIdx.x] = e_lo;
-      p.dbias_range[2 * blockIdx.x + 1] = e_hi;
-    }
-    // Entry e belongs to thread (e - e_lo) % kThreads here and in every tile below, so no barrier is needed.
-    double* part = p.dbias_partial + static_cast<long long>(blockIdx.x) * p.table_size;
-    for (int e = e_lo + tid; e < e_hi; e += Tr::kThreads) part[e] = 0.0;
-  }
 
   float acc[4][4 * NS];
 #pragma unroll
@@ -148,70 +101,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
     store_transposed<Tr>(dst, g, tm, tn);
     __syncthreads();
 
-    if (has_table) {
-      // Bias gradient of this tile, deterministic: each entry e is summed by one thread, row by row, and within a
-      // row over the keys whose index is e (a contiguous run: the index is nondecreasing along a row's visible
-      // keys). The two clamped ends of the simple table can collect most of a row, so a warp takes each of them.
-      if (tid < M) {
-        int a0 = 0, b0 = 0, uf = 0x7fffffff, ul = -0x7fffffff;
-        if (tid < nq) {
-          const int qi = q0 + tid;
-          const int vlo = max(q_rb[tid], qi - W), vhi = p.causal ? qi + 1 : min(q_re[tid], qi + W + 1);
-          a0 = max(vlo, kc) - kc;
-          b0 = min(vhi, kc + nk) - kc;
-          if (a0 < b0) {
-            uf = bias_index(p, qi, kc + a0, q_pos[tid], k_pos[a0]);
-            ul = bias_index(p, qi, kc + b0 - 1, q_pos[tid], k_pos[b0 - 1]);
-          }
-        }
-        r_first[tid] = a0;
-        r_end[tid] = b0;
-        r_ufirst[tid] = uf;
-        r_ulast[tid] = ul;
-      }
-      __syncthreads();
-      int t_lo = 0x7fffffff, t_hi = -0x7fffffff;
-      for (int r = 0; r < nq; ++r) {
-        t_lo = min(t_lo, r_ufirst[r]);
-        t_hi = max(t_hi, r_ulast[r]);
-      }
-      const int top = 2 * p.max_positions - 2;
-      const bool clamp_lo = p.position == kPosSimple && t_lo == 0;
-      const bool clamp_hi = p.position == kPosSimple && t_hi == top && top > 0;
-      const auto row_sum = [&](int r, int e) {
-        const int qi = q0 + r, a0 = r_first[r], b0 = r_end[r];
-        const auto u = [&](int c) { return bias_index(p, qi, kc + c, q_pos[r], k_pos[c]); };
-        int lo = a0 + (e - r_ufirst[r]);  // exact when positions are consecutive
-        if (!(lo < b0 && u(lo) == e && (lo == a0 || u(lo - 1) < e))) {
-          lo = a0;
-          int hi = b0;
-          while (lo < hi) {
-            const int mid = (lo + hi) >> 1;
-            if (u(mid) < e) lo = mid + 1;
-            else hi = mid;
-          }
-        }
-        double sum = 0.0;
-        for (int c = lo; c < b0 && u(c) == e; ++c) sum += static_cast<double>(dst[c * Tr::kLd + r]);
-        return sum;
-      };
-      double* part = p.dbias_partial + static_cast<long long>(blockIdx.x) * p.table_size;
-      for (int e = t_lo + tid; e <= t_hi; e += Tr::kThreads) {
-        if ((clamp_lo && e == 0) || (clamp_hi && e == top)) continue;
-        double sum = 0.0;
-        for (int r = 0; r < nq; ++r)
-          if (e >= r_ufirst[r] && e <= r_ulast[r]) sum += row_sum(r, e);
-        part[e] += sum;
-      }
-      const int warp = tid / 32, lane = tid % 32;
-      if ((warp == 0 && clamp_lo) || (warp == 1 && clamp_hi)) {
-        const int e = warp == 0 ? 0 : top;
-        double sum = 0.0;
-        for (int r = lane; r < nq; r += 32)
-          if (e >= r_ufirst[r] && e <= r_ulast[r]) sum += row_sum(r, e);
+    if (has_table) {  // dS into the band: row qi, column kj - (q0 - wpad)
+      const int base = q0 - p.band_wpad;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) part[e] += sum;
+      for (int i = 0; i < 4; ++i) {
+        const int r = 4 * tm + i;
+        if (r >= nq) continue;
+        float* row = p.dsband + static_cast<long long>(q0 + r) * p.band_width + (kc - base);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (4 * tn + j < nk) row[4 * tn + j] = g[i][j];
       }
     }
 

@@ -48,9 +48,16 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
   }
   attn::rotate_qk(cfg, in, p, ws, s);
   const int rows = attn::row_blocks(in.capacity);
+  // With a bias table the dq kernel writes dS into a band, and the bf16 path's band_dbias_kernel sums it (one
+  // block per 64 queries, as the dq kernel's CTAs).
+  const attn::BandGeometry band(cfg, in.capacity);
+  static_assert(Tr::kBlockM == attn::kBandRows, "the dS band's blocks are the dq kernel's CTAs");
   if (table_size > 0) {
     p.dbias_partial = ws.alloc<double>(static_cast<long long>(rows) * table_size);
     p.dbias_range = ws.alloc<int>(2LL * rows);
+    p.dsband = ws.alloc<float>(band.band());
+    p.band_wpad = band.wpad;
+    p.band_width = band.width;
   }
   attn::local_attention_dq_kernel<Tr><<<rows, Tr::kThreads, 0, s>>>(p);
   SMA_CUDA_CHECK_LAUNCH();
@@ -59,6 +66,8 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
   attn::local_attention_dkv_kernel<Tr, true><<<dim3(rows, attn::col_blocks(in.h)), Tr::kThreads, 0, s>>>(p);
   SMA_CUDA_CHECK_LAUNCH();
   if (table_size > 0) {
+    attn::band_dbias_kernel<<<rows, 256, 0, s>>>(p, attn::band_params(band, 0), p.dsband);
+    SMA_CUDA_CHECK_LAUNCH();
     attn::bias_reduce_kernel<<<attn::bias_reduce_blocks(table_size), 256, 0, s>>>(p.dbias_partial, p.dbias_range,
                                                                                  rows, table_size, dbias_table);
     SMA_CUDA_CHECK_LAUNCH();

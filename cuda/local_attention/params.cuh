@@ -32,8 +32,11 @@ struct LocalAttentionBackwardParams : LocalAttentionParams {
   float* dq;                         // (capacity, Z)
   float* dk;                         // (capacity, Z)
   float* dv;                         // (capacity, H)
-  double* dbias_partial;             // (grid.x of the dq kernel, table_size): per-tile bias gradient partials
-  int* dbias_range;                  // (2 * grid.x): the entries [lo, hi) each tile wrote
+  double* dbias_partial;             // (blocks of 64 queries, table_size): per-block bias gradient partials
+  int* dbias_range;                  // (2 * blocks): the entries [lo, hi) each block wrote
+  float* dsband;                     // fp32 path with a table: dS as a band (BandGeometry: row i, column j - i/64*64
+                                     // + band_wpad, band_width columns), for band_dbias_kernel
+  int band_wpad, band_width;
 };
 
 }  // namespace sma::cuda::attn
