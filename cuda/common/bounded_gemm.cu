@@ -379,6 +379,23 @@ std::atomic<int>& mode_flag() {
   return m;
 }
 
+// A product whose whole upper bound is cheaper than this (in bf16 GFLOP; an fp32 product counts 16x, its rate being
+// about that much lower) runs as one plain cuBLAS call: each chunk node of a graph costs a few microseconds whatever
+// its size, so chunking a small product costs more than the rows past S it skips. Environment variable
+// SMA_CUDA_BOUNDED_MIN_GFLOP overrides it (0: every product is chunked).
+double min_bounded_gflop() {
+  static const double v = [] {
+    const char* e = std::getenv("SMA_CUDA_BOUNDED_MIN_GFLOP");
+    return e ? std::atof(e) : 0.0;
+  }();
+  return v;
+}
+
+bool small_product(const BoundedGemm& g) {
+  const double flop = 2.0 * g.m * g.n * static_cast<double>(g.k) * g.batch * (g.type == GemmType::fp32 ? 16 : 1);
+  return flop < min_bounded_gflop() * 1e9;
+}
+
 }  // namespace
 
 int bounded_gemm_default_chunk(const BoundedGemm& g) {
@@ -417,9 +434,21 @@ void bounded_gemm(const BoundedGemm* products, int n, const int* count, void* st
       if (!empty(products[i])) run_call(t.blas, whole(products[i]));
     return;
   }
+  std::vector<BoundedGemm> big;
+  for (int i = 0; i < n; ++i) {
+    if (empty(products[i])) continue;
+    if (!small_product(products[i])) {
+      big.push_back(products[i]);
+      continue;
+    }
+    DeviceTools& t = tools();
+    SMA_CUDA_CHECK(cublasSetStream(t.blas, s));
+    run_call(t.blas, whole(products[i]));
+  }
+  products = big.data();
+  n = static_cast<int>(big.size());
   std::vector<Piece> pieces;
-  for (int i = 0; i < n; ++i)
-    if (!empty(products[i])) split(products[i], i, pieces);
+  for (int i = 0; i < n; ++i) split(products[i], i, pieces);
   if (pieces.empty()) return;
   if (pieces.size() > static_cast<std::size_t>(kBoundedGemmMaxChunks))
     throw ValueError(str_cat("cuda::bounded_gemm: ", pieces.size(), " chunks in one call, at most ",
