@@ -219,7 +219,8 @@ TEST_CASE("cuda ema backward is deterministic (bitwise equal gradients over repe
           CHECK(h == first[static_cast<std::size_t>(k)]);
       }
     }
-    // With a residual, dx gains exactly it (the same float addition, in the same pass).
+    // With a residual, dx gains it: exactly on the tile path (added to the finished value), up to rounding on the
+    // generic path (added to the first direction's partial, before the other terms).
     const std::vector<float> res = randv(n);
     cuda::DeviceArray<float> residual(res), dx2(std::vector<float>(n, 0.f));
     std::vector<cuda::DeviceArray<float>> g;
@@ -230,7 +231,10 @@ TEST_CASE("cuda ema backward is deterministic (bitwise equal gradients over repe
     stream.synchronize();
     const std::vector<float> plain = dx.download(), with = dx2.download();
     std::size_t off = 0;
-    for (std::size_t i = 0; i < n; ++i) off += with[i] != plain[i] + res[i];
+    for (std::size_t i = 0; i < n; ++i) {
+      const float want = plain[i] + res[i];
+      off += trunc == 0 ? with[i] != want : std::abs(with[i] - want) > 1e-5f * (1.f + std::abs(want));
+    }
     CHECK(off == 0);
   }
 }

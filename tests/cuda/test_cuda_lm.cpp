@@ -48,19 +48,33 @@ double norm_diff(const float* a, const double* b, std::size_t n) {
 // take in different orders.
 constexpr double kFloor = 1e-5;
 
+// The routing decisions agree with the double CPU model's. `near_ties`: after training steps the device's float
+// weights have drifted from the double ones by rounding, so a token whose two router probabilities (in double) are
+// within kTieMargin may go either way; at most one such token per layer is let through.
+constexpr double kTieMargin = 1e-4;
+
 template <class Cache>
-void require_same_routing(const Cache& cache, cuda::SeqBoatLmDevice& dev, int B, int L, void* s, const char* when) {
+void require_same_routing(const Cache& cache, cuda::SeqBoatLmDevice& dev, int B, int L, void* s, const char* when,
+                          bool near_ties = false) {
   for (int l = 0; l < dev.n_layers(); ++l) {
     const std::vector<std::uint8_t> act = dev.layer(l).active(s);
-    int differ = 0, on = 0;
+    const auto& router = cache.layers[static_cast<std::size_t>(l)].router;
+    int differ = 0, ties = 0, on = 0;
     for (int b = 0; b < B; ++b)
       for (int t = 0; t < L; ++t) {
         const std::uint8_t a = act[static_cast<std::size_t>(b) * L + t];
-        differ += cache.layers[static_cast<std::size_t>(l)].router.active(b, t) != a;
         on += a;
+        if (router.active(b, t) == a) continue;
+        const Index i = static_cast<Index>(b) * L + t;
+        const bool tie = std::abs(double(router.probs(i, 1)) - double(router.probs(i, 0))) < kTieMargin;
+        if (near_ties && tie)
+          ++ties;
+        else
+          ++differ;
       }
-    INFO(when << "layer " << l << ": " << on << " active tokens of " << B * L);
+    INFO(when << "layer " << l << ": " << on << " active tokens of " << B * L << ", " << ties << " near ties");
     REQUIRE(differ == 0);
+    REQUIRE(ties <= 1);
   }
 }
 
@@ -214,7 +228,7 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
     of.step(lr);
   }
   stream.synchronize();
-  require_same_routing(cd, dev, B, L, s, "after training, ");
+  require_same_routing(cd, dev, B, L, s, "after training, ", /*near_ties=*/true);
   CHECK(dev.optimizer().steps() == 3);
   for (auto& [n, p] : pd) {
     const std::vector<float> v = dev.param(n, s);
