@@ -379,21 +379,18 @@ std::atomic<int>& mode_flag() {
   return m;
 }
 
-// A product whose whole upper bound is cheaper than this (in bf16 GFLOP; an fp32 product counts 16x, its rate being
-// about that much lower) runs as one plain cuBLAS call: each chunk node of a graph costs a few microseconds whatever
-// its size, so chunking a small product costs more than the rows past S it skips. Environment variable
-// SMA_CUDA_BOUNDED_MIN_GFLOP overrides it (0: every product is chunked).
-double min_bounded_gflop() {
-  static const double v = [] {
+// See set_bounded_gemm_min_gflop.
+std::atomic<double>& min_gflop_flag() {
+  static std::atomic<double> v([] {
     const char* e = std::getenv("SMA_CUDA_BOUNDED_MIN_GFLOP");
-    return e ? std::atof(e) : 0.0;
-  }();
+    return e ? std::atof(e) : 16.0;
+  }());
   return v;
 }
 
 bool small_product(const BoundedGemm& g) {
   const double flop = 2.0 * g.m * g.n * static_cast<double>(g.k) * g.batch * (g.type == GemmType::fp32 ? 16 : 1);
-  return flop < min_bounded_gflop() * 1e9;
+  return flop < min_gflop_flag().load() * 1e9;
 }
 
 }  // namespace
@@ -406,6 +403,11 @@ int bounded_gemm_default_chunk(const BoundedGemm& g) {
 }
 
 void set_bounded_gemm_mode(BoundedGemmMode mode) { mode_flag().store(static_cast<int>(mode)); }
+void set_bounded_gemm_min_gflop(double gflop) {
+  if (!(gflop >= 0.0)) throw ValueError(str_cat("cuda::set_bounded_gemm_min_gflop: ", gflop, " is not >= 0"));
+  min_gflop_flag().store(gflop);
+}
+double bounded_gemm_min_gflop() { return min_gflop_flag().load(); }
 BoundedGemmMode bounded_gemm_mode() { return static_cast<BoundedGemmMode>(mode_flag().load()); }
 
 BoundedGemmStats bounded_gemm_stats() {

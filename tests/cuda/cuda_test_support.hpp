@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <sma/core/param.hpp>
 #include <sma/core/tensor.hpp>
+#include <sma/cuda/bounded_gemm.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
 
@@ -18,6 +19,13 @@
 #include <vector>
 
 namespace sma::cuda_test {
+
+// The tests run tiny products; the size rule of cuda::bounded_gemm would run all of them as plain cuBLAS calls, and
+// the chunked graphs (and their bound by S) would go untested. So this binary chunks every product.
+inline const bool kChunkEveryProduct = [] {
+  cuda::set_bounded_gemm_min_gflop(0.0);
+  return true;
+}();
 
 /// True when a CUDA device is usable; otherwise WARNs once per case (the caller returns).
 inline bool device_or_skip() {

@@ -104,6 +104,14 @@ enum class BoundedGemmMode : int { graph, full };
 void set_bounded_gemm_mode(BoundedGemmMode mode);
 BoundedGemmMode bounded_gemm_mode();
 
+/// In graph mode, a product whose whole upper bound costs less than this many GFLOP (bf16-equivalent: an fp32
+/// product counts 16x) runs as one plain cuBLAS call, not in chunks: each chunk node costs a few microseconds
+/// whatever its size, so chunking a small product costs more than the rows past S save. Default 16 (on an H200 the
+/// CIFAR training step took 17.7 ms with it against 20.2 ms with every product chunked; docs/benchmarks.md);
+/// the environment variable SMA_CUDA_BOUNDED_MIN_GFLOP sets the initial value; 0 chunks every product.
+void set_bounded_gemm_min_gflop(double gflop);
+double bounded_gemm_min_gflop();
+
 /// Counters of this host thread: graphs built (captured and instantiated), graph launches, graphs cached now, and
 /// chunks whose cuBLAS call had to be captured into a child graph (a direct capture into the IF node's body failed).
 struct BoundedGemmStats {
