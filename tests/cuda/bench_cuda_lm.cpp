@@ -21,14 +21,10 @@
 using namespace sma;
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to time\n");
-    return 0;
-  }
-  const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 15;
-  const int B = argc > 2 ? std::max(1, std::atoi(argv[2])) : 16;
-  const int L = argc > 3 ? std::max(1, std::atoi(argv[3])) : 1024;
-  std::printf("device %s\n", cuda::device_description().c_str());
+  if (!cuda::announce_device()) return 0;
+  const int reps = cuda::positive_arg(argc, argv, 1, 15);
+  const int B = cuda::positive_arg(argc, argv, 2, 16);
+  const int L = cuda::positive_arg(argc, argv, 3, 1024);
   SeqBoatLmConfig c;
   c.vocab_size = 256;
   c.embed_dim = 256;
@@ -80,12 +76,7 @@ int main(int argc, char** argv) {
     step();
     const cuda::CrossEntropyValue lv = dev.read_loss(s);
     double dens = 0;
-    for (int i = 0; i < dev.n_layers(); ++i) {
-      const std::vector<std::uint8_t> a = dev.layer(i).active(s);
-      double on = 0;
-      for (auto v : a) on += v;
-      dens += on / a.size();
-    }
+    for (int i = 0; i < dev.n_layers(); ++i) dens += cuda::routed_share(dev.layer(i), s);
     std::printf("lm %s B=%d L=%d step %.3f ms (median of %d) = %.0f tokens/s | forward %.3f ms "
                 "forward+loss+backward %.3f ms adamw %.3f ms | with clip_norm 1: step %.3f ms adamw %.3f ms | "
                 "loss %.4f density %.3f\n",

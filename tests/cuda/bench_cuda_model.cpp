@@ -21,14 +21,10 @@
 using namespace sma;
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to time\n");
-    return 0;
-  }
-  const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 15;
+  if (!cuda::announce_device()) return 0;
+  const int reps = cuda::positive_arg(argc, argv, 1, 15);
   const bool profile = argc > 2 && std::string(argv[2]) == "profile";
   const int profile_mode = argc > 3 ? std::atoi(argv[3]) : 0;  // 0 fp32, 1 bf16 projections, 2 + bf16 attention
-  std::printf("device %s\n", cuda::device_description().c_str());
   SeqBoatModelConfig c;
   c.d_input = 3;
   c.d_output = 10;
@@ -94,11 +90,9 @@ int main(int argc, char** argv) {
     double dens = 0;
     std::string per;
     for (int i = 0; i < dev.n_layers(); ++i) {
-      const std::vector<std::uint8_t> a = dev.layer(i).active(s);
-      double on = 0;
-      for (auto v : a) on += v;
-      dens += on / a.size();
-      per += (i ? "," : "") + std::to_string(on / a.size()).substr(0, 5);
+      const double share = cuda::routed_share(dev.layer(i), s);
+      dens += share;
+      per += (i ? "," : "") + std::to_string(share).substr(0, 5);
     }
     std::printf("model %s B=%d L=%d step %.3f ms (median of %d) forward %.3f ms forward+loss+backward %.3f ms "
                 "adamw %.3f ms | loss %.4f density %.3f [%s]\n",

@@ -19,12 +19,8 @@
 using namespace sma;
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to time\n");
-    return 0;
-  }
-  const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 7;
-  std::printf("device %s\n", cuda::device_description().c_str());
+  if (!cuda::announce_device()) return 0;
+  const int reps = cuda::positive_arg(argc, argv, 1, 7);
   SeqBoatLayerConfig c;
   c.embed_dim = 512;
   c.zdim = 128;

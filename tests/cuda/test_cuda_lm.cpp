@@ -7,6 +7,7 @@
 // test_cuda_model.cpp so that no decision is a near tie. Then the error cases, and the embedding gradient's
 // determinism.
 #include "cuda_test_support.hpp"
+#include "model_test_support.hpp"
 
 #include <sma/cuda/seqboat_lm.hpp>
 #include <sma/models/lm.hpp>
@@ -38,45 +39,9 @@ SeqBoatLmConfig small_config() {
   return c;
 }
 
-double norm_diff(const float* a, const double* b, std::size_t n) {
-  double s = 0;
-  for (std::size_t i = 0; i < n; ++i) s += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-  return std::sqrt(s);
-}
-
 // As the classifier's model test: the LM chains layers, blocks and norms whose sums the device and the float CPU path
 // take in different orders.
 constexpr double kFloor = 1e-5;
-
-// The routing decisions agree with the double CPU model's. `near_ties`: after training steps the device's float
-// weights have drifted from the double ones by rounding, so a token whose two router probabilities (in double) are
-// within kTieMargin may go either way; at most one such token per layer is let through.
-constexpr double kTieMargin = 1e-4;
-
-template <class Cache>
-void require_same_routing(const Cache& cache, cuda::SeqBoatLmDevice& dev, int B, int L, void* s, const char* when,
-                          bool near_ties = false) {
-  for (int l = 0; l < dev.n_layers(); ++l) {
-    const std::vector<std::uint8_t> act = dev.layer(l).active(s);
-    const auto& router = cache.layers[static_cast<std::size_t>(l)].router;
-    int differ = 0, ties = 0, on = 0;
-    for (int b = 0; b < B; ++b)
-      for (int t = 0; t < L; ++t) {
-        const std::uint8_t a = act[static_cast<std::size_t>(b) * L + t];
-        on += a;
-        if (router.active(b, t) == a) continue;
-        const Index i = static_cast<Index>(b) * L + t;
-        const bool tie = std::abs(double(router.probs(i, 1)) - double(router.probs(i, 0))) < kTieMargin;
-        if (near_ties && tie)
-          ++ties;
-        else
-          ++differ;
-      }
-    INFO(when << "layer " << l << ": " << on << " active tokens of " << B * L << ", " << ties << " near ties");
-    REQUIRE(differ == 0);
-    REQUIRE(ties <= 1);
-  }
-}
 
 /// `clip`: the AdamW steps clip the global gradient norm at half the first step's (so that clipping acts).
 void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigned seed, bool clip = false) {
@@ -88,32 +53,13 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   std::mt19937 rng(seed * 7 + 1);
   std::normal_distribution<double> nd(0.0, 1.0);
   const Index D = cfg.embed_dim;
-  for (Index l = 0; l < cfg.layers; ++l) {
-    const std::string pre = str_cat("decoder.layers.", l, ".slag_layer.");
-    for (Index i = 0; i < 2 * D; ++i) pd.at(pre + "hx_proj.weight")->data()[i] = 0.8 * nd(rng);
-    for (const char* n : {"beta", "mx_proj.bias", "h_proj.bias"})
-      for (Index i = 0; i < pd.at(pre + n)->size(); ++i) pd.at(pre + n)->data()[i] = 0.1 * nd(rng);
-  }
-  for (auto& [n, p] : pd) {
-    Param<float>& f = *pf.at(n);
-    REQUIRE(f.size() == p->size());
-    for (Index i = 0; i < p->size(); ++i) {
-      f.data()[i] = static_cast<float>(p->data()[i]);
-      p->data()[i] = static_cast<double>(f.data()[i]);
-    }
-  }
+  for (Index l = 0; l < cfg.layers; ++l)
+    cuda_test::widen_router_margin(pd, str_cat("decoder.layers.", l, ".slag_layer."), D, rng, nd);
+  cuda_test::share_values(pd, pf);
   const int B = 3, L = 45, V = static_cast<int>(cfg.vocab_size);
   Tensor2<std::int32_t> tokens(B, L);
   for (Index i = 0; i < tokens.size(); ++i) tokens.data()[i] = static_cast<std::int32_t>(rng() % V);
-  Mask mask(B, L);
-  mask.setZero();
-  std::vector<std::uint8_t> flat(static_cast<std::size_t>(B) * L, 0);
-  if (ragged)
-    for (int b = 1; b < B; ++b)
-      for (int t = L - 7 * b; t < L; ++t) {
-        mask(b, t) = 1;
-        flat[static_cast<std::size_t>(b) * L + t] = 1;
-      }
+  const auto [mask, flat] = cuda_test::row_tail_padding(B, L, ragged);
   // next-token targets (row-major tokens (B, L)); the last position, padded positions and every 5th are ignored
   std::vector<std::int64_t> targets(static_cast<std::size_t>(B) * L, -100);
   for (int b = 0; b < B; ++b)
@@ -157,26 +103,11 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   const cuda::CrossEntropyValue lv = dev.read_loss(s);
   stream.synchronize();
 
-  require_same_routing(cd, dev, B, L, s, "");
-  {
-    const std::vector<float> lg = d_logits.download();
-    const auto a = cuda_test::accuracy(lg.data(), yf.data(), yd.data(), lg.size(), kFloor);
-    INFO("logits: " << a);
-    CHECK(a.ok());
-    CHECK(a.scale > 0);  // not a vacuous pass
-    const double el = std::abs(lv.loss - lossd), ef = std::abs(lossf - lossd);
-    INFO("loss " << lv.loss << " (double " << lossd << ", float " << lossf << ")");
-    CHECK(el <= 2 * ef + 1e-5 * std::abs(lossd));
-    CHECK(lv.counted == counted);
-  }
+  cuda_test::require_same_routing(cd, dev, B, L, s, "");
+  const auto logits = cuda_test::check_logits_and_loss(d_logits, yf, yd, lv, lossd, lossf, counted, kFloor);
+  CHECK(logits.scale > 0);  // not a vacuous pass
   CHECK(dev.param_names().size() == pd.size());
-  for (auto& [n, p] : pd) {
-    const std::vector<float> g = dev.grad(n, s);
-    REQUIRE(g.size() == static_cast<std::size_t>(p->size()));
-    const auto a = cuda_test::accuracy(g.data(), pf.at(n)->grad(), p->grad(), g.size(), kFloor);
-    INFO("d " << n << ": " << a);
-    CHECK(a.ok());
-  }
+  cuda_test::check_gradients(dev, pd, pf, s, kFloor);  // no buffers: the LM has no batchnorm
   // add_grads_to: the device gradients land in a CPU model under the same names
   {
     SeqBoatLm<float> other(cfg, seed + 100);
@@ -192,21 +123,9 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   for (auto& [n, p] : pd)
     for (Index i = 0; i < p->size(); ++i) norm0 += p->grad()[i] * p->grad()[i];
   const double clip_norm = clip ? 0.5 * std::sqrt(norm0) : 0.0;
-  std::map<std::string, std::vector<double>> w0;
-  for (auto& [n, p] : pd) w0[n] = std::vector<double>(p->data(), p->data() + p->size());
-  train::OptimizerConfig oc;
-  oc.weight_decay = 0.05;
-  ParamBuffer<double> bd(md);
-  ParamBuffer<float> bf(mf);
-  train::Optimizer<double> od(bd, oc);
-  train::Optimizer<float> of(bf, oc);
-  cuda::AdamWConfig ac;
-  ac.beta1 = oc.beta1;
-  ac.beta2 = oc.beta2;
-  ac.eps = oc.eps;
-  ac.weight_decay = oc.weight_decay;
-  ac.clip_norm = clip_norm;
-  dev.set_optimizer(ac);
+  const std::map<std::string, std::vector<double>> w0 = cuda_test::snapshot(pd);
+  cuda_test::CpuAdamW cpu_adamw(md, mf);
+  dev.set_optimizer(cpu_adamw.device(clip_norm));
   pd = cuda_test::params_of<double>(md);
   pf = cuda_test::params_of<float>(mf);
   const double lr = 2e-3;
@@ -214,7 +133,8 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
     cpu_step(md, cd);
     cpu_step(mf, cf);
     if (clip) {
-      const double nd_ = optim::clip_grad_norm(bd, clip_norm), nf = optim::clip_grad_norm(bf, clip_norm);
+      const double nd_ = optim::clip_grad_norm(cpu_adamw.bd, clip_norm);
+      const double nf = optim::clip_grad_norm(cpu_adamw.bf, clip_norm);
       dev.train_step(B, L, d_tokens.data(), d_pad, d_targets.data(), lr, s);
       const double ng = dev.optimizer().last_grad_norm(s);
       INFO("step " << step << ": gradient norm " << ng << " (double " << nd_ << ", float " << nf << "), clip at "
@@ -224,24 +144,12 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
     } else {
       dev.train_step(B, L, d_tokens.data(), d_pad, d_targets.data(), lr, s);
     }
-    od.step(lr);
-    of.step(lr);
+    cpu_adamw.step(lr);
   }
   stream.synchronize();
-  require_same_routing(cd, dev, B, L, s, "after training, ", /*near_ties=*/true);
+  cuda_test::require_same_routing(cd, dev, B, L, s, "after training, ", /*near_ties=*/true);
   CHECK(dev.optimizer().steps() == 3);
-  for (auto& [n, p] : pd) {
-    const std::vector<float> v = dev.param(n, s);
-    const std::size_t k = v.size();
-    const double upd = norm_diff(pf.at(n)->data(), w0.at(n).data(), k);
-    double upd_d = 0;
-    for (std::size_t i = 0; i < k; ++i) upd_d += (p->data()[i] - w0.at(n)[i]) * (p->data()[i] - w0.at(n)[i]);
-    upd_d = std::sqrt(upd_d);
-    const double e_dev = norm_diff(v.data(), p->data(), k), e_f = norm_diff(pf.at(n)->data(), p->data(), k);
-    INFO("after 3 steps, " << n << ": |dev - double| " << e_dev << ", |float - double| " << e_f << ", |update| "
-                           << upd_d << " (float " << upd << ")");
-    CHECK(e_dev <= 2 * e_f + 1e-2 * upd_d + 1e-7);
-  }
+  cuda_test::check_params_after_steps(dev, pd, pf, w0, s);
   // copy_params_to: the CPU float model takes the device's values
   dev.copy_params_to(mf, s);
   const std::vector<float> e = dev.param("decoder.embed_tokens.weight", s);
@@ -358,11 +266,6 @@ TEST_CASE("cuda SeqBoat LM: unsupported configurations and misuse", "[cuda][lm][
                   ShapeError);
   CHECK_THROWS_WITH(cuda::SeqBoatLmDevice(mc, {}, {}, {}), Catch::Contains("decoder.embed_tokens.weight is missing"));
   // A layer of another width cannot join the LM.
-  std::vector<cuda::SeqBoatLayerDevice> layers;
-  SeqBoatLayerConfig lc = c.layer_config();
-  lc.embed_dim = 8;
-  lc.hdim = 16;
-  SeqBoatLayer<float> l8(lc, 1);
-  layers.push_back(cuda::SeqBoatLayerDevice::from_cpu(l8));
-  CHECK_THROWS_WITH(cuda::SeqBoatLmDevice(mc, std::move(layers), {}, {}), Catch::Contains("embed_dim 8"));
+  CHECK_THROWS_WITH(cuda::SeqBoatLmDevice(mc, cuda_test::narrow_layers(c.layer_config()), {}, {}),
+                    Catch::Contains("embed_dim 8"));
 }

@@ -4,6 +4,7 @@
 // batchnorm post-norm bidirectional (simple bias, relu2) and layernorm pre-norm causal rotary softmax. The router
 // margins are widened as in test_cuda_seqboat_layer.cpp so that no decision is a near tie.
 #include "cuda_test_support.hpp"
+#include "model_test_support.hpp"
 
 #include <sma/cuda/seqboat_model.hpp>
 #include <sma/models/seqboat.hpp>
@@ -34,30 +35,9 @@ SeqBoatModelConfig small_config() {
   return c;
 }
 
-double norm_diff(const float* a, const double* b, std::size_t n) {
-  double s = 0;
-  for (std::size_t i = 0; i < n; ++i) s += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-  return std::sqrt(s);
-}
-
 // The accuracy rule with a floor of 1e-5 x max|reference| (the layer tests use 2e-6): the model chains two layers,
 // batchnorm statistics and the pooling, whose sums the device and the float CPU path take in different orders.
 constexpr double kFloor = 1e-5;
-
-/// Every layer's routing decisions on the device equal the CPU model's (double) in `cache`.
-template <class Cache>
-void require_same_routing(const Cache& cache, cuda::SeqBoatModelDevice& dev, int B, int L, void* s,
-                          const char* when) {
-  for (int l = 0; l < dev.n_layers(); ++l) {
-    const std::vector<std::uint8_t> act = dev.layer(l).active(s);
-    int differ = 0;
-    for (int b = 0; b < B; ++b)
-      for (int t = 0; t < L; ++t)
-        differ += cache.layers[static_cast<std::size_t>(l)].router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
-    INFO(when << "layer " << l);
-    REQUIRE(differ == 0);
-  }
-}
 
 void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed) {
   INFO("model case " << name);
@@ -68,32 +48,14 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   std::mt19937 rng(seed * 7 + 1);
   std::normal_distribution<double> nd(0.0, 1.0);
   const Index D = cfg.d_model;
-  for (Index l = 0; l < cfg.n_layers; ++l) {
-    const std::string pre = str_cat("seq_layers.", l, ".");
-    for (Index i = 0; i < 2 * D; ++i) pd.at(pre + "hx_proj.weight")->data()[i] = 0.8 * nd(rng);
-    for (const char* n : {"beta", "mx_proj.bias", "h_proj.bias"})
-      for (Index i = 0; i < pd.at(pre + n)->size(); ++i) pd.at(pre + n)->data()[i] = 0.1 * nd(rng);
-  }
-  for (auto& [n, p] : pd) {
-    Param<float>& f = *pf.at(n);
-    REQUIRE(f.size() == p->size());
-    for (Index i = 0; i < p->size(); ++i) {
-      f.data()[i] = static_cast<float>(p->data()[i]);
-      p->data()[i] = static_cast<double>(f.data()[i]);
-    }
-  }
+  for (Index l = 0; l < cfg.n_layers; ++l)
+    cuda_test::widen_router_margin(pd, str_cat("seq_layers.", l, "."), D, rng, nd);
+  cuda_test::share_values(pd, pf);
   const int B = 3, L = 45, Di = static_cast<int>(cfg.d_input), C = static_cast<int>(cfg.d_output);
   Tensor3<double> x(B, L, Di);
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(nd(rng));
   const Tensor3<float> xf = x.cast<float>();
-  Mask mask(B, L);
-  mask.setZero();
-  std::vector<std::uint8_t> flat(static_cast<std::size_t>(B) * L, 0);
-  for (int b = 1; b < B; ++b)
-    for (int t = L - 7 * b; t < L; ++t) {
-      mask(b, t) = 1;
-      flat[static_cast<std::size_t>(b) * L + t] = 1;
-    }
+  const auto [mask, flat] = cuda_test::row_tail_padding(B, L);
   const std::vector<std::int64_t> labels{1, 4, 0};
   const std::vector<int> labels32(labels.begin(), labels.end());
 
@@ -130,73 +92,27 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   const cuda::CrossEntropyValue lv = dev.read_loss(s);
   stream.synchronize();
 
-  require_same_routing(cd, dev, B, L, s, "");
-  {
-    const std::vector<float> lg = d_logits.download();
-    const auto a = cuda_test::accuracy(lg.data(), yf.data(), yd.data(), lg.size(), kFloor);
-    INFO("logits: " << a);
-    CHECK(a.ok());
-    const double el = std::abs(lv.loss - lossd), ef = std::abs(lossf - lossd);
-    INFO("loss " << lv.loss << " (double " << lossd << ", float " << lossf << ")");
-    CHECK(el <= 2 * ef + 1e-5 * std::abs(lossd));
-    CHECK(lv.counted == B);
-  }
-  for (auto& [n, p] : pd) {
-    const std::vector<float> g = dev.grad(n, s);
-    REQUIRE(g.size() == static_cast<std::size_t>(p->size()));
-    if (!p->trainable()) {  // buffers: the running statistics after one train-mode forward
-      const std::vector<float> v = dev.param(n, s);
-      const auto a = cuda_test::accuracy(v.data(), pf.at(n)->data(), p->data(), v.size(), kFloor);
-      INFO("buffer " << n << ": " << a);
-      CHECK(a.ok());
-      continue;
-    }
-    const auto a = cuda_test::accuracy(g.data(), pf.at(n)->grad(), p->grad(), g.size(), kFloor);
-    INFO("d " << n << ": " << a);
-    CHECK(a.ok());
-  }
+  cuda_test::require_same_routing(cd, dev, B, L, s, "");
+  cuda_test::check_logits_and_loss(d_logits, yf, yd, lv, lossd, lossf, B, kFloor);
+  cuda_test::check_gradients(dev, pd, pf, s, kFloor);  // buffers: the running statistics after the forward
 
   // 3 AdamW steps (sma::train::Optimizer's rule: decay on matrices only) from here.
-  std::map<std::string, std::vector<double>> w0;
-  for (auto& [n, p] : pd) w0[n] = std::vector<double>(p->data(), p->data() + p->size());
-  train::OptimizerConfig oc;
-  oc.weight_decay = 0.05;
-  ParamBuffer<double> bd(md);
-  ParamBuffer<float> bf(mf);
-  train::Optimizer<double> od(bd, oc);
-  train::Optimizer<float> of(bf, oc);
-  cuda::AdamWConfig ac;
-  ac.beta1 = oc.beta1;
-  ac.beta2 = oc.beta2;
-  ac.eps = oc.eps;
-  ac.weight_decay = oc.weight_decay;
-  dev.set_optimizer(ac);
+  const std::map<std::string, std::vector<double>> w0 = cuda_test::snapshot(pd);
+  cuda_test::CpuAdamW cpu_adamw(md, mf);
+  dev.set_optimizer(cpu_adamw.device());
   pd = cuda_test::params_of<double>(md);
   pf = cuda_test::params_of<float>(mf);
   const double lr = 2e-3;
   for (int step = 0; step < 3; ++step) {
     cpu_step(md, x, cd);
     cpu_step(mf, xf, cf);
-    od.step(lr);
-    of.step(lr);
+    cpu_adamw.step(lr);
     dev.train_step(B, L, d_x.data(), d_mask.data(), d_labels.data(), lr, s);
   }
   stream.synchronize();
-  require_same_routing(cd, dev, B, L, s, "after training, ");
+  cuda_test::require_same_routing(cd, dev, B, L, s, "after training, ");
   CHECK(dev.optimizer().steps() == 3);
-  for (auto& [n, p] : pd) {
-    const std::vector<float> v = dev.param(n, s);
-    const std::size_t k = v.size();
-    const double upd = norm_diff(pf.at(n)->data(), w0.at(n).data(), k);  // float CPU's update (vs the start)
-    double upd_d = 0;
-    for (std::size_t i = 0; i < k; ++i) upd_d += (p->data()[i] - w0.at(n)[i]) * (p->data()[i] - w0.at(n)[i]);
-    upd_d = std::sqrt(upd_d);
-    const double e_dev = norm_diff(v.data(), p->data(), k), e_f = norm_diff(pf.at(n)->data(), p->data(), k);
-    INFO("after 3 steps, " << n << ": |dev - double| " << e_dev << ", |float - double| " << e_f << ", |update| "
-                           << upd_d << " (float " << upd << ")");
-    // fp32 moments and update against the CPU's doubles: the difference must be small against the update itself.
-    CHECK(e_dev <= 2 * e_f + 1e-2 * upd_d + 1e-7);
-  }
+  cuda_test::check_params_after_steps(dev, pd, pf, w0, s);
 }
 
 }  // namespace
@@ -292,15 +208,10 @@ TEST_CASE("cuda SeqBoat model: unsupported configurations and misuse", "[cuda][m
   SeqBoatModel<float> other(c2, 1);
   CHECK_THROWS_AS(dev.add_grads_to(other), ShapeError);
   // A layer of another width cannot join the model.
-  std::vector<cuda::SeqBoatLayerDevice> layers;
-  SeqBoatLayerConfig lc = c.layer_config();
-  lc.embed_dim = 8;
-  lc.hdim = 16;
-  SeqBoatLayer<float> l8(lc, 1);
-  layers.push_back(cuda::SeqBoatLayerDevice::from_cpu(l8));
   cuda::SeqBoatModelDeviceConfig mc;
   mc.d_input = 3;
   mc.d_output = 5;
   mc.d_model = 24;
-  CHECK_THROWS_WITH(cuda::SeqBoatModelDevice(mc, std::move(layers), {}, {}), Catch::Contains("embed_dim 8"));
+  CHECK_THROWS_WITH(cuda::SeqBoatModelDevice(mc, cuda_test::narrow_layers(c.layer_config()), {}, {}),
+                    Catch::Contains("embed_dim 8"));
 }

@@ -6,6 +6,7 @@
 // for the two logits) so that no token's decision is a near tie that double and float could take differently;
 // the decisions are checked equal first.
 #include "cuda_test_support.hpp"
+#include "model_test_support.hpp"
 
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/device.hpp>
@@ -71,21 +72,12 @@ void check_layer(const LayerCase& lc) {
   auto pf = cuda_test::params_of<float>(lf);
   std::mt19937 rng(lc.seed * 13 + 5);
   std::normal_distribution<double> nd(0.0, 1.0);
-  // Wider router margin: the two logit rows of hx_proj drawn larger; small random values for the zero-initialised
-  // GAU biases and beta so that their gradients are exercised.
   const Index D = lc.cfg.embed_dim;
-  for (Index i = 0; i < 2 * D; ++i) pd.at("hx_proj.weight")->data()[i] = 0.8 * nd(rng);
-  for (const char* n : {"beta", "mx_proj.bias", "h_proj.bias"})
-    for (Index i = 0; i < pd.at(n)->size(); ++i) pd.at(n)->data()[i] = 0.1 * nd(rng);
+  cuda_test::widen_router_margin(pd, "", D, rng, nd);
+  cuda_test::share_values(pd, pf);
   for (auto& [name, p] : pd) {
-    Param<float>& f = *pf.at(name);
-    REQUIRE(f.size() == p->size());
-    for (Index i = 0; i < p->size(); ++i) {
-      f.data()[i] = static_cast<float>(p->data()[i]);
-      p->data()[i] = static_cast<double>(f.data()[i]);
-    }
     p->zero_grad();
-    f.zero_grad();
+    pf.at(name)->zero_grad();
   }
   const int B = lc.B, L = lc.L;
   Tensor3<double> x(B, L, D), dy(B, L, D);

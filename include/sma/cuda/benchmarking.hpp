@@ -1,18 +1,38 @@
-// sma/cuda/benchmarking.hpp: what timing a device op and comparing sparse with dense activation need: the median of
-// CUDA-event timings of a callable, and steering a device layer's router to a target share of routed tokens.
+// sma/cuda/benchmarking.hpp: what the device benchmarks share: the start of their mains (no device: say so and stop;
+// else name the device), their integer arguments, the median of CUDA-event timings of a callable, the share of
+// tokens a device layer routed, and steering its router to a target share.
 // Host header, no CUDA header (definitions inline over sma::cuda's host API).
 #pragma once
 
 #include <sma/cuda/buffer.hpp>
+#include <sma/cuda/device.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <vector>
 
 namespace sma::cuda {
+
+/// The start of a benchmark's main: without a CUDA device prints "no CUDA device: nothing to time" and returns
+/// false (the main returns 0: a machine without a GPU is not an error); else prints "device <description>".
+inline bool announce_device() {
+  if (device_count() == 0) {
+    std::printf("no CUDA device: nothing to time\n");
+    return false;
+  }
+  std::printf("device %s\n", device_description().c_str());
+  return true;
+}
+
+/// argv[i] as an integer, at least 1; `fallback` when there are fewer arguments.
+inline int positive_arg(int argc, char** argv, int i, int fallback) {
+  return argc > i ? std::max(1, std::atoi(argv[i])) : fallback;
+}
 
 /// Milliseconds of `fn` (work queued on `stream`): `warmup` untimed calls, then the median of `reps` calls, each
 /// timed between two CUDA events on the stream.
@@ -30,6 +50,14 @@ inline float time_median_ms(const std::function<void()>& fn, void* stream, int r
   return t[t.size() / 2];
 }
 
+/// The share of the last forward's B*L tokens that the layer routed to the attention (waits for `stream`).
+inline double routed_share(const SeqBoatLayerDevice& layer, void* stream = nullptr) {
+  const std::vector<std::uint8_t> a = layer.active(stream);
+  double on = 0;
+  for (auto v : a) on += v;
+  return on / static_cast<double>(std::max<std::size_t>(a.size(), 1));
+}
+
 /// Sets the layer's router shift so that about `target` of the B*L tokens of x (device, (B, L, D)) are routed to
 /// the attention: bisection on the measured share, to within `tolerance`, over at most 24 forwards (which write
 /// `out`, (B, L, D)); a target >= 1 takes a shift that routes every token. Returns the share reached. The shift is
@@ -41,10 +69,7 @@ inline double steer_density(SeqBoatLayerDevice& layer, int batch, int length, co
     const double shift = target >= 1.0 ? 1000.0 : 0.5 * (lo + hi);
     layer.set_router_shift(static_cast<float>(shift));
     layer.forward(batch, length, x, nullptr, out, stream);
-    const std::vector<std::uint8_t> a = layer.active(stream);
-    got = 0;
-    for (auto v : a) got += v;
-    got /= static_cast<double>(std::max<std::size_t>(a.size(), 1));
+    got = routed_share(layer, stream);
     if (target >= 1.0 || std::abs(got - target) < tolerance) break;
     (got < target ? lo : hi) = shift;
   }

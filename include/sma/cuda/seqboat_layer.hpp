@@ -19,6 +19,7 @@
 #pragma once
 
 #include <sma/core/error.hpp>
+#include <sma/cuda/param_transfer.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 #include <sma/models/seqboat.hpp>
 
@@ -80,13 +81,8 @@ inline SeqBoatLayerDevice SeqBoatLayerDevice::from_cpu(SeqBoatLayer<float>& cpu,
 }
 
 inline void SeqBoatLayerDevice::add_grads_to(SeqBoatLayer<float>& cpu, void* stream) const {
-  cpu.visit_params([&](const auto& name, Param<float>& p) {
-    const std::vector<float> g = grad(std::string(name), stream);
-    if (static_cast<Index>(g.size()) != p.size())
-      throw ShapeError(str_cat("SeqBoatLayerDevice::add_grads_to: ", std::string(name), " has ", g.size(),
-                               " device entries for ", p.size(), " host ones"));
-    for (Index i = 0; i < p.size(); ++i) p.grad()[i] += g[static_cast<std::size_t>(i)];
-  });
+  detail::write_host_params(cpu, detail::HostTarget::add_to_grads, "SeqBoatLayerDevice::add_grads_to",
+                            [&](const std::string& name) { return grad(name, stream); });
 }
 
 }  // namespace sma::cuda

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <sma/core/error.hpp>
+#include <sma/cuda/param_transfer.hpp>
 #include <sma/cuda/seqboat_layer.hpp>
 #include <sma/cuda/seqboat_lm_device.hpp>
 #include <sma/models/lm.hpp>
@@ -48,35 +49,19 @@ inline SeqBoatLmDevice SeqBoatLmDevice::from_cpu(SeqBoatLm<float>& cpu, bool dro
     layers.push_back(SeqBoatLayerDevice::from_cpu(cpu.layer(i), dropout_as_eval));
   std::vector<std::pair<std::string, std::vector<float>>> params;
   std::vector<DeviceParamInfo> info;
-  cpu.visit_params([&](const auto& name_, Param<float>& p) {
-    const std::string name(name_);
-    info.push_back({name, p.trainable(), p.rank() >= 2});
-    if (name.find(".slag_layer.") == std::string::npos)
-      params.emplace_back(name, std::vector<float>(p.data(), p.data() + p.size()));
-  });
+  detail::collect_host_params(
+      cpu, [](const std::string& name) { return name.find(".slag_layer.") != std::string::npos; }, params, info);
   return SeqBoatLmDevice(d, std::move(layers), params, info);
 }
 
 inline void SeqBoatLmDevice::add_grads_to(SeqBoatLm<float>& cpu, void* stream) const {
-  cpu.visit_params([&](const auto& name_, Param<float>& p) {
-    const std::string name(name_);
-    const std::vector<float> g = grad(name, stream);
-    if (static_cast<Index>(g.size()) != p.size())
-      throw ShapeError(str_cat("SeqBoatLmDevice::add_grads_to: ", name, " has ", g.size(), " device entries for ",
-                               p.size(), " host ones"));
-    for (Index i = 0; i < p.size(); ++i) p.grad()[i] += g[static_cast<std::size_t>(i)];
-  });
+  detail::write_host_params(cpu, detail::HostTarget::add_to_grads, "SeqBoatLmDevice::add_grads_to",
+                            [&](const std::string& name) { return grad(name, stream); });
 }
 
 inline void SeqBoatLmDevice::copy_params_to(SeqBoatLm<float>& cpu, void* stream) const {
-  cpu.visit_params([&](const auto& name_, Param<float>& p) {
-    const std::string name(name_);
-    const std::vector<float> v = param(name, stream);
-    if (static_cast<Index>(v.size()) != p.size())
-      throw ShapeError(str_cat("SeqBoatLmDevice::copy_params_to: ", name, " has ", v.size(), " device entries for ",
-                               p.size(), " host ones"));
-    for (Index i = 0; i < p.size(); ++i) p.data()[i] = v[static_cast<std::size_t>(i)];
-  });
+  detail::write_host_params(cpu, detail::HostTarget::values, "SeqBoatLmDevice::copy_params_to",
+                            [&](const std::string& name) { return param(name, stream); });
 }
 
 }  // namespace sma::cuda
