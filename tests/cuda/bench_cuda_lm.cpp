@@ -59,9 +59,7 @@ int main(int argc, char** argv) {
   for (const int mode : {0, 1, 2}) {
     dev = cuda::SeqBoatLmDevice::from_cpu(cpu);
     dev.set_optimizer(ac);
-    dev.set_bf16_projections(mode >= 1);
-    dev.set_bf16_attention(mode == 2);
-    const char* prec = mode == 0 ? "fp32" : mode == 1 ? "bf16-projections" : "bf16-projections+bf16-attention";
+    const char* prec = cuda::set_precision(dev, mode);
     const float t_step = cuda::time_median_ms(step, s, reps, 3);
     const float t_fwd = cuda::time_median_ms(fwd, s, reps, 2);
     const float t_fb = cuda::time_median_ms(fwd_bwd, s, reps, 2);

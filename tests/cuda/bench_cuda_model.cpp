@@ -67,9 +67,7 @@ int main(int argc, char** argv) {
   for (const int mode : {0, 1, 2}) {
     dev = cuda::SeqBoatModelDevice::from_cpu(cpu);
     dev.set_optimizer(ac);
-    dev.set_bf16_projections(mode >= 1);
-    dev.set_bf16_attention(mode == 2);
-    const char* prec = mode == 0 ? "fp32" : mode == 1 ? "bf16-projections" : "bf16-projections+bf16-attention";
+    const char* prec = cuda::set_precision(dev, mode);
     if (profile) {
       if (mode != profile_mode) continue;
       step();

@@ -1,6 +1,6 @@
 // sma/cuda/benchmarking.hpp: what the device benchmarks share: the start of their mains (no device: say so and stop;
-// else name the device), their integer arguments, the median of CUDA-event timings of a callable, the share of
-// tokens a device layer routed, and steering its router to a target share.
+// else name the device), their integer arguments, the precision modes, the median of CUDA-event timings of a
+// callable, the share of tokens a device layer routed, and steering its router to a target share.
 // Host header, no CUDA header (definitions inline over sma::cuda's host API).
 #pragma once
 
@@ -32,6 +32,16 @@ inline bool announce_device() {
 /// argv[i] as an integer, at least 1; `fallback` when there are fewer arguments.
 inline int positive_arg(int argc, char** argv, int i, int fallback) {
   return argc > i ? std::max(1, std::atoi(argv[i])) : fallback;
+}
+
+/// The precisions the model benchmarks compare: mode 0 fp32, 1 bf16 projections, 2 bf16 projections and bf16
+/// attention. Sets `mode` on `dev` (a device layer or model: set_bf16_projections, set_bf16_attention) and returns
+/// its name for the printed line.
+template <class DeviceModel>
+const char* set_precision(DeviceModel& dev, int mode) {
+  dev.set_bf16_projections(mode >= 1);
+  dev.set_bf16_attention(mode == 2);
+  return mode == 0 ? "fp32" : mode == 1 ? "bf16-projections" : "bf16-projections+bf16-attention";
 }
 
 /// Milliseconds of `fn` (work queued on `stream`): `warmup` untimed calls, then the median of `reps` calls, each
