@@ -187,6 +187,50 @@ __global__ void column_finish_kernel(int chunks, int cols, const double* __restr
   if (lane == 0) out[c] += static_cast<float>(s);
 }
 
+// Up to 4 matrices of one shape summed by column in one launch each for the partials and the finish.
+struct ColumnSet {
+  const float* a[4];
+  float* out[4];
+};
+
+// column_partial_kernel (mode 0, no b, lda = cols) for matrix blockIdx.z of the set; partials of matrix z at
+// partial + z * chunks * cols.
+__global__ void __launch_bounds__(32 * kColGroups) column_partial_set_kernel(long long rows, int cols, ColumnSet set,
+                                                                            const int* __restrict__ bound,
+                                                                            double* __restrict__ partial) {
+  __shared__ double part[kColGroups][32];
+  const int c = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y, z = blockIdx.z;
+  if (bound) rows = min(rows, static_cast<long long>(*bound));
+  const float* a = set.a[z];
+  const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
+  const long long r1 = min(rows, r0 + kColRows);
+  double s = 0;
+  if (c < cols)
+    for (long long r = r0 + g; r < r1; r += kColGroups) s += a[r * cols + c];
+  part[g][threadIdx.x] = s;
+  __syncthreads();
+  if (g == 0 && c < cols) {
+    double t = 0;
+#pragma unroll
+    for (int k = 0; k < kColGroups; ++k) t += part[k][threadIdx.x];
+    partial[(static_cast<long long>(z) * gridDim.y + blockIdx.y) * cols + c] = t;
+  }
+}
+
+// column_finish_kernel for the set: one warp per (matrix, column).
+__global__ void column_finish_set_kernel(int chunks, int cols, int n, const double* __restrict__ partial,
+                                         ColumnSet set) {
+  const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (w >= n * cols) return;  // whole warps leave together
+  const int z = w / cols, c = w % cols;
+  const double* p = partial + static_cast<long long>(z) * chunks * cols;
+  double s = 0;
+  for (int k = lane; k < chunks; k += 32) s += p[static_cast<long long>(k) * cols + c];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) set.out[z][c] += static_cast<float>(s);
+}
+
 template <class T>
 void column_reduce(long long rows, int cols, const T* a, int lda, const float* b, int mode, const float* x,
                    const float* mean, const float* rstd, float* out, bool all, cudaStream_t s,
@@ -610,6 +654,29 @@ void column_sum_add(long long rows, int cols, const float* a, int lda, const flo
   if (rows <= 0 || cols <= 0) return;
   if (!a || !out || lda < cols) throw ValueError("sma::cuda::column_sum_add: null pointer or lda < cols");
   column_reduce(rows, cols, a, lda, b, 0, nullptr, nullptr, nullptr, out, false, as_stream(stream), bound);
+}
+
+void column_sums_add(long long rows, int cols, int n, const float* const* a, float* const* out, void* stream,
+                     const int* bound) {
+  if (rows <= 0 || cols <= 0 || n == 0) return;
+  if (n < 0 || n > 4 || !a || !out)
+    throw ValueError(str_cat("sma::cuda::column_sums_add: ", n, " matrices (1 to 4) or null pointer arrays"));
+  ColumnSet set{};
+  for (int i = 0; i < n; ++i) {
+    if (!a[i] || !out[i]) throw ValueError(str_cat("sma::cuda::column_sums_add: matrix ", i, " or its output is null"));
+    set.a[i] = a[i];
+    set.out[i] = out[i];
+  }
+  const int chunks = static_cast<int>((rows + kColRows - 1) / kColRows);
+  if (chunks > 65535) throw ValueError(str_cat("sma::cuda::column_sums_add: too many rows (", rows, ")"));
+  const cudaStream_t s = as_stream(stream);
+  detail::StreamWorkspace ws(s);
+  double* part = ws.alloc<double>(static_cast<long long>(n) * chunks * cols);
+  column_partial_set_kernel<<<dim3((cols + 31) / 32, chunks, n), dim3(32, kColGroups), 0, s>>>(rows, cols, set, bound,
+                                                                                               part);
+  SMA_CUDA_CHECK_LAUNCH();
+  column_finish_set_kernel<<<(n * cols + 7) / 8, 256, 0, s>>>(chunks, cols, n, part, set);
+  SMA_CUDA_CHECK_LAUNCH();
 }
 
 void column_sum_add_bf16(long long rows, int cols, const void* a16, int lda, float* out, void* stream,

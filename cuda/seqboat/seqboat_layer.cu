@@ -1103,10 +1103,11 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   SMA_CUDA_CHECK_LAUNCH();
   float* dgamma = m.g("gamma");
   float* dbeta = m.g("beta");
-  column_sum_add(M, Z, tq, Z, nullptr, dgamma, s, bound);
-  column_sum_add(M, Z, tk, Z, nullptr, dgamma + Z, s, bound);
-  column_sum_add(M, Z, dq, Z, nullptr, dbeta, s, bound);
-  column_sum_add(M, Z, dk, Z, nullptr, dbeta + Z, s, bound);
+  {
+    const float* a[4] = {tq, tk, dq, dk};
+    float* out[4] = {dgamma, dgamma + Z, dbeta, dbeta + Z};
+    column_sums_add(M, Z, 4, a, out, s, bound);
+  }
   // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W (added to the tokens' dmx below).
   gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D, dbase16,
             b16(m.xc16));
