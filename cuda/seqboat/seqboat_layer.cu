@@ -20,9 +20,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -349,9 +351,48 @@ __global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* 
   }
 }
 
+// V consecutive floats of a row, as one float4 / float2 access when V is 4 / 2 (the caller checks alignment).
+template <int V>
+__device__ __forceinline__ void load_v(const float* p, float (&v)[V]) {
+  if constexpr (V == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else if constexpr (V == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    v[0] = t.x, v[1] = t.y;
+  } else {
+    v[0] = *p;
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
+  if constexpr (V == 4)
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  else if constexpr (V == 2)
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  else
+    *p = v[0];
+}
+template <int V>
+__device__ __forceinline__ void store_bf16_v(__nv_bfloat16* p, const float (&v)[V]) {
+  if constexpr (V == 4) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 u;
+    u.x = *reinterpret_cast<const unsigned*>(&lo);
+    u.y = *reinterpret_cast<const unsigned*>(&hi);
+    *reinterpret_cast<uint2*>(p) = u;
+  } else if constexpr (V == 2) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v[0], v[1]);
+  } else {
+    *p = __float2bfloat16_rn(v[0]);
+  }
+}
+
 // The layer's output, per token t: pre = hx[t] (row stride ldh; + hx_bias: the bf16 path's product has none) + gate *
 // (hc[slot] + h_bias) (activated tokens) + x[t]; out = silu(pre). Replaces the bias copy, extract_add and the
-// residual pass.
+// residual pass. One warp per token, V consecutive columns per lane and step (token_width: V divides D and ldh, and
+// every row start is aligned to V floats).
+template <int V>
 __global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hx,
                               const float* __restrict__ hxbias, const float* __restrict__ hc,
                               const float* __restrict__ hbias,
@@ -366,12 +407,29 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
     const float g = on ? gate[t] : 0.f;
     const float* hr = hx + t * ldh;
     const float* hcr = on ? hc + static_cast<long long>(slot) * D : nullptr;
-    for (int c = lane; c < D; c += 32) {
-      float p = hxbias ? hr[c] + hxbias[c] : hr[c];
-      if (on) p += g * (hcr[c] + hbias[c]);
-      p += x[t * D + c];
-      pre[t * D + c] = p;
-      out[t * D + c] = silu_f(p);
+    for (int c = V * lane; c < D; c += 32 * V) {
+      float p[V], b[V], xv[V], y[V];
+      load_v<V>(hr + c, p);
+      if (hxbias) {
+        load_v<V>(hxbias + c, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k) p[k] += b[k];
+      }
+      if (on) {
+        float h[V];
+        load_v<V>(hcr + c, h);
+        load_v<V>(hbias + c, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k) p[k] += g * (h[k] + b[k]);
+      }
+      load_v<V>(x + t * D + c, xv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        p[k] += xv[k];
+        y[k] = silu_f(p[k]);
+      }
+      store_v<V>(pre + t * D + c, p);
+      store_v<V>(out + t * D + c, y);
     }
   }
 }
@@ -379,8 +437,9 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
 // Backward of output_kernel (and of the extraction), per token t: dpre = dact silu'(pre); for an activated token
 // dhc[slot] = gate dpre and dgate = <dpre, hc[slot] + h_bias>; dgate = 0 otherwise (dgate is read only for
 // activated tokens). dpre also goes to hx's gradient (dhu, row stride ldh, already offset to hx's columns), in fp32
-// or bf16. With dhc16 the
-// slot gradient is written as bf16 only (rows past S are zeroed separately).
+// or bf16. With dhc16 the slot gradient is written as bf16 only (rows past S are zeroed separately). V as in
+// output_kernel.
+template <int V>
 __global__ void output_backward_kernel(long long rows, int D, int ldh, const float* __restrict__ pre,
                                        const float* __restrict__ dact, const float* __restrict__ hc,
                                        const float* __restrict__ hbias, const float* __restrict__ gate,
@@ -396,22 +455,35 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
     const float g = gate[t];
     const long long so = static_cast<long long>(slot) * D;
     double acc = 0;  // dgate feeds the router's temperature gradient, a sum with cancellation: keep it exact
-    for (int c = lane; c < D; c += 32) {
+    for (int c = V * lane; c < D; c += 32 * V) {
       const long long i = t * D + c;
-      const float d = dact[i] * dsilu_f(pre[i]);
-      dpre[i] = d;
+      float d[V], pv[V];
+      load_v<V>(dact + i, d);
+      load_v<V>(pre + i, pv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) d[k] *= dsilu_f(pv[k]);
+      store_v<V>(dpre + i, d);
       if (dhu16)
-        dhu16[t * ldh + c] = __float2bfloat16_rn(d);
+        store_bf16_v<V>(dhu16 + t * ldh + c, d);
       else
-        dhu[t * ldh + c] = d;
+        store_v<V>(dhu + t * ldh + c, d);
       if (slot >= 0) {  // slots of inactive tokens (the uncompressed fallback) get a zero gradient
-        const float v = on ? g * d : 0.f;
+        float v[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = on ? g * d[k] : 0.f;
         if (dhc16)
-          dhc16[so + c] = __float2bfloat16_rn(v);
+          store_bf16_v<V>(dhc16 + so + c, v);
         else
-          dhc[so + c] = v;
+          store_v<V>(dhc + so + c, v);
       }
-      if (on) acc = fma(static_cast<double>(d), static_cast<double>(hc[so + c]) + hbias[c], acc);
+      if (on) {
+        float h[V], b[V];
+        load_v<V>(hc + so + c, h);
+        load_v<V>(hbias + c, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          acc = fma(static_cast<double>(d[k]), static_cast<double>(h[k]) + b[k], acc);
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -447,7 +519,8 @@ __global__ void logits_to_bf16_kernel(long long rows, int ld, const float* __res
 
 // dmx = (dmx + dxc[slot] [+ dlogits[t] W[0:2]]) silu'(e) per token: the compression's backward, the router
 // logits' share of hx_proj's backward (bf16 path: a rank-2 product, cheaper here than as a product of its own)
-// and the SiLU's in one pass.
+// and the SiLU's in one pass. V as in output_kernel.
+template <int V>
 __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, const float* __restrict__ dxc,
                            const int* __restrict__ slot_of, const float* __restrict__ dlogits,
                            const float* __restrict__ w2, float* __restrict__ dmx) {
@@ -456,14 +529,55 @@ __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, c
        t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
     const int slot = slot_of[t];
     const float* g = slot >= 0 ? dxc + static_cast<long long>(slot) * D : nullptr;
-    for (int c = lane; c < D; c += 32) {
+    const float l0 = dlogits ? dlogits[2 * t] : 0.f, l1 = dlogits ? dlogits[2 * t + 1] : 0.f;
+    for (int c = V * lane; c < D; c += 32 * V) {
       const long long i = t * D + c;
-      float v = dmx[i];
-      if (g) v += g[c];
-      if (dlogits) v += dlogits[2 * t] * w2[c] + dlogits[2 * t + 1] * w2[D + c];
-      dmx[i] = v * dsilu_f(e[i]);
+      float v[V], ev[V];
+      load_v<V>(dmx + i, v);
+      if (g) {
+        float gv[V];
+        load_v<V>(g + c, gv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] += gv[k];
+      }
+      if (dlogits) {
+        float w0[V], w1[V];
+        load_v<V>(w2 + c, w0);
+        load_v<V>(w2 + D + c, w1);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] += l0 * w0[k] + l1 * w1[k];
+      }
+      load_v<V>(e + i, ev);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] *= dsilu_f(ev[k]);
+      store_v<V>(dmx + i, v);
     }
   }
+}
+
+// The widest V in {4, 2, 1} for the per-token kernels: V divides D and every leading dimension, and every pointer
+// is aligned to V elements (V floats for fp32 pointers, V bf16 for bf16 ones).
+int token_width(int D, std::initializer_list<long long> lds, std::initializer_list<const float*> f32,
+                std::initializer_list<const __nv_bfloat16*> b16 = {}) {
+  for (int v : {4, 2}) {
+    bool ok = D % v == 0;
+    for (long long ld : lds) ok = ok && ld % v == 0;
+    for (const float* p : f32) ok = ok && reinterpret_cast<std::uintptr_t>(p) % (4u * v) == 0;
+    for (const __nv_bfloat16* p : b16) ok = ok && reinterpret_cast<std::uintptr_t>(p) % (2u * v) == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, V>{}) for V = width (4, 2 or 1), to launch a kernel template<int V>.
+template <class F>
+void with_width(int width, F&& f) {
+  if (width == 4)
+    f(std::integral_constant<int, 4>{});
+  else if (width == 2)
+    f(std::integral_constant<int, 2>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 /// gemm_rm for contiguous operands (ld = columns), optionally with bf16 copies of A and B and fp32 accumulation
@@ -856,11 +970,18 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   }
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   float* act = c.prenorm ? out : m.act.data();
-  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, bf ? D : ldh, m.x.data(), m.hu.data() + (bf ? 0 : 2),
-                                                        bf ? m.p("hx_proj.bias") + 2 : nullptr, m.hc.data(),
-                                                        m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
-                                                        m.pre.data(), act);
-  SMA_CUDA_CHECK_LAUNCH();
+  {
+    const int ldx = bf ? D : ldh;
+    const float* hx = m.hu.data() + (bf ? 0 : 2);
+    const float* hxb = bf ? m.p("hx_proj.bias") + 2 : nullptr;
+    const int w = token_width(D, {ldx}, {m.x.data(), hx, hxb, m.hc.data(), m.p("h_proj.bias"), m.pre.data(), act});
+    with_width(w, [&](auto v) {
+      output_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
+          N, D, ldx, m.x.data(), hx, hxb, m.hc.data(), m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
+          m.pre.data(), act);
+    });
+    SMA_CUDA_CHECK_LAUNCH();
+  }
   if (!c.prenorm)
     m.norm_fwd(N, m.act.data(), out, m.mean2.data(), m.rstd2.data(), m.bn_mean2.data(), m.bn_invstd2.data(), s);
   m.has_forward = true;
@@ -902,11 +1023,18 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* dhu = bf ? nullptr : ws.alloc<float>(N * ldh);              // fp32: [dlogits | dhx], row stride ldh
   __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;  // bf16: dhx alone (N x D)
   if (!bf && !host_s) SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
-  output_backward_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, bf ? D : ldh, m.pre.data(), dact, m.hc.data(),
-                                                                 m.p("h_proj.bias"), m.gate.data(), pv.slot,
-                                                                 pv.key_valid, dpre, dgate, dhc, dhc16,
-                                                                 bf ? nullptr : dhu + 2, dhu16);
-  SMA_CUDA_CHECK_LAUNCH();
+  {
+    const int ldx = bf ? D : ldh;
+    float* dhx = bf ? nullptr : dhu + 2;
+    const int w = token_width(D, {ldx}, {m.pre.data(), dact, m.hc.data(), m.p("h_proj.bias"), dpre, dhc, dhx},
+                              {dhc16, dhu16});
+    with_width(w, [&](auto v) {
+      output_backward_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
+          N, D, ldx, m.pre.data(), dact, m.hc.data(), m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
+          dpre, dgate, dhc, dhc16, dhx, dhu16);
+    });
+    SMA_CUDA_CHECK_LAUNCH();
+  }
   if (bf) {
     zero_tail_bf16_kernel<<<grid(M * D / 8), 256, 0, s>>>(M, D, S_dev, dhc16);
     SMA_CUDA_CHECK_LAUNCH();
@@ -975,10 +1103,11 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   SMA_CUDA_CHECK_LAUNCH();
   float* dgamma = m.g("gamma");
   float* dbeta = m.g("beta");
-  column_sum_add(M, Z, tq, Z, nullptr, dgamma, s, bound);
-  column_sum_add(M, Z, tk, Z, nullptr, dgamma + Z, s, bound);
-  column_sum_add(M, Z, dq, Z, nullptr, dbeta, s, bound);
-  column_sum_add(M, Z, dk, Z, nullptr, dbeta + Z, s, bound);
+  {
+    const float* a[4] = {tq, tk, dq, dk};
+    float* out[4] = {dgamma, dgamma + Z, dbeta, dbeta + Z};
+    column_sums_add(M, Z, 4, a, out, s, bound);
+  }
   // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W (added to the tokens' dmx below).
   gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D, dbase16,
             b16(m.xc16));
@@ -1020,8 +1149,10 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
               dmx, D);
   }
   // 4. compression backward + SiLU, EMA, pre-norm, residual.
-  dmx_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), dxc, pv.slot, bf ? dlogits : nullptr,
-                                                     m.p("hx_proj.weight"), dmx);
+  with_width(token_width(D, {}, {m.ema_out.data(), dxc, m.p("hx_proj.weight"), dmx}), [&](auto v) {
+    dmx_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
+        N, D, m.ema_out.data(), dxc, pv.slot, bf ? dlogits : nullptr, m.p("hx_proj.weight"), dmx);
+  });
   SMA_CUDA_CHECK_LAUNCH();
   const float* xin = c.prenorm ? m.xin.data() : m.x.data();
   float* dxin = c.prenorm ? ws.alloc<float>(N * D) : dx;

@@ -410,4 +410,37 @@ TEST_CASE("cuda column sums: fp32 and bf16, bounded by a device row count", "[cu
     }
   }
   CHECK_THROWS_AS(cuda::column_sum_add_bf16(4, 4, nullptr, 4, nullptr), ValueError);
+
+  // column_sums_add: several matrices of one shape in one launch pair, bitwise what column_sum_add gives each.
+  for (const int n : {1, 3, 4}) {
+    const int rows = 700, cols = 37;
+    std::vector<cuda::DeviceArray<float>> mats, outs;
+    std::vector<float> init(static_cast<std::size_t>(cols));
+    for (int i = 0; i < n; ++i) {
+      std::vector<float> a(static_cast<std::size_t>(rows) * cols);
+      for (float& e : a) e = u(rng);
+      mats.emplace_back(a);
+      for (float& e : init) e = u(rng);
+      outs.emplace_back(init);
+      outs.emplace_back(init);
+    }
+    cuda::DeviceArray<int> d_bound(std::vector<int>{523});
+    std::vector<const float*> a;
+    std::vector<float*> out;
+    for (int i = 0; i < n; ++i) {
+      a.push_back(mats[static_cast<std::size_t>(i)].data());
+      out.push_back(outs[static_cast<std::size_t>(2 * i)].data());
+      cuda::column_sum_add(rows, cols, a.back(), cols, nullptr, outs[static_cast<std::size_t>(2 * i + 1)].data(),
+                           nullptr, d_bound.data());
+    }
+    cuda::column_sums_add(rows, cols, n, a.data(), out.data(), nullptr, d_bound.data());
+    for (int i = 0; i < n; ++i) {
+      INFO("set of " << n << ", matrix " << i);
+      CHECK(outs[static_cast<std::size_t>(2 * i)].download() == outs[static_cast<std::size_t>(2 * i + 1)].download());
+    }
+  }
+  const float* none[1] = {nullptr};
+  float* none_out[1] = {nullptr};
+  CHECK_THROWS_AS(cuda::column_sums_add(4, 4, 1, none, none_out), ValueError);
+  CHECK_THROWS_AS(cuda::column_sums_add(4, 4, 5, none, none_out), ValueError);
 }
