@@ -13,6 +13,7 @@
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
+#include "../local_attention/rotary.cuh"
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -336,6 +337,97 @@ __global__ void mul_r_x2_kernel(long long rows, int Z, int H, const __nv_bfloat1
   }
 }
 
+// The bf16 attention's padded operands (sma/cuda/local_attention.hpp, PADDED OPERANDS) written here directly: a
+// value goes to row off + s of its (rows, width) buffer, as bf16 rounded to nearest, the same bits as the
+// attention's own pad pass would make of the fp32 value. Column pairs (2j, 2j + 1); an odd width ends with a single.
+__device__ inline void store_pair_bf16(__nv_bfloat16* dst, int width, int c, float x0, float x1, bool two) {
+  if (two && width % 2 == 0) {
+    *reinterpret_cast<__nv_bfloat162*>(dst + c) = __floats2bfloat162_rn(x0, x1);
+  } else {
+    dst[c] = __float2bfloat16_rn(x0);
+    if (two) dst[c + 1] = __float2bfloat16_rn(x1);
+  }
+}
+
+// gau_act on the bf16 path straight into the padded q, k (rotated by the slot's position for rotary, in the
+// attention's arithmetic: attn::rotate_pair_bf16_path) and v, for rows < min(rows, *bound) (bound may be null);
+// fp32 q, k, v are not written: the bf16 attention reads only these. Same fp32 arithmetic as gau_act_kernel and
+// gau_act_bf16x2_kernel. Dynamic shared memory: Z/2 doubles (the rotary frequencies) when kRot.
+template <bool kRot>
+__global__ void __launch_bounds__(kRowThreads) gau_act_padded_kernel(
+    long long rows, int Z, int H, const __nv_bfloat16* __restrict__ base, const float* __restrict__ bias,
+    const float* __restrict__ gamma, const float* __restrict__ beta, const int* __restrict__ positions,
+    double theta, long long off, __nv_bfloat16* __restrict__ qp, __nv_bfloat16* __restrict__ kp,
+    __nv_bfloat16* __restrict__ vp, const int* __restrict__ bound) {
+  extern __shared__ double gau_inv[];
+  if constexpr (kRot) attn::rotary_frequencies(gau_inv, Z, theta);
+  const int P = Z + 2 * H, Zp = (Z + 1) / 2, Hp = (H + 1) / 2;
+  if (bound) rows = min(rows, static_cast<long long>(*bound));
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const __nv_bfloat16* br = base + row * P;
+    const double pos = kRot ? static_cast<double>(positions[row]) : 0.0;
+    for (int j = threadIdx.x; j < Zp + Hp; j += blockDim.x) {  // the z and v columns (r is not needed)
+      const bool zc = j < Zp;
+      const int c = zc ? 2 * j : 2 * (j - Zp);  // column within q and k, or within v
+      const int w = zc ? Z : H;
+      const int b0 = zc ? c : Z + H + c;        // column within base
+      const bool two = c + 1 < w;
+      float a[2] = {0.f, 0.f};
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+        if (t == 0 || two) {
+          const float b = __bfloat162float(br[b0 + t]) + bias[b0 + t];
+          a[t] = b / (1.f + expf(-b));
+        }
+      if (zc) {
+        float q0 = a[0] * gamma[c] + beta[c], k0 = a[0] * gamma[Z + c] + beta[Z + c];
+        float q1 = 0.f, k1 = 0.f;
+        if (two) {
+          q1 = a[1] * gamma[c + 1] + beta[c + 1];
+          k1 = a[1] * gamma[Z + c + 1] + beta[Z + c + 1];
+        }
+        if constexpr (kRot) {  // Z is even for rotary, so `two` holds
+          attn::rotate_pair_bf16_path(q0, q1, pos * gau_inv[c / 2]);
+          attn::rotate_pair_bf16_path(k0, k1, pos * gau_inv[c / 2]);
+        }
+        store_pair_bf16(qp + (off + row) * Z, Z, c, q0, q1, two);
+        store_pair_bf16(kp + (off + row) * Z, Z, c, k0, k1, two);
+      } else {
+        store_pair_bf16(vp + (off + row) * H, H, c, a[0], a[1], two);
+      }
+    }
+  }
+}
+
+// datt = dhr * r (the attention's dout) on rows < min(rows, *bound) (bound may be null) straight into the padded
+// bf16 dout, and in fp32 into datt when it is not null (the softmax backward's row deltas read the fp32 dout).
+// Same fp32 arithmetic as mul_r_kernel and mul_r_x2_kernel.
+__global__ void mul_r_padded_kernel(long long rows, int Z, int H, const __nv_bfloat16* __restrict__ a,
+                                    const __nv_bfloat16* __restrict__ base16, const float* __restrict__ bias,
+                                    const int* __restrict__ bound, float* __restrict__ datt, long long off,
+                                    __nv_bfloat16* __restrict__ dop) {
+  const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
+  const int P = Z + 2 * H, Hp = (H + 1) / 2;
+  for (long long row = blockIdx.x; row < live; row += gridDim.x) {
+    const long long o = row * H;
+    for (int j = threadIdx.x; j < Hp; j += blockDim.x) {
+      const int c = 2 * j;
+      const bool two = c + 1 < H;
+      const float x0 = __bfloat162float(a[o + c]) * r_of(base16, bias, row, P, Z, c);
+      const float x1 = two ? __bfloat162float(a[o + c + 1]) * r_of(base16, bias, row, P, Z, c + 1) : 0.f;
+      if (datt) {
+        if (two && H % 2 == 0) {
+          *reinterpret_cast<float2*>(datt + o + c) = make_float2(x0, x1);
+        } else {
+          datt[o + c] = x0;
+          if (two) datt[o + c + 1] = x1;
+        }
+      }
+      store_pair_bf16(dop + (off + row) * H, H, c, x0, x1, two);
+    }
+  }
+}
+
 // out = a * r on rows < min(rows, *bound) (fp32 out; the bf16 path's datt = dhr r, dhr in bf16).
 __global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* __restrict__ a,
                              const __nv_bfloat16* __restrict__ base16, const float* __restrict__ bias,
@@ -517,6 +609,12 @@ struct SeqBoatLayerDevice::Impl {
   // The bf16 path's weight copies (made in each forward, used by its backward) and backward operands. They live
   // as long as the layer because the bounded products' graphs are keyed by their pointers (bounded_gemm.hpp).
   DeviceBuffer w_mx16, w_h16, dhc16, dhr16, dbase16, dxc;
+  // The bf16 attention's padded operands (SeqBoatDeviceConfig::padded_attention_operands): written by the
+  // activation pass (q, k, v) and the backward's dout pass, kept across calls (stable pointers for the attention's
+  // graphs). Rows [0, W') are zeroed once per layout and never written again.
+  DeviceBuffer qp16, kp16, vp16, dop16;
+  PaddedLayout pad_layout;          ///< the layout they were zeroed for (0 rows: not yet)
+  bool padded_attention = false;    ///< the last forward used them (its backward does too)
 
   /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of
   /// rows past S are skipped, with no host wait).
@@ -537,6 +635,17 @@ struct SeqBoatLayerDevice::Impl {
 
   ~Impl() {
     if (blas) cublasDestroy(blas);
+  }
+
+  /// The padded operands for `lay`, zeroed whole when the layout differs from the one they hold.
+  void ensure_padded(const PaddedLayout& lay, cudaStream_t s) {
+    if (lay.rows == pad_layout.rows && lay.offset == pad_layout.offset) return;
+    const long long Z = cfg.zdim, H = cfg.hdim;
+    for (const auto& [b, w] : {std::pair<DeviceBuffer*, long long>{&qp16, Z}, {&kp16, Z}, {&vp16, H}, {&dop16, H}}) {
+      held(*b, lay.rows * w);
+      SMA_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->bytes(), s));
+    }
+    pad_layout = lay;
   }
 
   const float* p(const char* n) const {
@@ -600,9 +709,15 @@ struct SeqBoatLayerDevice::Impl {
     in.offsets = pv.offsets;
     in.positions = pv.positions;
     in.key_valid = pv.key_valid;
-    in.q = q.data();
-    in.k = k.data();
-    in.v = v.data();
+    if (padded_attention) {  // fp32 q, k, v are not written then
+      in.q_padded = qp16.data();
+      in.k_padded = kp16.data();
+      in.v_padded = vp16.data();
+    } else {
+      in.q = q.data();
+      in.k = k.data();
+      in.v = v.data();
+    }
     return in;
   }
 
@@ -702,6 +817,10 @@ void SeqBoatLayerDevice::set_bf16_attention(bool on) {
   impl_->cfg.attention.bf16 = on;
 }
 bool SeqBoatLayerDevice::training() const { return impl_->cfg.training; }
+void SeqBoatLayerDevice::set_padded_attention_operands(bool on) {
+  if (impl_->has_forward && on != impl_->cfg.padded_attention_operands) impl_->has_forward = false;
+  impl_->cfg.padded_attention_operands = on;
+}
 void SeqBoatLayerDevice::set_bf16_projections(bool on) {
   if (impl_->has_forward && on != impl_->cfg.bf16_projections) impl_->has_forward = false;  // no mixed backward
   impl_->cfg.bf16_projections = on;
@@ -787,6 +906,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     SMA_CUDA_CHECK(cudaMemsetAsync(m.att.data(), 0, N * H * sizeof(float), s));
   }
   m.rows_c = M;
+  m.padded_attention = bf && c.attention.bf16 && c.padded_attention_operands;
   const int Mi = static_cast<int>(M);
   const __nv_bfloat16* xc16 = nullptr;
   if (bf) {
@@ -806,7 +926,20 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
       gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
     else
       bounded_gemm(Impl::rows_product(true, Mi, P, D, xc16, D, w16, D, base16, P, GemmType::bf16), S_dev, s);
-    if (pairs)
+    if (m.padded_attention) {
+      const PaddedLayout lay = local_attention_padded_layout(c.attention, static_cast<int>(N));
+      m.ensure_padded(lay, s);
+      const auto qp = static_cast<__nv_bfloat16*>(m.qp16.data()), kp = static_cast<__nv_bfloat16*>(m.kp16.data()),
+                 vp = static_cast<__nv_bfloat16*>(m.vp16.data());
+      if (c.attention.position == Position::rotary)  // each block computes the Z/2 frequencies first: fewer blocks
+        gau_act_padded_kernel<true><<<std::min(row_grid(M), 2048u), kRowThreads, Z / 2 * sizeof(double), s>>>(
+            M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), pv.positions, c.attention.rotary_theta,
+            lay.offset, qp, kp, vp, S_dev);
+      else
+        gau_act_padded_kernel<false><<<row_grid(M), kRowThreads, 0, s>>>(
+            M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), nullptr, 0.0, lay.offset, qp, kp, vp,
+            S_dev);
+    } else if (pairs)
       gau_act_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
           M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"),
           reinterpret_cast<float2*>(m.q.data()), reinterpret_cast<float2*>(m.k.data()),
@@ -931,9 +1064,15 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     bounded_gemm(Impl::rows_product(false, Mi, H, D, dhc16, D, b16(m.w_h16), H, dhr16, H, GemmType::bf16), S_dev, s);
   else
     gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
-  float* datt = ws.alloc<float>(N * H);
+  const bool softmax = c.attention.activation == Activation::softmax;
+  // With the padded operands, dout goes to the attention in bf16 only, unless softmax's row deltas need fp32.
+  float* datt = m.padded_attention && !softmax ? nullptr : ws.alloc<float>(N * H);
   const __nv_bfloat16* base16 = bf ? static_cast<const __nv_bfloat16*>(m.base16.data()) : nullptr;
-  if (pairs)
+  if (m.padded_attention)
+    mul_r_padded_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr16, base16, m.p("mx_proj.bias"), bound, datt,
+                                                            m.pad_layout.offset,
+                                                            static_cast<__nv_bfloat16*>(m.dop16.data()));
+  else if (pairs)
     mul_r_x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
         M, Z, H, reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const __nv_bfloat162*>(base16),
         m.p("mx_proj.bias"), bound, reinterpret_cast<float2*>(datt));
@@ -950,8 +1089,9 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     SMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, N * Z * sizeof(float), s));
     SMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, N * H * sizeof(float), s));
   }
-  const bool softmax = c.attention.activation == Activation::softmax;
-  local_attention_backward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"),
+  LocalAttentionInputs att_in = m.attention_inputs();
+  if (m.padded_attention) att_in.dout_padded = m.dop16.data();
+  local_attention_backward(c.attention, att_in, m.p("rel_pos_bias.rel_pos_bias"),
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
                            m.g("rel_pos_bias.rel_pos_bias"), s);
   float* dbase = bf ? nullptr : ws.alloc<float>(N * P);
