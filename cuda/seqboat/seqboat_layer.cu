@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -634,6 +635,14 @@ struct SeqBoatLayerDevice::Impl {
     if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(n));
   }
 
+  /// fp32 q, k, v (N rows): written and read only when the attention does not take the padded operands.
+  void ensure_qkv() {
+    const long long N = static_cast<long long>(B) * L, Z = cfg.zdim, H = cfg.hdim;
+    ensure(q, N * Z);
+    ensure(k, N * Z);
+    ensure(v, N * H);
+  }
+
   void ensure_fp32() {
     const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
     ensure(mx, N * D);
@@ -655,9 +664,7 @@ struct SeqBoatLayerDevice::Impl {
     for (auto* a : {&bn_mean, &bn_invstd, &bn_mean2, &bn_invstd2}) ensure(*a, D);
     ensure(hu, N * ldh());
     ensure(probs, N * 2);
-    ensure(q, N * Z);
-    ensure(k, N * Z);
-    for (auto* a : {&v, &att}) ensure(*a, N * H);
+    ensure(att, N * H);
     // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead.
     padding = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
     active = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
@@ -672,6 +679,9 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
                              ", ", cfg.zdim, ", ", cfg.hdim, ", ", cfg.ndim));
   if (cfg.zdim > 128) throw ValueError(str_cat("SeqBoatLayerDevice: zdim ", cfg.zdim, " > 128 is not supported"));
   impl_->cfg = cfg;
+  // For timing the padded operands against the attention's own pad passes without a rebuild (e.g. in the model,
+  // whose layers take the default): SMA_CUDA_PADDED_ATTENTION=0 turns them off.
+  if (const char* e = std::getenv("SMA_CUDA_PADDED_ATTENTION")) impl_->cfg.padded_attention_operands = std::atoi(e) != 0;
   const long long D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim, R = cfg.bidirectional ? 2 * D : D;
   const std::map<std::string, long long> expected = {
       {"ssm.delta", R * cfg.ndim}, {"ssm.alpha", R * cfg.ndim}, {"ssm.beta", R * cfg.ndim},
@@ -811,6 +821,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   }
   m.rows_c = M;
   m.padded_attention = bf && c.attention.bf16 && c.padded_attention_operands;
+  if (!m.padded_attention) m.ensure_qkv();
   const int Mi = static_cast<int>(M);
   const __nv_bfloat16* xc16 = nullptr;
   if (bf) {

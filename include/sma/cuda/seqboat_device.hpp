@@ -44,7 +44,8 @@ struct SeqBoatDeviceConfig {
   /// With bf16_projections and attention.bf16: the GAU's activation pass writes the attention's padded bf16 q, k, v
   /// and the backward's dout pass its padded bf16 dout (LocalAttentionInputs::*_padded, kept by the layer), so the
   /// attention makes no padded copies of its own. Same bits either way; false: the attention pads the fp32 tensors
-  /// itself (kept for comparison and timing).
+  /// itself (kept for comparison and timing). The layer's constructor takes SMA_CUDA_PADDED_ATTENTION=0/1 from the
+  /// environment over this value when it is set.
   bool padded_attention_operands = true;
 };
 
