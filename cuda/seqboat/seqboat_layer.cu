@@ -656,7 +656,7 @@ struct SeqBoatLayerDevice::Impl {
     if (b == B && l == L && plan) return;
     B = b;
     L = l;
-    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
+    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, H = cfg.hdim;
     plan = std::make_unique<DeviceCompression>(B, L);
     for (auto* a : {&x, &xin, &ema_out, &hc, &pre, &act}) ensure(*a, N * D);
     ensure(logits, N * 2);
@@ -665,7 +665,8 @@ struct SeqBoatLayerDevice::Impl {
     ensure(hu, N * ldh());
     ensure(probs, N * 2);
     ensure(att, N * H);
-    // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead.
+    // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead. q, k, v:
+    // ensure_qkv.
     padding = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
     active = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
   }
