@@ -69,7 +69,8 @@ inline void validate(const LocalAttentionConfig& cfg, const LocalAttentionInputs
   if (!in.offsets) throw ValueError(str_cat(where, ": offsets is nullptr (expected B+1 device ints)"));
   const bool padded = in.q_padded || in.k_padded || in.v_padded || in.dout_padded;
   if (padded && !cfg.bf16)
-    throw ValueError(str_cat(where, ": padded bf16 operands (q_padded, k_padded, v_padded, dout_padded) need cfg.bf16"));
+    throw ValueError(
+        str_cat(where, ": padded bf16 operands (q_padded, k_padded, v_padded, dout_padded) need cfg.bf16"));
   for (const void* b : {in.q_padded, in.k_padded, in.v_padded, in.dout_padded})
     if (b && !aligned16(b))
       throw ValueError(str_cat(where, ": padded bf16 operands must be 16-byte aligned (as cudaMalloc's)"));

@@ -682,7 +682,8 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
   impl_->cfg = cfg;
   // For timing the padded operands against the attention's own pad passes without a rebuild (e.g. in the model,
   // whose layers take the default): SMA_CUDA_PADDED_ATTENTION=0 turns them off.
-  if (const char* e = std::getenv("SMA_CUDA_PADDED_ATTENTION")) impl_->cfg.padded_attention_operands = std::atoi(e) != 0;
+  if (const char* e = std::getenv("SMA_CUDA_PADDED_ATTENTION"))
+    impl_->cfg.padded_attention_operands = std::atoi(e) != 0;
   const long long D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim, R = cfg.bidirectional ? 2 * D : D;
   const std::map<std::string, long long> expected = {
       {"ssm.delta", R * cfg.ndim}, {"ssm.alpha", R * cfg.ndim}, {"ssm.beta", R * cfg.ndim},

@@ -24,7 +24,8 @@
 //   scores, bias, masks, softmax statistics (max, sum, log-sum-exp, delta) and dS stay fp32, the attention weights
 //   and dS are rounded to bf16 as operands of the second products, the bias gradient is summed from the fp32 dS in
 //   double. Inputs and outputs at this API stay fp32 (a caller may instead hand over the padded bf16 operands
-//   itself: PADDED OPERANDS below). Errors measured in the tests: a few 1e-3 of each tensor's largest magnitude (8-bit mantissas), not fp32's 1e-6.
+//   itself: PADDED OPERANDS below). Errors measured in the tests: a few 1e-3 of each tensor's largest magnitude
+//   (8-bit mantissas), not fp32's 1e-6.
 //   Differences of the bf16 path: rows [S, capacity) of out, dq, dk, dv are either set to ZERO or left untouched
 //   (its products run in chunks of blocks of 64 slots, up to the chunk holding slot S - 1; row_stat rows >= S stay
 //   untouched); its temporaries hold a band of capacity x (64 + 2 W') scores (W' = min(W, capacity) rounded up
