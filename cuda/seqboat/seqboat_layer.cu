@@ -13,6 +13,7 @@
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
+#include "padded_operands.cuh"
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -33,6 +35,7 @@ namespace {
 
 // Row-wise element kernels: blocks stride over rows, threads over columns (no 64-bit division per element).
 constexpr int kRowThreads = 256;
+static_assert(kRowThreads == kPaddedThreads, "padded_operands.cuh's kernels are launched with kRowThreads");
 unsigned row_grid(long long rows) { return static_cast<unsigned>(std::min<long long>(std::max<long long>(rows, 1), 1 << 18)); }
 
 // base (rows, Z+2H) + bias -> q, k (rows, Z), r, v (rows, H): z = silu(.[:, :Z]), q = z g0 + b0, k = z g1 + b1.
@@ -255,12 +258,6 @@ __global__ void compress_bf16_kernel(long long rows, int D, const __nv_bfloat16*
       for (int c = lane; c < D; c += 32) dst[c] = __float2bfloat16_rn(0.f);
     }
   }
-}
-
-// r = silu(base[:, Z:Z+H] + bias) from the bf16 base (not stored on the bf16 path).
-__device__ inline float r_of(const __nv_bfloat16* base16, const float* bias, long long row, int P, int Z, int c) {
-  const float b = __bfloat162float(base16[row * P + Z + c]) + bias[Z + c];
-  return b / (1.f + expf(-b));
 }
 
 // out16 = bf16(a * r) on rows < S, zeros on [S, rows): the attention output times r, as the h_proj operand.
@@ -631,6 +628,12 @@ struct SeqBoatLayerDevice::Impl {
   // The bf16 path's weight copies (made in each forward, used by its backward) and backward operands. They live
   // as long as the layer because the bounded products' graphs are keyed by their pointers (bounded_gemm.hpp).
   DeviceBuffer w_mx16, w_h16, dhc16, dhr16, dbase16, dxc;
+  // The bf16 attention's padded operands (SeqBoatDeviceConfig::padded_attention_operands): written by the
+  // activation pass (q, k, v) and the backward's dout pass, kept across calls (stable pointers for the attention's
+  // graphs). Rows [0, W') are zeroed once per layout and never written again.
+  DeviceBuffer qp16, kp16, vp16, dop16;
+  PaddedLayout pad_layout;          ///< the layout they were zeroed for (0 rows: not yet)
+  bool padded_attention = false;    ///< the last forward used them (its backward does too)
 
   /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of
   /// rows past S are skipped, with no host wait).
@@ -651,6 +654,17 @@ struct SeqBoatLayerDevice::Impl {
 
   ~Impl() {
     if (blas) cublasDestroy(blas);
+  }
+
+  /// The padded operands for `lay`, zeroed whole when the layout differs from the one they hold.
+  void ensure_padded(const PaddedLayout& lay, cudaStream_t s) {
+    if (lay.rows == pad_layout.rows && lay.offset == pad_layout.offset) return;
+    const long long Z = cfg.zdim, H = cfg.hdim;
+    for (const auto& [b, w] : {std::pair<DeviceBuffer*, long long>{&qp16, Z}, {&kp16, Z}, {&vp16, H}, {&dop16, H}}) {
+      held(*b, lay.rows * w);
+      SMA_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->bytes(), s));
+    }
+    pad_layout = lay;
   }
 
   const float* p(const char* n) const {
@@ -714,9 +728,15 @@ struct SeqBoatLayerDevice::Impl {
     in.offsets = pv.offsets;
     in.positions = pv.positions;
     in.key_valid = pv.key_valid;
-    in.q = q.data();
-    in.k = k.data();
-    in.v = v.data();
+    if (padded_attention) {  // fp32 q, k, v are not written then
+      in.q_padded = qp16.data();
+      in.k_padded = kp16.data();
+      in.v_padded = vp16.data();
+    } else {
+      in.q = q.data();
+      in.k = k.data();
+      in.v = v.data();
+    }
     return in;
   }
 
@@ -727,6 +747,14 @@ struct SeqBoatLayerDevice::Impl {
 
   static void ensure(DeviceArray<float>& a, long long n) {
     if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(n));
+  }
+
+  /// fp32 q, k, v (N rows): written and read only when the attention does not take the padded operands.
+  void ensure_qkv() {
+    const long long N = static_cast<long long>(B) * L, Z = cfg.zdim, H = cfg.hdim;
+    ensure(q, N * Z);
+    ensure(k, N * Z);
+    ensure(v, N * H);
   }
 
   void ensure_fp32() {
@@ -742,7 +770,7 @@ struct SeqBoatLayerDevice::Impl {
     if (b == B && l == L && plan) return;
     B = b;
     L = l;
-    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
+    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, H = cfg.hdim;
     plan = std::make_unique<DeviceCompression>(B, L);
     for (auto* a : {&x, &xin, &ema_out, &hc, &pre, &act}) ensure(*a, N * D);
     ensure(logits, N * 2);
@@ -750,10 +778,9 @@ struct SeqBoatLayerDevice::Impl {
     for (auto* a : {&bn_mean, &bn_invstd, &bn_mean2, &bn_invstd2}) ensure(*a, D);
     ensure(hu, N * ldh());
     ensure(probs, N * 2);
-    ensure(q, N * Z);
-    ensure(k, N * Z);
-    for (auto* a : {&v, &att}) ensure(*a, N * H);
-    // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead.
+    ensure(att, N * H);
+    // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead. q, k, v:
+    // ensure_qkv.
     padding = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
     active = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
   }
@@ -767,6 +794,10 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
                              ", ", cfg.zdim, ", ", cfg.hdim, ", ", cfg.ndim));
   if (cfg.zdim > 128) throw ValueError(str_cat("SeqBoatLayerDevice: zdim ", cfg.zdim, " > 128 is not supported"));
   impl_->cfg = cfg;
+  // For timing the padded operands against the attention's own pad passes without a rebuild (e.g. in the model,
+  // whose layers take the default): SMA_CUDA_PADDED_ATTENTION=0 turns them off.
+  if (const char* e = std::getenv("SMA_CUDA_PADDED_ATTENTION"))
+    impl_->cfg.padded_attention_operands = std::atoi(e) != 0;
   const long long D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim, R = cfg.bidirectional ? 2 * D : D;
   const std::map<std::string, long long> expected = {
       {"ssm.delta", R * cfg.ndim}, {"ssm.alpha", R * cfg.ndim}, {"ssm.beta", R * cfg.ndim},
@@ -816,6 +847,10 @@ void SeqBoatLayerDevice::set_bf16_attention(bool on) {
   impl_->cfg.attention.bf16 = on;
 }
 bool SeqBoatLayerDevice::training() const { return impl_->cfg.training; }
+void SeqBoatLayerDevice::set_padded_attention_operands(bool on) {
+  if (impl_->has_forward && on != impl_->cfg.padded_attention_operands) impl_->has_forward = false;
+  impl_->cfg.padded_attention_operands = on;
+}
 void SeqBoatLayerDevice::set_bf16_projections(bool on) {
   if (impl_->has_forward && on != impl_->cfg.bf16_projections) impl_->has_forward = false;  // no mixed backward
   impl_->cfg.bf16_projections = on;
@@ -901,6 +936,8 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     SMA_CUDA_CHECK(cudaMemsetAsync(m.att.data(), 0, N * H * sizeof(float), s));
   }
   m.rows_c = M;
+  m.padded_attention = bf && c.attention.bf16 && c.padded_attention_operands;
+  if (!m.padded_attention) m.ensure_qkv();
   const int Mi = static_cast<int>(M);
   const __nv_bfloat16* xc16 = nullptr;
   if (bf) {
@@ -920,7 +957,20 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
       gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
     else
       bounded_gemm(Impl::rows_product(true, Mi, P, D, xc16, D, w16, D, base16, P, GemmType::bf16), S_dev, s);
-    if (pairs)
+    if (m.padded_attention) {
+      const PaddedLayout lay = local_attention_padded_layout(c.attention, static_cast<int>(N));
+      m.ensure_padded(lay, s);
+      const auto qp = static_cast<__nv_bfloat16*>(m.qp16.data()), kp = static_cast<__nv_bfloat16*>(m.kp16.data()),
+                 vp = static_cast<__nv_bfloat16*>(m.vp16.data());
+      if (c.attention.position == Position::rotary)  // each block computes the Z/2 frequencies first: fewer blocks
+        gau_act_padded_kernel<true><<<std::min(row_grid(M), 2048u), kRowThreads, Z / 2 * sizeof(double), s>>>(
+            M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), pv.positions, c.attention.rotary_theta,
+            lay.offset, qp, kp, vp, S_dev);
+      else
+        gau_act_padded_kernel<false><<<row_grid(M), kRowThreads, 0, s>>>(
+            M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), nullptr, 0.0, lay.offset, qp, kp, vp,
+            S_dev);
+    } else if (pairs)
       gau_act_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
           M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"),
           reinterpret_cast<float2*>(m.q.data()), reinterpret_cast<float2*>(m.k.data()),
@@ -1059,9 +1109,15 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     bounded_gemm(Impl::rows_product(false, Mi, H, D, dhc16, D, b16(m.w_h16), H, dhr16, H, GemmType::bf16), S_dev, s);
   else
     gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
-  float* datt = ws.alloc<float>(N * H);
+  const bool softmax = c.attention.activation == Activation::softmax;
+  // With the padded operands, dout goes to the attention in bf16 only, unless softmax's row deltas need fp32.
+  float* datt = m.padded_attention && !softmax ? nullptr : ws.alloc<float>(N * H);
   const __nv_bfloat16* base16 = bf ? static_cast<const __nv_bfloat16*>(m.base16.data()) : nullptr;
-  if (pairs)
+  if (m.padded_attention)
+    mul_r_padded_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr16, base16, m.p("mx_proj.bias"), bound, datt,
+                                                            m.pad_layout.offset,
+                                                            static_cast<__nv_bfloat16*>(m.dop16.data()));
+  else if (pairs)
     mul_r_x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
         M, Z, H, reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const __nv_bfloat162*>(base16),
         m.p("mx_proj.bias"), bound, reinterpret_cast<float2*>(datt));
@@ -1078,8 +1134,9 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     SMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, N * Z * sizeof(float), s));
     SMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, N * H * sizeof(float), s));
   }
-  const bool softmax = c.attention.activation == Activation::softmax;
-  local_attention_backward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"),
+  LocalAttentionInputs att_in = m.attention_inputs();
+  if (m.padded_attention) att_in.dout_padded = m.dop16.data();
+  local_attention_backward(c.attention, att_in, m.p("rel_pos_bias.rel_pos_bias"),
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
                            m.g("rel_pos_bias.rel_pos_bias"), s);
   float* dbase = bf ? nullptr : ws.alloc<float>(N * P);
