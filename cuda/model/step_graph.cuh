@@ -79,7 +79,9 @@ class StepGraph {
       warm_.clear();
       SMA_CUDA_CHECK(ended != cudaSuccess ? ended : cudaErrorStreamCaptureInvalidated);
     }
-    const cudaError_t made = cudaGraphInstantiate(&exec_, graph, 0);
+    // cuBLAS records its workspace as memory nodes when none was set on a handle; should one of them outlive the
+    // step, a relaunch frees it first instead of failing.
+    const cudaError_t made = cudaGraphInstantiate(&exec_, graph, cudaGraphInstantiateFlagAutoFreeOnLaunch);
     cudaGraphDestroy(graph);
     if (made != cudaSuccess) {
       exec_ = nullptr;
