@@ -1,0 +1,115 @@
+// cuda/model/optim_kernels.cuh: the kernels of the chunked optimisers (chunk_table.cuh): the clipping pair, and
+// the RAdam and SGD updates of DeviceOptimizer (include/sma/cuda/optimizer.hpp), each one launch of
+// ChunkTable::chunks() blocks of kThreads threads. Included by optimizer.cu only (the kernels have external
+// linkage) and by tests/cuda/emulation/emulate_optim.cpp, which runs them on the host; they use nothing that
+// tests/cuda/emulation/cuda_runtime.h does not emulate. Every per-step scalar comes by value, computed on the host
+// in double from the step count, so no update waits for the host.
+#pragma once
+
+#include "chunk_table.cuh"
+
+namespace sma::cuda::chunked {
+
+// Fixed tree over a block's doubles (blockDim.x a power of 2); the total ends in part[0].
+__device__ inline void block_sum(double* part) {
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    __syncthreads();
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+  }
+  __syncthreads();
+}
+
+// partial[chunk] = sum of g^2 over the chunk, in double.
+__global__ void __launch_bounds__(kThreads) grad_square_kernel(const RangeDesc* __restrict__ ranges,
+                                                               const ChunkDesc* __restrict__ chunks,
+                                                               double* __restrict__ partial) {
+  __shared__ double part[kThreads];
+  const ChunkDesc ch = chunks[blockIdx.x];
+  const RangeDesc r = ranges[ch.range];
+  const long long end = min(r.n, ch.start + kChunk);
+  double s = 0;
+  for (long long i = ch.start + threadIdx.x; i < end; i += kThreads) {
+    const double g = r.g[i];
+    s += g * g;
+  }
+  part[threadIdx.x] = s;
+  block_sum(part);
+  if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
+}
+
+// norm[0] = the norm (double), scale[0] = max_norm / (norm + 1e-6) when the norm exceeds max_norm, else 1
+// (sma::optim::clip_grad_norm's rule, the factor rounded to float as the CPU's T = float path does).
+__global__ void __launch_bounds__(kNormThreads) clip_scale_kernel(int n, const double* __restrict__ partial,
+                                                                  double max_norm, double* __restrict__ norm,
+                                                                  float* __restrict__ scale) {
+  __shared__ double part[kNormThreads];
+  double s = 0;
+  for (int i = threadIdx.x; i < n; i += kNormThreads) s += partial[i];
+  part[threadIdx.x] = s;
+  block_sum(part);
+  if (threadIdx.x == 0) {
+    const double nm = sqrt(part[0]);
+    norm[0] = nm;
+    scale[0] = nm > max_norm ? static_cast<float>(max_norm / (nm + 1e-6)) : 1.f;
+  }
+}
+
+/// RAdam (sma::optim::Adam's radam variant): AdamW's moments and decoupled decay; the step is
+/// lr * rect * mhat / (sqrt(vhat) + eps) while the variance is tractable (`adaptive`, rho_t > 5), else lr * mhat.
+struct RAdamArgs {
+  float b1, b2, eps, lr, lr_wd, inv_bc1, inv_sqrt_bc2;
+  float lr_rect;  // lr * rect, the product taken in double on the host
+  int adaptive, zero_grads;
+};
+
+__global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __restrict__ ranges,
+                                                         const ChunkDesc* __restrict__ chunks,
+                                                         float* __restrict__ m, float* __restrict__ v, RAdamArgs a,
+                                                         const float* __restrict__ grad_scale) {
+  const ChunkDesc ch = chunks[blockIdx.x];
+  const RangeDesc r = ranges[ch.range];
+  const long long end = min(r.n, ch.start + kChunk);
+  const float decay = r.decay ? 1.f - a.lr_wd : 1.f;
+  const float gs = grad_scale ? *grad_scale : 1.f;
+  for (long long i = ch.start + threadIdx.x; i < end; i += kThreads) {
+    const long long k = r.moment_offset + i;
+    const float g = grad_scale ? r.g[i] * gs : r.g[i];
+    const float mk = a.b1 * m[k] + (1.f - a.b1) * g;
+    const float vk = a.b2 * v[k] + (1.f - a.b2) * g * g;
+    m[k] = mk;
+    v[k] = vk;
+    const float mhat = mk * a.inv_bc1;
+    r.w[i] = a.adaptive ? r.w[i] * decay - a.lr_rect * mhat / (sqrtf(vk) * a.inv_sqrt_bc2 + a.eps)
+                        : r.w[i] * decay - a.lr * mhat;
+    if (a.zero_grads) r.g[i] = 0.f;
+  }
+}
+
+/// SGD (sma::optim::Sgd, PyTorch's rule): g' = g + wd w (L2, on the decay ranges), buf = g' on the first step and
+/// momentum buf + g' after, w -= lr (nesterov ? g' + momentum buf : buf).
+struct SgdArgs {
+  float lr, momentum, wd;
+  int first, nesterov, zero_grads;
+};
+
+__global__ void __launch_bounds__(kThreads) sgd_kernel(const RangeDesc* __restrict__ ranges,
+                                                       const ChunkDesc* __restrict__ chunks,
+                                                       float* __restrict__ buf, SgdArgs a,
+                                                       const float* __restrict__ grad_scale) {
+  const ChunkDesc ch = chunks[blockIdx.x];
+  const RangeDesc r = ranges[ch.range];
+  const long long end = min(r.n, ch.start + kChunk);
+  const float wd = r.decay ? a.wd : 0.f;
+  const float gs = grad_scale ? *grad_scale : 1.f;
+  for (long long i = ch.start + threadIdx.x; i < end; i += kThreads) {
+    const long long k = r.moment_offset + i;
+    const float w = r.w[i];
+    const float g = (grad_scale ? r.g[i] * gs : r.g[i]) + wd * w;
+    const float bk = a.first ? g : a.momentum * buf[k] + g;
+    buf[k] = bk;
+    r.w[i] = w - a.lr * (a.nesterov ? g + a.momentum * bk : bk);
+    if (a.zero_grads) r.g[i] = 0.f;
+  }
+}
+
+}  // namespace sma::cuda::chunked
