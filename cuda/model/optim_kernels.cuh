@@ -8,6 +8,10 @@
 
 #include "chunk_table.cuh"
 
+#include <sma/cuda/optimizer.hpp>
+
+#include <cmath>
+
 namespace sma::cuda::chunked {
 
 // Fixed tree over a block's doubles (blockDim.x a power of 2); the total ends in part[0].
@@ -62,6 +66,29 @@ struct RAdamArgs {
   int adaptive, zero_grads;
 };
 
+/// sma::optim::Adam::step's scalars for step `t` (counted from 1), in double, each rounded once to float.
+inline RAdamArgs radam_args(const DeviceOptimizerConfig& c, long long t, double lr, bool zero_grads) {
+  const double b1 = c.beta1, b2 = c.beta2, td = static_cast<double>(t);
+  const double bc1 = 1 - std::pow(b1, td), bc2 = 1 - std::pow(b2, td);
+  const double rho_inf = 2 / (1 - b2) - 1;
+  const double rho_t = rho_inf - 2 * td * std::pow(b2, td) / bc2;
+  const bool adaptive = rho_t > 5;
+  const double rect =
+      adaptive ? std::sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) : 1.0;
+  RAdamArgs a;
+  a.b1 = static_cast<float>(b1);
+  a.b2 = static_cast<float>(b2);
+  a.eps = static_cast<float>(c.eps);
+  a.lr = static_cast<float>(lr);
+  a.lr_wd = static_cast<float>(lr * c.weight_decay);
+  a.inv_bc1 = static_cast<float>(1.0 / bc1);
+  a.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
+  a.lr_rect = static_cast<float>(lr * rect);
+  a.adaptive = adaptive ? 1 : 0;
+  a.zero_grads = zero_grads ? 1 : 0;
+  return a;
+}
+
 __global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __restrict__ ranges,
                                                          const ChunkDesc* __restrict__ chunks,
                                                          float* __restrict__ m, float* __restrict__ v, RAdamArgs a,
@@ -69,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __rest
   const ChunkDesc ch = chunks[blockIdx.x];
   const RangeDesc r = ranges[ch.range];
   const long long end = min(r.n, ch.start + kChunk);
-  const float decay = r.decay ? 1.f - a.lr_wd : 1.f;
+  const float lr_wd = r.decay ? a.lr_wd : 0.f;
   const float gs = grad_scale ? *grad_scale : 1.f;
   for (long long i = ch.start + threadIdx.x; i < end; i += kThreads) {
     const long long k = r.moment_offset + i;
@@ -79,8 +106,12 @@ __global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __rest
     m[k] = mk;
     v[k] = vk;
     const float mhat = mk * a.inv_bc1;
-    r.w[i] = a.adaptive ? r.w[i] * decay - a.lr_rect * mhat / (sqrtf(vk) * a.inv_sqrt_bc2 + a.eps)
-                        : r.w[i] * decay - a.lr * mhat;
+    const float upd = a.adaptive ? a.lr_rect * mhat / (sqrtf(vk) * a.inv_sqrt_bc2 + a.eps) : a.lr * mhat;
+    // w - (lr wd w + upd) rather than w (1 - lr wd) - upd: the small terms' rounding errors stay far below w's
+    // last bit, so the one rounding of w is the CPU's (which computes in double) nearly always; the other order
+    // rounds twice and drifts by a few ulp over a few steps.
+    const float w = r.w[i];
+    r.w[i] = w - (lr_wd * w + upd);
     if (a.zero_grads) r.g[i] = 0.f;
   }
 }
@@ -91,6 +122,18 @@ struct SgdArgs {
   float lr, momentum, wd;
   int first, nesterov, zero_grads;
 };
+
+/// Step `t` (counted from 1): the first step starts the momentum buffer at the gradient, as sma::optim::Sgd does.
+inline SgdArgs sgd_args(const DeviceOptimizerConfig& c, long long t, double lr, bool zero_grads) {
+  SgdArgs a;
+  a.lr = static_cast<float>(lr);
+  a.momentum = static_cast<float>(c.momentum);
+  a.wd = static_cast<float>(c.weight_decay);
+  a.first = t == 1 ? 1 : 0;
+  a.nesterov = c.nesterov ? 1 : 0;
+  a.zero_grads = zero_grads ? 1 : 0;
+  return a;
+}
 
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const RangeDesc* __restrict__ ranges,
                                                        const ChunkDesc* __restrict__ chunks,

@@ -108,39 +108,15 @@ struct DeviceOptimizer::Impl {
   void launch_sgd(double lr, cudaStream_t s, bool zero_grads, const float* scale) const;
 };
 
-// sma::optim::Adam::step's scalars for step `step` (counted from 1), in double, rounded once to float.
 void DeviceOptimizer::Impl::launch_radam(double lr, cudaStream_t s, bool zero_grads, const float* scale) const {
-  const double b1 = cfg.beta1, b2 = cfg.beta2, t = static_cast<double>(step);
-  const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
-  const double rho_inf = 2 / (1 - b2) - 1;
-  const double rho_t = rho_inf - 2 * t * std::pow(b2, t) / bc2;
-  const bool adaptive = rho_t > 5;
-  const double rect =
-      adaptive ? std::sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) : 1.0;
-  chunked::RAdamArgs a;
-  a.b1 = static_cast<float>(b1);
-  a.b2 = static_cast<float>(b2);
-  a.eps = static_cast<float>(cfg.eps);
-  a.lr = static_cast<float>(lr);
-  a.lr_wd = static_cast<float>(lr * cfg.weight_decay);
-  a.inv_bc1 = static_cast<float>(1.0 / bc1);
-  a.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
-  a.lr_rect = static_cast<float>(lr * rect);
-  a.adaptive = adaptive ? 1 : 0;
-  a.zero_grads = zero_grads ? 1 : 0;
+  const chunked::RAdamArgs a = chunked::radam_args(cfg, step, lr, zero_grads);
   chunked::radam_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(table.range_desc(), table.chunk_desc(),
                                                                       m.data(), v.data(), a, scale);
   SMA_CUDA_CHECK_LAUNCH();
 }
 
 void DeviceOptimizer::Impl::launch_sgd(double lr, cudaStream_t s, bool zero_grads, const float* scale) const {
-  chunked::SgdArgs a;
-  a.lr = static_cast<float>(lr);
-  a.momentum = static_cast<float>(cfg.momentum);
-  a.wd = static_cast<float>(cfg.weight_decay);
-  a.first = step == 1 ? 1 : 0;  // sma::optim::Sgd starts the buffer at the first step's gradient
-  a.nesterov = cfg.nesterov ? 1 : 0;
-  a.zero_grads = zero_grads ? 1 : 0;
+  const chunked::SgdArgs a = chunked::sgd_args(cfg, step, lr, zero_grads);
   chunked::sgd_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(table.range_desc(), table.chunk_desc(), m.data(),
                                                                     a, scale);
   SMA_CUDA_CHECK_LAUNCH();
