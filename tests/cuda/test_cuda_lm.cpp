@@ -7,6 +7,7 @@
 // test_cuda_model.cpp so that no decision is a near tie. Then the error cases, and the embedding gradient's
 // determinism.
 #include "cuda_test_support.hpp"
+#include "optimizer_setup.hpp"
 
 #include <sma/cuda/seqboat_lm.hpp>
 #include <sma/models/lm.hpp>
@@ -78,9 +79,11 @@ void require_same_routing(const Cache& cache, cuda::SeqBoatLmDevice& dev, int B,
   }
 }
 
-/// `clip`: the AdamW steps clip the global gradient norm at half the first step's (so that clipping acts).
-void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigned seed, bool clip = false) {
-  INFO("LM case " << name);
+/// `clip`: the steps clip the global gradient norm at half the first step's (so that clipping acts). `kind`: the
+/// optimiser (SGD with Nesterov momentum).
+void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigned seed, bool clip = false,
+              train::OptimizerKind kind = train::OptimizerKind::adamw) {
+  INFO("LM case " << name << ", " << train::to_string(kind));
   SeqBoatLm<double> md(cfg, seed);
   SeqBoatLm<float> mf(cfg, seed);
   auto pd = cuda_test::params_of<double>(md);
@@ -187,7 +190,7 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
     CHECK(cuda_test::max_abs_diff(e.grad(), g.data(), g.size()) == 0);
   }
 
-  // 3 AdamW steps (sma::train::Optimizer's rule: decay on matrices only) from here.
+  // 3 steps (sma::train::Optimizer's rule: decay on matrices only) from here.
   double norm0 = 0;
   for (auto& [n, p] : pd)
     for (Index i = 0; i < p->size(); ++i) norm0 += p->grad()[i] * p->grad()[i];
@@ -195,6 +198,8 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   std::map<std::string, std::vector<double>> w0;
   for (auto& [n, p] : pd) w0[n] = std::vector<double>(p->data(), p->data() + p->size());
   train::OptimizerConfig oc;
+  oc.kind = kind;
+  oc.nesterov = kind == train::OptimizerKind::sgd;
   oc.weight_decay = 0.05;
   ParamBuffer<double> bd(md);
   ParamBuffer<float> bf(mf);
@@ -206,7 +211,10 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
   ac.eps = oc.eps;
   ac.weight_decay = oc.weight_decay;
   ac.clip_norm = clip_norm;
-  dev.set_optimizer(ac);
+  if (kind == train::OptimizerKind::adamw)
+    dev.set_optimizer(ac);
+  else
+    dev.set_optimizer(cuda_test::device_optimizer(oc, clip_norm));
   pd = cuda_test::params_of<double>(md);
   pf = cuda_test::params_of<float>(mf);
   const double lr = 2e-3;
@@ -273,6 +281,17 @@ TEST_CASE("cuda SeqBoat LM matches the CPU LM (forward, loss, gradients, AdamW)"
     c.norm_type = NormType::scalenorm;
     check_lm("no feed-forward blocks, scalenorm, ragged", c, true, 5);
   }
+}
+
+TEST_CASE("cuda SeqBoat LM trains with RAdam and SGD as the CPU does", "[cuda][lm][optim]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  check_lm("prenorm layernorm silu, ragged, gradient clipping", small_config(), true, 3, /*clip=*/true,
+           train::OptimizerKind::radam);
+  SeqBoatLmConfig c = small_config();
+  c.ffn_hidden_dim = 0;
+  c.layers = 1;
+  c.norm_type = NormType::scalenorm;
+  check_lm("no feed-forward blocks, scalenorm, ragged", c, true, 5, /*clip=*/false, train::OptimizerKind::sgd);
 }
 
 TEST_CASE("cuda SeqBoat LM: the embedding gradient is the same on every run", "[cuda][lm][quick]") {

@@ -1,9 +1,11 @@
 // SeqBoatModelDevice against the CPU SeqBoatModel (double reference, float CPU path for the error budget), in train
 // mode with ragged padding: logits, loss, every parameter gradient, batchnorm's running statistics, and the
-// parameters after 3 AdamW steps (train_step on the device, sma::train::Optimizer on the CPU). Configurations:
-// batchnorm post-norm bidirectional (simple bias, relu2) and layernorm pre-norm causal rotary softmax. The router
-// margins are widened as in test_cuda_seqboat_layer.cpp so that no decision is a near tie.
+// parameters after 3 AdamW steps (train_step on the device, sma::train::Optimizer on the CPU; also 2 SGD steps with
+// Nesterov momentum and 3 RAdam steps, DeviceOptimizer). Configurations: batchnorm post-norm bidirectional (simple
+// bias, relu2) and layernorm pre-norm causal rotary softmax. The router margins are widened as in
+// test_cuda_seqboat_layer.cpp so that no decision is a near tie.
 #include "cuda_test_support.hpp"
+#include "optimizer_setup.hpp"
 
 #include <sma/cuda/seqboat_model.hpp>
 #include <sma/models/seqboat.hpp>
@@ -59,8 +61,10 @@ void require_same_routing(const Cache& cache, cuda::SeqBoatModelDevice& dev, int
   }
 }
 
-void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed) {
-  INFO("model case " << name);
+/// Trains `steps` steps with `kind` (SGD with Nesterov momentum) after the gradient checks.
+void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed,
+                 train::OptimizerKind kind = train::OptimizerKind::adamw, int steps = 3) {
+  INFO("model case " << name << ", " << train::to_string(kind));
   SeqBoatModel<double> md(cfg, seed);
   SeqBoatModel<float> mf(cfg, seed);
   auto pd = cuda_test::params_of<double>(md);
@@ -156,10 +160,12 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
     CHECK(a.ok());
   }
 
-  // 3 AdamW steps (sma::train::Optimizer's rule: decay on matrices only) from here.
+  // `steps` steps (sma::train::Optimizer's rule: decay on matrices only) from here.
   std::map<std::string, std::vector<double>> w0;
   for (auto& [n, p] : pd) w0[n] = std::vector<double>(p->data(), p->data() + p->size());
   train::OptimizerConfig oc;
+  oc.kind = kind;
+  oc.nesterov = kind == train::OptimizerKind::sgd;
   oc.weight_decay = 0.05;
   ParamBuffer<double> bd(md);
   ParamBuffer<float> bf(mf);
@@ -170,11 +176,14 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   ac.beta2 = oc.beta2;
   ac.eps = oc.eps;
   ac.weight_decay = oc.weight_decay;
-  dev.set_optimizer(ac);
+  if (kind == train::OptimizerKind::adamw)
+    dev.set_optimizer(ac);
+  else
+    dev.set_optimizer(cuda_test::device_optimizer(oc));
   pd = cuda_test::params_of<double>(md);
   pf = cuda_test::params_of<float>(mf);
   const double lr = 2e-3;
-  for (int step = 0; step < 3; ++step) {
+  for (int step = 0; step < steps; ++step) {
     cpu_step(md, x, cd);
     cpu_step(mf, xf, cf);
     od.step(lr);
@@ -183,7 +192,8 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   }
   stream.synchronize();
   require_same_routing(cd, dev, B, L, s, "after training, ");
-  CHECK(dev.optimizer().steps() == 3);
+  CHECK(dev.optimizer().steps() == steps);
+  CHECK(dev.optimizer().kind() == cuda::parse_device_optimizer(train::to_string(kind)));
   for (auto& [n, p] : pd) {
     const std::vector<float> v = dev.param(n, s);
     const std::size_t k = v.size();
@@ -192,8 +202,8 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
     for (std::size_t i = 0; i < k; ++i) upd_d += (p->data()[i] - w0.at(n)[i]) * (p->data()[i] - w0.at(n)[i]);
     upd_d = std::sqrt(upd_d);
     const double e_dev = norm_diff(v.data(), p->data(), k), e_f = norm_diff(pf.at(n)->data(), p->data(), k);
-    INFO("after 3 steps, " << n << ": |dev - double| " << e_dev << ", |float - double| " << e_f << ", |update| "
-                           << upd_d << " (float " << upd << ")");
+    INFO("after " << steps << " steps, " << n << ": |dev - double| " << e_dev << ", |float - double| " << e_f
+                  << ", |update| " << upd_d << " (float " << upd << ")");
     // fp32 moments and update against the CPU's doubles: the difference must be small against the update itself.
     CHECK(e_dev <= 2 * e_f + 1e-2 * upd_d + 1e-7);
   }
@@ -226,6 +236,22 @@ TEST_CASE("cuda SeqBoat model matches the CPU model (forward, loss, gradients, A
     c.bidirectional = false;
     check_model("batchnorm prenorm causal (batchnorm final norm), ragged", c, 5);
   }
+}
+
+TEST_CASE("cuda SeqBoat model trains with SGD and RAdam as the CPU does", "[cuda][model][optim]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatModelConfig c = small_config();
+  c.norm_type = NormType::batchnorm;
+  c.prenorm = false;
+  c.bidirectional = true;
+  check_model("batchnorm postnorm bidirectional simple relu2, ragged", c, 3, train::OptimizerKind::sgd, 2);
+  c = small_config();
+  c.norm_type = NormType::layernorm;
+  c.prenorm = true;
+  c.bidirectional = false;
+  c.rel_pos = ops::PositionEncoding::rotary;
+  c.attention_activation = ops::AttentionActivation::softmax;
+  check_model("layernorm prenorm causal rotary softmax, ragged", c, 4, train::OptimizerKind::radam, 3);
 }
 
 TEST_CASE("cuda SeqBoat model in eval mode uses the running statistics", "[cuda][model][quick]") {
