@@ -2,8 +2,9 @@
 // the RAdam and SGD updates of DeviceOptimizer (include/sma/cuda/optimizer.hpp), each one launch of
 // ChunkTable::chunks() blocks of kThreads threads. Included by optimizer.cu only (the kernels have external
 // linkage) and by tests/cuda/emulation/emulate_optim.cpp, which runs them on the host; they use nothing that
-// tests/cuda/emulation/cuda_runtime.h does not emulate. Every per-step scalar comes by value, computed on the host
-// in double from the step count, so no update waits for the host.
+// tests/cuda/emulation/cuda_runtime.h does not emulate. The per-step scalars (radam_args, sgd_args) are computed on
+// the host in double from the step count, so no update waits for the host; an update takes them by value, or, when
+// `dev_args` is not null, from device memory (for a step recorded once as a CUDA graph and replayed).
 #pragma once
 
 #include "chunk_table.cuh"
@@ -63,11 +64,11 @@ __global__ void __launch_bounds__(kNormThreads) clip_scale_kernel(int n, const d
 struct RAdamArgs {
   float b1, b2, eps, lr, lr_wd, inv_bc1, inv_sqrt_bc2;
   float lr_rect;  // lr * rect, the product taken in double on the host
-  int adaptive, zero_grads;
+  int adaptive;
 };
 
 /// sma::optim::Adam::step's scalars for step `t` (counted from 1), in double, each rounded once to float.
-inline RAdamArgs radam_args(const DeviceOptimizerConfig& c, long long t, double lr, bool zero_grads) {
+inline RAdamArgs radam_args(const DeviceOptimizerConfig& c, long long t, double lr) {
   const double b1 = c.beta1, b2 = c.beta2, td = static_cast<double>(t);
   const double bc1 = 1 - std::pow(b1, td), bc2 = 1 - std::pow(b2, td);
   const double rho_inf = 2 / (1 - b2) - 1;
@@ -85,14 +86,15 @@ inline RAdamArgs radam_args(const DeviceOptimizerConfig& c, long long t, double 
   a.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
   a.lr_rect = static_cast<float>(lr * rect);
   a.adaptive = adaptive ? 1 : 0;
-  a.zero_grads = zero_grads ? 1 : 0;
   return a;
 }
 
 __global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __restrict__ ranges,
                                                          const ChunkDesc* __restrict__ chunks,
-                                                         float* __restrict__ m, float* __restrict__ v, RAdamArgs a,
-                                                         const float* __restrict__ grad_scale) {
+                                                         float* __restrict__ m, float* __restrict__ v,
+                                                         RAdamArgs host_args, const RAdamArgs* __restrict__ dev_args,
+                                                         int zero_grads, const float* __restrict__ grad_scale) {
+  const RAdamArgs a = dev_args ? *dev_args : host_args;
   const ChunkDesc ch = chunks[blockIdx.x];
   const RangeDesc r = ranges[ch.range];
   const long long end = min(r.n, ch.start + kChunk);
@@ -112,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __rest
     // rounds twice and drifts by a few ulp over a few steps.
     const float w = r.w[i];
     r.w[i] = w - (lr_wd * w + upd);
-    if (a.zero_grads) r.g[i] = 0.f;
+    if (zero_grads) r.g[i] = 0.f;
   }
 }
 
@@ -120,25 +122,26 @@ __global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __rest
 /// momentum buf + g' after, w -= lr (nesterov ? g' + momentum buf : buf).
 struct SgdArgs {
   float lr, momentum, wd;
-  int first, nesterov, zero_grads;
+  int first, nesterov;
 };
 
 /// Step `t` (counted from 1): the first step starts the momentum buffer at the gradient, as sma::optim::Sgd does.
-inline SgdArgs sgd_args(const DeviceOptimizerConfig& c, long long t, double lr, bool zero_grads) {
+inline SgdArgs sgd_args(const DeviceOptimizerConfig& c, long long t, double lr) {
   SgdArgs a;
   a.lr = static_cast<float>(lr);
   a.momentum = static_cast<float>(c.momentum);
   a.wd = static_cast<float>(c.weight_decay);
   a.first = t == 1 ? 1 : 0;
   a.nesterov = c.nesterov ? 1 : 0;
-  a.zero_grads = zero_grads ? 1 : 0;
   return a;
 }
 
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const RangeDesc* __restrict__ ranges,
                                                        const ChunkDesc* __restrict__ chunks,
-                                                       float* __restrict__ buf, SgdArgs a,
+                                                       float* __restrict__ buf, SgdArgs host_args,
+                                                       const SgdArgs* __restrict__ dev_args, int zero_grads,
                                                        const float* __restrict__ grad_scale) {
+  const SgdArgs a = dev_args ? *dev_args : host_args;
   const ChunkDesc ch = chunks[blockIdx.x];
   const RangeDesc r = ranges[ch.range];
   const long long end = min(r.n, ch.start + kChunk);
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const RangeDesc* __restri
     const float bk = a.first ? g : a.momentum * buf[k] + g;
     buf[k] = bk;
     r.w[i] = w - a.lr * (a.nesterov ? g + a.momentum * bk : bk);
-    if (a.zero_grads) r.g[i] = 0.f;
+    if (zero_grads) r.g[i] = 0.f;
   }
 }
 

@@ -109,16 +109,17 @@ struct DeviceOptimizer::Impl {
 };
 
 void DeviceOptimizer::Impl::launch_radam(double lr, cudaStream_t s, bool zero_grads, const float* scale) const {
-  const chunked::RAdamArgs a = chunked::radam_args(cfg, step, lr, zero_grads);
+  const chunked::RAdamArgs a = chunked::radam_args(cfg, step, lr);
   chunked::radam_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(table.range_desc(), table.chunk_desc(),
-                                                                      m.data(), v.data(), a, scale);
+                                                                      m.data(), v.data(), a, nullptr,
+                                                                      zero_grads ? 1 : 0, scale);
   SMA_CUDA_CHECK_LAUNCH();
 }
 
 void DeviceOptimizer::Impl::launch_sgd(double lr, cudaStream_t s, bool zero_grads, const float* scale) const {
-  const chunked::SgdArgs a = chunked::sgd_args(cfg, step, lr, zero_grads);
+  const chunked::SgdArgs a = chunked::sgd_args(cfg, step, lr);
   chunked::sgd_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(table.range_desc(), table.chunk_desc(), m.data(),
-                                                                    a, scale);
+                                                                    a, nullptr, zero_grads ? 1 : 0, scale);
   SMA_CUDA_CHECK_LAUNCH();
 }
 

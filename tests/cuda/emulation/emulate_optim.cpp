@@ -2,7 +2,8 @@
 // clipping pair, RAdam, SGD) on the host (see cuda_runtime.h beside this file) over a chunk table built as
 // ChunkTable builds it, with the per-step scalars of radam_args / sgd_args, and compares every step with
 // sma::optim::Adam (radam variant) / sma::optim::Sgd and clip_grad_norm, as tests/cuda/test_cuda_optim.cpp does on a
-// device. Not part of the build. From the repository root (a minute on 2 cores):
+// device; every other step the update reads its scalars through the dev_args pointer (a replayed step graph's
+// path). Not part of the build. From the repository root (a minute on 2 cores):
 //   g++ -std=c++20 -O1 -I tests/cuda/emulation -I include -I cuda -I /usr/include/eigen3 -DEIGEN_MPL2_ONLY \
 //       tests/cuda/emulation/emulate_optim.cpp -pthread -o /tmp/emulate_optim && /tmp/emulate_optim
 #include <cuda_runtime.h>
@@ -90,6 +91,7 @@ double run_case(K kind, bool nesterov, double clip, bool zero_grads, int steps) 
   const dim3 grid(static_cast<unsigned>(cd.size()));
   double worst = 0;
   bool ok = true;
+  int adaptive_steps = 0;
   for (int step = 1; step <= steps; ++step) {
     for (std::size_t i = 0; i < n; ++i) buf.grads()[i] = nd(rng) * (1.f + 0.3f * static_cast<float>(step - 1));
     std::copy(buf.grads(), buf.grads() + n, g.begin());
@@ -110,11 +112,17 @@ double run_case(K kind, bool nesterov, double clip, bool zero_grads, int steps) 
       }
     }
     if (kind == K::radam) {
-      const ch::RAdamArgs a = ch::radam_args(dc, step, 1e-2, zero_grads);
-      emu::launch(grid, [&] { ch::radam_kernel(rd.data(), cd.data(), m.data(), v.data(), a, sc); });
+      const ch::RAdamArgs a = ch::radam_args(dc, step, 1e-2);
+      // Every other step the scalars come from "device" memory, as in a replayed step graph.
+      const ch::RAdamArgs* dev = step % 2 ? &a : nullptr;
+      const ch::RAdamArgs host = dev ? ch::RAdamArgs{} : a;
+      emu::launch(grid, [&] { ch::radam_kernel(rd.data(), cd.data(), m.data(), v.data(), host, dev, zero_grads, sc); });
+      adaptive_steps += a.adaptive;
     } else {
-      const ch::SgdArgs a = ch::sgd_args(dc, step, 1e-2, zero_grads);
-      emu::launch(grid, [&] { ch::sgd_kernel(rd.data(), cd.data(), m.data(), a, sc); });
+      const ch::SgdArgs a = ch::sgd_args(dc, step, 1e-2);
+      const ch::SgdArgs* dev = step % 2 ? &a : nullptr;
+      const ch::SgdArgs host = dev ? ch::SgdArgs{} : a;
+      emu::launch(grid, [&] { ch::sgd_kernel(rd.data(), cd.data(), m.data(), host, dev, zero_grads, sc); });
     }
     for (const auto& r : view.ranges)
       for (Index i = r.offset; i < r.offset + r.size; ++i) {
@@ -126,6 +134,10 @@ double run_case(K kind, bool nesterov, double clip, bool zero_grads, int steps) 
     const Index off = buf.entries()[3].offset;
     for (Index i = off; i < off + 5; ++i)
       if (w[static_cast<std::size_t>(i)] != 3.f) ok = false;
+  }
+  if (kind == K::radam && adaptive_steps != 2) {  // steps 6 and 7 of 7 (beta2 0.98): both branches ran
+    std::printf("  %d adaptive RAdam steps, expected 2\n", adaptive_steps);
+    ok = false;
   }
   return ok ? worst : -1;
 }
