@@ -94,6 +94,13 @@ DeviceOptimizerConfig optimizer_config(const AdamWConfig& a) {
   return c;
 }
 
+// Writes one step's scalars to device memory (prepare_step): a kernel argument rather than a copy from host memory,
+// so the host's copy may change at once and nothing waits.
+template <class Args>
+__global__ void store_args_kernel(Args a, Args* __restrict__ out) {
+  *out = a;
+}
+
 }  // namespace
 
 struct DeviceOptimizer::Impl {
@@ -103,23 +110,27 @@ struct DeviceOptimizer::Impl {
   long long step = 0;
   chunked::ChunkTable table;
   DeviceArray<float> m, v;  // radam: the moments; sgd: m is the momentum buffer
+  DeviceArray<chunked::RAdamArgs> radam_args;  // written by prepare_step (radam)
+  DeviceArray<chunked::SgdArgs> sgd_args;      // written by prepare_step (sgd)
 
-  void launch_radam(double lr, cudaStream_t s, bool zero_grads, const float* scale) const;
-  void launch_sgd(double lr, cudaStream_t s, bool zero_grads, const float* scale) const;
+  /// The clipping and the update of step `step`, with scalars for `lr` (prepared = false) or those that
+  /// prepare_step wrote (prepared = true).
+  void update(double lr, bool prepared, cudaStream_t s, bool zero_grads);
 };
 
-void DeviceOptimizer::Impl::launch_radam(double lr, cudaStream_t s, bool zero_grads, const float* scale) const {
-  const chunked::RAdamArgs a = chunked::radam_args(cfg, step, lr);
-  chunked::radam_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(table.range_desc(), table.chunk_desc(),
-                                                                      m.data(), v.data(), a, nullptr,
-                                                                      zero_grads ? 1 : 0, scale);
-  SMA_CUDA_CHECK_LAUNCH();
-}
-
-void DeviceOptimizer::Impl::launch_sgd(double lr, cudaStream_t s, bool zero_grads, const float* scale) const {
-  const chunked::SgdArgs a = chunked::sgd_args(cfg, step, lr);
-  chunked::sgd_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(table.range_desc(), table.chunk_desc(), m.data(),
-                                                                    a, nullptr, zero_grads ? 1 : 0, scale);
+void DeviceOptimizer::Impl::update(double lr, bool prepared, cudaStream_t s, bool zero_grads) {
+  const float* scale = table.clip(s);
+  const int zg = zero_grads ? 1 : 0;
+  if (cfg.kind == DeviceOptimizerKind::radam) {
+    const chunked::RAdamArgs a = prepared ? chunked::RAdamArgs{} : chunked::radam_args(cfg, step, lr);
+    chunked::radam_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(
+        table.range_desc(), table.chunk_desc(), m.data(), v.data(), a, prepared ? radam_args.data() : nullptr, zg,
+        scale);
+  } else {
+    const chunked::SgdArgs a = prepared ? chunked::SgdArgs{} : chunked::sgd_args(cfg, step, lr);
+    chunked::sgd_kernel<<<table.chunks(), chunked::kThreads, 0, s>>>(
+        table.range_desc(), table.chunk_desc(), m.data(), a, prepared ? sgd_args.data() : nullptr, zg, scale);
+  }
   SMA_CUDA_CHECK_LAUNCH();
 }
 
@@ -155,6 +166,9 @@ DeviceOptimizer::DeviceOptimizer(std::vector<OptimizerRange> ranges, const Devic
   if (cfg.kind == DeviceOptimizerKind::radam) {
     m.v = DeviceArray<float>(total);
     m.v.fill_bytes(0);
+    m.radam_args = DeviceArray<chunked::RAdamArgs>(1);
+  } else {
+    m.sgd_args = DeviceArray<chunked::SgdArgs>(1);
   }
   device_synchronize();  // the fills above ran on the legacy stream; a step may come on any stream
 }
@@ -183,12 +197,33 @@ void DeviceOptimizer::step(double lr, void* stream, bool zero_grads) {
   }
   ++m.step;
   if (m.table.chunks() == 0) return;
-  const float* scale = m.table.clip(stream);
+  m.update(lr, /*prepared=*/false, static_cast<cudaStream_t>(stream), zero_grads);
+}
+
+void DeviceOptimizer::prepare_step(double lr, void* stream) {
+  Impl& m = *impl_;
+  if (m.adamw) {
+    m.adamw->prepare_step(lr, stream);
+    return;
+  }
+  ++m.step;
+  if (m.table.chunks() == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (m.cfg.kind == DeviceOptimizerKind::radam)
-    m.launch_radam(lr, s, zero_grads, scale);
+    store_args_kernel<<<1, 1, 0, s>>>(chunked::radam_args(m.cfg, m.step, lr), m.radam_args.data());
   else
-    m.launch_sgd(lr, s, zero_grads, scale);
+    store_args_kernel<<<1, 1, 0, s>>>(chunked::sgd_args(m.cfg, m.step, lr), m.sgd_args.data());
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+void DeviceOptimizer::step_prepared(void* stream, bool zero_grads) {
+  Impl& m = *impl_;
+  if (m.adamw) {
+    m.adamw->step_prepared(stream, zero_grads);
+    return;
+  }
+  if (m.table.chunks() == 0) return;
+  m.update(0.0, /*prepared=*/true, static_cast<cudaStream_t>(stream), zero_grads);
 }
 
 double DeviceOptimizer::last_grad_norm(void* stream) const {

@@ -242,3 +242,41 @@ TEST_CASE("cuda DeviceOptimizer names bad input", "[cuda][optim]") {
   CHECK(none.steps() == 1);
   CHECK(none.size() == 0);
 }
+
+TEST_CASE("cuda DeviceOptimizer: prepare_step + step_prepared equal step, bitwise", "[cuda][optim]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  const std::size_t n = 9000;
+  std::mt19937 rng(8);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> w0(n), gh(n);
+  for (float& x : w0) x = nd(rng);
+  using K = cuda::DeviceOptimizerKind;
+  for (K kind : {K::adamw, K::radam, K::sgd})
+    for (double clip : {0.0, 10.0}) {
+      INFO(cuda::to_string(kind) << " clip " << clip);
+      cuda::DeviceArray<float> wa(w0), wb(w0), ga(n), gb(n);
+      auto ranges = [&](cuda::DeviceArray<float>& w, cuda::DeviceArray<float>& g) {
+        return std::vector<cuda::OptimizerRange>{{w.data(), g.data(), 5000, true},
+                                                 {w.data() + 5000, g.data() + 5000, 4000, false}};
+      };
+      cuda::DeviceOptimizerConfig c;
+      c.kind = kind;
+      c.nesterov = true;
+      c.weight_decay = 0.1;
+      c.clip_norm = clip;
+      cuda::DeviceOptimizer a(ranges(wa, ga), c), b(ranges(wb, gb), c);
+      cuda::Stream stream;
+      void* s = stream.handle();
+      for (int step = 0; step < 7; ++step) {  // RAdam's rectified branch from step 6
+        for (float& x : gh) x = nd(rng);
+        ga.upload(gh, s);
+        gb.upload(gh, s);
+        a.step(1e-2, s, step % 2 == 1);
+        b.prepare_step(1e-2, s);
+        b.step_prepared(s, step % 2 == 1);
+      }
+      CHECK(cuda_test::bitwise_equal(wa.download(s), wb.download(s)));
+      CHECK(cuda_test::bitwise_equal(ga.download(s), gb.download(s)));
+      CHECK(b.steps() == 7);
+    }
+}

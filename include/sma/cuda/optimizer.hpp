@@ -56,6 +56,12 @@ class DeviceOptimizer {
   long long size() const;
   /// One update with learning rate `lr`, queued on `stream`; `zero_grads` and clipping as DeviceAdamW::step.
   void step(double lr, void* stream = nullptr, bool zero_grads = false);
+  /// step() in two halves, as DeviceAdamW::prepare_step / step_prepared, for a step recorded once as a CUDA graph
+  /// and replayed: prepare_step counts the step and queues a one-thread kernel that writes this step's scalars
+  /// (computed as step() does, so the updates are bitwise the same) to device memory; step_prepared queues the
+  /// clipping and the update, which read them from there.
+  void prepare_step(double lr, void* stream = nullptr);
+  void step_prepared(void* stream = nullptr, bool zero_grads = false);
   /// As DeviceAdamW::last_grad_norm.
   double last_grad_norm(void* stream = nullptr) const;
   /// The DeviceAdamW that runs the adamw kind; nullptr for the others.

@@ -29,6 +29,7 @@
 #include <sma/cuda/loss.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 #include <sma/cuda/seqboat_model_device.hpp>
+#include <sma/cuda/step_graph.hpp>
 
 #include <cstdint>
 #include <memory>
@@ -109,6 +110,10 @@ class SeqBoatLmDevice {
   /// the host. The update clears the gradients after use (grad() reads 0 after a train_step).
   void train_step(int batch, int length, const int* tokens, const std::uint8_t* padding, const int* targets,
                   double lr, void* stream = nullptr);
+  /// Opt-in: train_step as a CUDA graph, replayed (as SeqBoatModelDevice::set_step_graph; sma/cuda/step_graph.hpp).
+  void set_step_graph(bool on);
+  bool step_graph() const;
+  StepGraphStats step_graph_stats() const;
 
   /// Every parameter by official name, in the CPU visiting order.
   std::vector<std::string> param_names() const;

@@ -8,6 +8,7 @@
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
 #include <sma/cuda/seqboat_device.hpp>
+#include <sma/cuda/step_graph.hpp>
 
 #include <cstdint>
 #include <memory>
@@ -93,6 +94,16 @@ class SeqBoatModelDevice {
   /// after use, so grad() reads 0 after a train_step; call forward/loss/backward_loss to inspect gradients.
   void train_step(int batch, int length, const float* x, const std::uint8_t* padding, const int* labels, double lr,
                   void* stream = nullptr);
+
+  /// Opt-in: train_step recorded once per shape as a CUDA graph and replayed (sma/cuda/step_graph.hpp says when it
+  /// captures, replays or runs plainly). The results are bitwise those of the plain train_step. Needs a stream
+  /// other than the legacy default one (ValueError otherwise) and no layer with host_compressed_length. While a
+  /// step is captured, cuda::bounded_gemm runs its products whole. Buffers of the model are reallocated only by
+  /// the model's own calls (a forward at another shape, set_optimizer, ...), which the graph follows; do not call
+  /// a layer's forward directly at another shape between graph steps.
+  void set_step_graph(bool on);
+  bool step_graph() const;
+  StepGraphStats step_graph_stats() const;
 
   /// Every parameter by official name, in the CPU visiting order (buffers included).
   std::vector<std::string> param_names() const;
