@@ -1,10 +1,10 @@
 // SeqBoatLmDevice (include/sma/cuda/seqboat_lm_device.hpp): token embedding, the causal layers with their
 // feed-forward blocks, the final norm, the tied output projection and the token-level loss on one stream, with
 // AdamW; nothing waits for the host unless a value is read back.
-#include <sma/cuda/adamw.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
+#include <sma/cuda/optimizer.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 #include <sma/cuda/seqboat_lm_device.hpp>
 
@@ -232,7 +232,7 @@ struct SeqBoatLmDevice::Impl {
   cublasHandle_t blas = nullptr;
   detail::ParamTable params{"SeqBoatLmDevice"};  // embedding, nffn., final norm owned; every one listed
   bool training = true;
-  std::optional<DeviceAdamW> opt;
+  std::optional<DeviceOptimizer> opt;
   bool grads_zero = true;  ///< host-side knowledge that every gradient is 0 (train_step skips zero_grad)
 
   int B = 0, L = 0;
@@ -519,7 +519,12 @@ void SeqBoatLmDevice::set_optimizer(const AdamWConfig& cfg) {
   impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
 }
 
-DeviceAdamW& SeqBoatLmDevice::optimizer() {
+void SeqBoatLmDevice::set_optimizer(const DeviceOptimizerConfig& cfg) {
+  impl_->graph.forget();
+  impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
+}
+
+DeviceOptimizer& SeqBoatLmDevice::optimizer() {
   if (!impl_->opt) throw ValueError("SeqBoatLmDevice::optimizer: no optimiser (call set_optimizer first)");
   return *impl_->opt;
 }

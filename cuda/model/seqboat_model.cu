@@ -1,9 +1,9 @@
 // SeqBoatModelDevice (include/sma/cuda/seqboat_model.hpp): encoder, the layers, the final norm, mean pooling and the
 // decoder on one stream, with the loss and AdamW; nothing waits for the host unless a value is read back.
-#include <sma/cuda/adamw.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
+#include <sma/cuda/optimizer.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 #include <sma/cuda/seqboat_model_device.hpp>
 
@@ -85,7 +85,7 @@ struct SeqBoatModelDevice::Impl {
   cublasHandle_t blas = nullptr;
   detail::ParamTable params{"SeqBoatModelDevice"};  // encoder., final_norm., decoder. owned; every one listed
   bool training = true;
-  std::optional<DeviceAdamW> opt;
+  std::optional<DeviceOptimizer> opt;
   bool grads_zero = true;  ///< host-side knowledge that every gradient is 0 (train_step skips zero_grad)
 
   int B = 0, L = 0;
@@ -323,7 +323,12 @@ void SeqBoatModelDevice::set_optimizer(const AdamWConfig& cfg) {
   impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
 }
 
-DeviceAdamW& SeqBoatModelDevice::optimizer() {
+void SeqBoatModelDevice::set_optimizer(const DeviceOptimizerConfig& cfg) {
+  impl_->graph.forget();
+  impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
+}
+
+DeviceOptimizer& SeqBoatModelDevice::optimizer() {
   if (!impl_->opt) throw ValueError("SeqBoatModelDevice::optimizer: no optimiser (call set_optimizer first)");
   return *impl_->opt;
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <sma/cuda/adamw.hpp>
+#include <sma/cuda/optimizer.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
 #include <sma/cuda/seqboat_device.hpp>
@@ -84,9 +85,11 @@ class SeqBoatModelDevice {
   void zero_grad(void* stream = nullptr);
   /// AdamW over the trainable parameters (decay as DeviceParamInfo says); replaces the optimiser and its state.
   void set_optimizer(const AdamWConfig& cfg);
-  DeviceAdamW& optimizer();
+  /// AdamW, RAdam or SGD (cfg.kind) likewise.
+  void set_optimizer(const DeviceOptimizerConfig& cfg);
+  DeviceOptimizer& optimizer();
   void step(double lr, void* stream = nullptr);
-  /// One training step: forward, loss, backward, AdamW with learning rate `lr`, all queued on `stream` with no
+  /// One training step: forward, loss, backward, the optimiser's update with learning rate `lr`, all queued on `stream` with no
   /// wait for the host (read_loss() reads the loss when wanted). The gradients are cleared by the update kernel
   /// after use, so grad() reads 0 after a train_step; call forward/loss/backward_loss to inspect gradients.
   void train_step(int batch, int length, const float* x, const std::uint8_t* padding, const int* labels, double lr,
