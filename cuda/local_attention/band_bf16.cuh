@@ -344,8 +344,13 @@ inline long long own_padded_bytes(const BandGeometry& g, const void* given, int 
 
 /// Lets the stream-ordered pool of the current device keep `bytes` across synchronisations. The default release
 /// threshold (0) hands the pool's memory back at every synchronisation, so each call would map its workspace
-/// (hundreds of MB at the issue's shape) afresh, which measurably costs time. The threshold is only raised.
-inline void retain_workspace(std::size_t bytes) {
+/// (hundreds of MB at the issue's shape) afresh, which measurably costs time. The threshold is only raised. While
+/// `s` is being captured into a graph the pool may not be queried (cudaErrorStreamCaptureUnsupported); nothing is
+/// lost by skipping, because a graph's allocations are its own and the plain steps before it raised the threshold.
+inline void retain_workspace(std::size_t bytes, cudaStream_t s) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  SMA_CUDA_CHECK(cudaStreamIsCapturing(s, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
   int dev = 0;
   SMA_CUDA_CHECK(cudaGetDevice(&dev));
   cudaMemPool_t pool;
@@ -368,7 +373,7 @@ inline void local_attention_forward_bf16(const LocalAttentionConfig& cfg, const 
   const BandGeometry g(cfg, in.capacity);
   const long long own = own_padded_bytes(g, in.q_padded, in.z) + own_padded_bytes(g, in.k_padded, in.z) +
                         own_padded_bytes(g, in.v_padded, in.h);
-  retain_workspace(static_cast<std::size_t>(own + g.band() * 6 + (4 << 20)));
+  retain_workspace(static_cast<std::size_t>(own + g.band() * 6 + (4 << 20)), s);
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
   const int cb = band_chunk_blocks(g);

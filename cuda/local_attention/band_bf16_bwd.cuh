@@ -216,7 +216,7 @@ inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const
   const long long table_bytes = p.table_size > 0 ? static_cast<long long>(g.nb) * p.table_size * 8 : 0;
   const long long own = own_padded_bytes(g, in.q_padded, in.z) + own_padded_bytes(g, in.k_padded, in.z) +
                         own_padded_bytes(g, in.v_padded, in.h) + own_padded_bytes(g, in.dout_padded, in.h);
-  retain_workspace(static_cast<std::size_t>(own + g.band() * 16 + table_bytes + in.capacity * 4LL + (4 << 20)));
+  retain_workspace(static_cast<std::size_t>(own + g.band() * 16 + table_bytes + in.capacity * 4LL + (4 << 20)), s);
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
   const int cb = band_chunk_blocks(g);
