@@ -429,7 +429,13 @@ void bounded_gemm(const BoundedGemm* products, int n, const int* count, void* st
   for (int i = 0; i < n; ++i) validate(products[i], i);
   if (!count) throw ValueError("cuda::bounded_gemm: count (the device's row count) is nullptr");
   const auto s = static_cast<cudaStream_t>(stream);
-  if (bounded_gemm_mode() == BoundedGemmMode::full) {
+  // Inside a stream capture (a whole training step recorded as one graph: set_step_graph) the cached graph cannot
+  // be launched (cudaGraphLaunch into a capturing stream is refused) and a new one could not be built (its
+  // cudaMalloc is not allowed there), so the products run whole, as in full mode: on bf16 operands that are zero
+  // past S (see the header), which costs only the skipped chunks' time.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  SMA_CUDA_CHECK(cudaStreamIsCapturing(s, &capture));
+  if (bounded_gemm_mode() == BoundedGemmMode::full || capture != cudaStreamCaptureStatusNone) {
     DeviceTools& t = tools();
     SMA_CUDA_CHECK(cublasSetStream(t.blas, s));
     for (int i = 0; i < n; ++i)

@@ -404,6 +404,41 @@ __device__ inline PairCoefs pair_coefs(const Geometry& g, const Coefs& cf, int n
   return pc;
 }
 
+/// Pair k of the flat (half, order pair) loop of the forward apply: coefficients and carried start states, a
+/// missing second order reading 0.
+struct PairLoad {
+  float q[kPair], w[kPair], v[kPair];
+};
+template <int C>
+__device__ __forceinline__ PairLoad pair_load(const Geometry& g, const Coefs& cf, const Tile<C>& tl,
+                                              const float* carry, int k, int pairs) {
+  const int h = k / pairs, n0 = (k - h * pairs) * kPair, r = h * g.D + tl.d;
+  PairLoad pl;
+#pragma unroll
+  for (int p = 0; p < kPair; ++p) {
+    const bool in = n0 + p < g.N;
+    const long long o = static_cast<long long>(n0 + p) * g.R + r;
+    pl.q[p] = in ? cf.q[o] : 0.f;
+    pl.w[p] = in ? cf.w[o] : 0.f;
+    pl.v[p] = in ? carry[tl.carry(g, n0 + p, r)] : 0.f;
+  }
+  return pl;
+}
+
+/// One order's coefficients and carried states (v, lambda) for the backward apply; order k of the flat (half,
+/// order) loop, k = h N + n.
+struct OrderLoad {
+  float q, w, v0, l0;
+  long long at;
+};
+template <int C>
+__device__ __forceinline__ OrderLoad order_load(const Geometry& g, const Coefs& cf, const Tile<C>& tl,
+                                                const float* cv, const float* cl, int k) {
+  const int h = k / g.N, n = k - h * g.N, r = h * g.D + tl.d;
+  const long long o = static_cast<long long>(n) * g.R + r, at = tl.carry(g, n, r);
+  return OrderLoad{cf.q[o], cf.w[o], cv[at], cl[at], at};
+}
+
 // Forward pass 1: each segment's end state from a zero start, v = sum_i q^(C-1-i) xm[i] in the row's direction.
 template <int C>
 __global__ void __launch_bounds__(32 * kSegsPerBlock)
@@ -456,30 +491,29 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
     acc[i] = om * xm[i];  // omega multiplies the unmasked input
     if ((pm >> i) & 1ULL) xm[i] = 0.f;
   }
-  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
-    const int r = h * g.D + tl.d;
-    for (int n0 = 0; n0 < g.N; n0 += kPair) {
-      const PairCoefs pc = pair_coefs(g, cf, n0, r);
-      float v[kPair];
+  // Order pairs of both halves in one flat loop; the next pair's coefficients and carries are loaded ahead.
+  const int pairs = (g.N + kPair - 1) / kPair, steps = (g.bidir ? 2 : 1) * pairs;
+  PairLoad next = pair_load(g, cf, tl, carry, 0, pairs);
+  for (int k = 0; k < steps; ++k) {
+    const PairLoad pc = next;
+    if (k + 1 < steps) next = pair_load(g, cf, tl, carry, k + 1, pairs);
+    float v[kPair] = {pc.v[0], pc.v[1]};
+    if (k < pairs) {
 #pragma unroll
-      for (int p = 0; p < kPair; ++p) v[p] = n0 + p < g.N ? carry[tl.carry(g, n0 + p, r)] : 0.f;
-      if (h == 0) {
+      for (int i = 0; i < C; ++i)
 #pragma unroll
-        for (int i = 0; i < C; ++i)
+        for (int p = 0; p < kPair; ++p) {
+          v[p] = fmaf(pc.q[p], v[p], xm[i]);
+          acc[i] = fmaf(pc.w[p], v[p], acc[i]);
+        }
+    } else {
 #pragma unroll
-          for (int p = 0; p < kPair; ++p) {
-            v[p] = fmaf(pc.q[p], v[p], xm[i]);
-            acc[i] = fmaf(pc.w[p], v[p], acc[i]);
-          }
-      } else {
+      for (int i = C - 1; i >= 0; --i)
 #pragma unroll
-        for (int i = C - 1; i >= 0; --i)
-#pragma unroll
-          for (int p = 0; p < kPair; ++p) {
-            v[p] = fmaf(pc.q[p], v[p], xm[i]);
-            acc[i] = fmaf(pc.w[p], v[p], acc[i]);
-          }
-      }
+        for (int p = 0; p < kPair; ++p) {
+          v[p] = fmaf(pc.q[p], v[p], xm[i]);
+          acc[i] = fmaf(pc.w[p], v[p], acc[i]);
+        }
     }
   }
 #pragma unroll
@@ -558,52 +592,46 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
     if ((pm >> i) & 1ULL) xm[i] = 0.f;
     acc[i] = 0.f;
   }
-  for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
-    const int r = h * g.D + tl.d;
-    for (int n0 = 0; n0 < g.N; n0 += kPair) {
-      const PairCoefs pc = pair_coefs(g, cf, n0, r);
+  // One (half, order) after another; the next one's coefficients and carried states are loaded before this one's
+  // chains run, so their latency hides behind the chains (few warps fit beside this kernel's registers).
+  const int orders = (g.bidir ? 2 : 1) * g.N;
+  OrderLoad next = order_load(g, cf, tl, cv, cl, 0);
+  for (int k = 0; k < orders; ++k) {
+    const OrderLoad cur = next;
+    if (k + 1 < orders) next = order_load(g, cf, tl, cv, cl, k + 1);
+    const float q = cur.q, w = cur.w, v0 = cur.v0;
+    float l = cur.l0, gw = 0.f, gq = 0.f;
+    if (k < g.N) {
+      float v = v0;
 #pragma unroll
-      for (int p = 0; p < kPair; ++p) {
-        const bool in = n0 + p < g.N;
-        const long long ci = tl.carry(g, in ? n0 + p : 0, r);
-        const float v0 = in ? cv[ci] : 0.f;
-        float l = in ? cl[ci] : 0.f;
-        float gw = 0.f, gq = 0.f;
-        if (h == 0) {
-          float v = v0;
+      for (int i = 0; i < C; ++i) {
+        v = fmaf(q, v, xm[i]);
+        vs[i] = v;
+        gw = fmaf(gy[i], v, gw);
+      }
 #pragma unroll
-          for (int i = 0; i < C; ++i) {
-            v = fmaf(pc.q[p], v, xm[i]);
-            vs[i] = v;
-            gw = fmaf(gy[i], v, gw);
-          }
+      for (int i = C - 1; i >= 0; --i) {
+        l = fmaf(q, l, gy[i]);
+        acc[i] = fmaf(w, l, acc[i]);
+        gq = fmaf(l, i > 0 ? vs[i - 1] : v0, gq);
+      }
+    } else {
+      float v = v0;
 #pragma unroll
-          for (int i = C - 1; i >= 0; --i) {
-            l = fmaf(pc.q[p], l, gy[i]);
-            acc[i] = fmaf(pc.w[p], l, acc[i]);
-            gq = fmaf(l, i > 0 ? vs[i - 1] : v0, gq);
-          }
-        } else {
-          float v = v0;
+      for (int i = C - 1; i >= 0; --i) {
+        v = fmaf(q, v, xm[i]);
+        vs[i] = v;
+        gw = fmaf(gy[i], v, gw);
+      }
 #pragma unroll
-          for (int i = C - 1; i >= 0; --i) {
-            v = fmaf(pc.q[p], v, xm[i]);
-            vs[i] = v;
-            gw = fmaf(gy[i], v, gw);
-          }
-#pragma unroll
-          for (int i = 0; i < C; ++i) {
-            l = fmaf(pc.q[p], l, gy[i]);
-            acc[i] = fmaf(pc.w[p], l, acc[i]);
-            gq = fmaf(l, i < C - 1 ? vs[i + 1] : v0, gq);
-          }
-        }
-        if (in) {
-          cv[ci] = gw;
-          cl[ci] = gq;
-        }
+      for (int i = 0; i < C; ++i) {
+        l = fmaf(q, l, gy[i]);
+        acc[i] = fmaf(w, l, acc[i]);
+        gq = fmaf(l, i < C - 1 ? vs[i + 1] : v0, gq);
       }
     }
+    cv[cur.at] = gw;
+    cl[cur.at] = gq;
   }
   const float om = omega[tl.d];
 #pragma unroll

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 namespace sma::cuda {
@@ -186,6 +187,50 @@ __global__ void column_finish_kernel(int chunks, int cols, const double* __restr
   if (lane == 0) out[c] += static_cast<float>(s);
 }
 
+// Up to 4 matrices of one shape summed by column in one launch each for the partials and the finish.
+struct ColumnSet {
+  const float* a[4];
+  float* out[4];
+};
+
+// column_partial_kernel (mode 0, no b, lda = cols) for matrix blockIdx.z of the set; partials of matrix z at
+// partial + z * chunks * cols.
+__global__ void __launch_bounds__(32 * kColGroups) column_partial_set_kernel(long long rows, int cols, ColumnSet set,
+                                                                            const int* __restrict__ bound,
+                                                                            double* __restrict__ partial) {
+  __shared__ double part[kColGroups][32];
+  const int c = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y, z = blockIdx.z;
+  if (bound) rows = min(rows, static_cast<long long>(*bound));
+  const float* a = set.a[z];
+  const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
+  const long long r1 = min(rows, r0 + kColRows);
+  double s = 0;
+  if (c < cols)
+    for (long long r = r0 + g; r < r1; r += kColGroups) s += a[r * cols + c];
+  part[g][threadIdx.x] = s;
+  __syncthreads();
+  if (g == 0 && c < cols) {
+    double t = 0;
+#pragma unroll
+    for (int k = 0; k < kColGroups; ++k) t += part[k][threadIdx.x];
+    partial[(static_cast<long long>(z) * gridDim.y + blockIdx.y) * cols + c] = t;
+  }
+}
+
+// column_finish_kernel for the set: one warp per (matrix, column).
+__global__ void column_finish_set_kernel(int chunks, int cols, int n, const double* __restrict__ partial,
+                                         ColumnSet set) {
+  const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (w >= n * cols) return;  // whole warps leave together
+  const int z = w / cols, c = w % cols;
+  const double* p = partial + static_cast<long long>(z) * chunks * cols;
+  double s = 0;
+  for (int k = lane; k < chunks; k += 32) s += p[static_cast<long long>(k) * cols + c];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) set.out[z][c] += static_cast<float>(s);
+}
+
 template <class T>
 void column_reduce(long long rows, int cols, const T* a, int lda, const float* b, int mode, const float* x,
                    const float* mean, const float* rstd, float* out, bool all, cudaStream_t s,
@@ -209,49 +254,76 @@ void column_reduce(long long rows, int cols, const T* a, int lda, const float* b
 }
 
 
-// BatchNorm channel sums, one thread per channel and 256-row chunk (loads coalesced over channels). mode 0: the
-// sums of x - K and (x - K)^2 with K = x[0, c], a shift that keeps E[x^2] - E[x]^2 free of cancellation for any
-// mean, so that the statistics take one pass over x; mode 2: dy (into p1) and dy xhat (into p2).
-__global__ void bn_partial_kernel(int mode, long long rows, int D, const float* __restrict__ x,
-                                  const float* __restrict__ dy, const float* __restrict__ mean,
-                                  const float* __restrict__ invstd, double* __restrict__ p1, double* __restrict__ p2) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= D) return;
+// BatchNorm channel sums over 256-row chunks. A block takes 32 channels (threadIdx.x; loads coalesced over
+// channels) and 8 row groups (threadIdx.y: rows r0 + y, r0 + y + 8, ...), whose sums row 0 adds in order, so the
+// result never depends on scheduling (one thread per channel and chunk, looping over the 256 rows alone, left the
+// card mostly idle at D = 160: 25 us per call at the training step's 51,200 rows). mode 0: the sums of x - K and
+// (x - K)^2 with K = x[0, c], a shift that keeps E[x^2] - E[x]^2 free of cancellation for any mean, so the
+// statistics take one pass over x; mode 2: dy (into p1) and dy xhat (into p2).
+__global__ void __launch_bounds__(32 * kColGroups) bn_partial_kernel(int mode, long long rows, int D,
+                                                                      const float* __restrict__ x,
+                                                                      const float* __restrict__ dy,
+                                                                      const float* __restrict__ mean,
+                                                                      const float* __restrict__ invstd,
+                                                                      double* __restrict__ p1,
+                                                                      double* __restrict__ p2) {
+  __shared__ double part[2][kColGroups][32];
+  const int c = blockIdx.x * 32 + threadIdx.x, g = threadIdx.y;
   const long long r0 = static_cast<long long>(blockIdx.y) * kColRows;
   const long long r1 = min(rows, r0 + kColRows);
-  const float m = mode == 0 ? x[c] : mean[c];
-  const float is = mode == 2 ? invstd[c] : 0.f;
   double s1 = 0, s2 = 0;
-  for (long long r = r0; r < r1; ++r) {
-    const float v = x[r * D + c];
-    if (mode == 0) {
-      const double d = static_cast<double>(v) - m;
-      s1 += d;
-      s2 += d * d;
-    } else {
-      const float g = dy[r * D + c];
-      s1 += g;
-      s2 += g * ((v - m) * is);
+  if (c < D) {
+    const float m = mode == 0 ? x[c] : mean[c];
+    const float is = mode == 2 ? invstd[c] : 0.f;
+    for (long long r = r0 + g; r < r1; r += kColGroups) {
+      const float v = x[r * D + c];
+      if (mode == 0) {
+        const double d = static_cast<double>(v) - m;
+        s1 += d;
+        s2 += d * d;
+      } else {
+        const float gr = dy[r * D + c];
+        s1 += gr;
+        s2 += gr * ((v - m) * is);
+      }
     }
   }
-  const long long o = static_cast<long long>(blockIdx.y) * D + c;
-  p1[o] = s1;
-  p2[o] = s2;
+  part[0][g][threadIdx.x] = s1;
+  part[1][g][threadIdx.x] = s2;
+  __syncthreads();
+  if (g == 0 && c < D) {
+    double t1 = 0, t2 = 0;
+#pragma unroll
+    for (int k = 0; k < kColGroups; ++k) {
+      t1 += part[0][k][threadIdx.x];
+      t2 += part[1][k][threadIdx.x];
+    }
+    const long long o = static_cast<long long>(blockIdx.y) * D + c;
+    p1[o] = t1;
+    p2[o] = t2;
+  }
 }
 
-// mean, var and invstd from the shifted sums (bn_partial_kernel mode 0); the running statistics, in float as the
-// CPU layer updates them.
+// The chunk partials of channel c, summed by one warp: lane l adds chunks l, l + 32, ... in order, then a fixed
+// shuffle tree (a thread walking all chunks alone was latency-bound: about 30 us per call at 200 chunks).
+__device__ __forceinline__ double bn_warp_total(const double* __restrict__ p, int chunks, int D, int c, int lane) {
+  double s = 0;
+  for (int k = lane; k < chunks; k += 32) s += p[static_cast<long long>(k) * D + c];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+// mean, var and invstd from the shifted sums (bn_partial_kernel mode 0), one warp per channel; the running
+// statistics, in float as the CPU layer updates them.
 __global__ void bn_stats_kernel(int chunks, long long rows, int D, float eps, float momentum,
                                 const float* __restrict__ x, const double* __restrict__ p1,
                                 const double* __restrict__ p2, float* __restrict__ mean, float* __restrict__ invstd,
                                 float* running_mean, float* running_var, float* nbt) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= D) return;
-  double s1 = 0, s2 = 0;
-  for (int k = 0; k < chunks; ++k) {
-    s1 += p1[static_cast<long long>(k) * D + c];
-    s2 += p2[static_cast<long long>(k) * D + c];
-  }
+  const int c = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (c >= D) return;  // whole warps leave together
+  const double s1 = bn_warp_total(p1, chunks, D, c, lane), s2 = bn_warp_total(p2, chunks, D, c, lane);
+  if (lane != 0) return;
   const double n = static_cast<double>(rows), shifted = s1 / n;
   const float mu = static_cast<float>(static_cast<double>(x[c]) + shifted);
   const float var = static_cast<float>(max(s2 / n - shifted * shifted, 0.0));
@@ -272,53 +344,98 @@ __global__ void bn_eval_stats_kernel(int D, float eps, const float* __restrict__
   invstd[c] = 1.f / sqrtf(running_var[c] + eps);
 }
 
+// y = (x - mean) invstd [w + b], V consecutive elements per thread and step (V = 4: D % 4 == 0 and x, y 16-byte
+// aligned, so a float4 never straddles two rows; one channel index per V elements).
+template <int V>
 __global__ void bn_apply_kernel(long long n, int D, const float* __restrict__ x, const float* __restrict__ mean,
                                 const float* __restrict__ invstd, const float* __restrict__ w,
                                 const float* __restrict__ b, float* __restrict__ y) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int c = static_cast<int>(i % D);
-    float v = (x[i] - mean[c]) * invstd[c];
-    if (w) v = v * w[c] + b[c];
-    y[i] = v;
+  for (long long i = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) * V; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x * V) {
+    const int c0 = static_cast<int>(i % D);
+    float v[V];
+    if constexpr (V == 4) {
+      const float4 t = *reinterpret_cast<const float4*>(x + i);
+      v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+    } else {
+      v[0] = x[i];
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int c = c0 + k;
+      v[k] = (v[k] - mean[c]) * invstd[c];
+      if (w) v[k] = v[k] * w[c] + b[c];
+    }
+    if constexpr (V == 4)
+      *reinterpret_cast<float4*>(y + i) = make_float4(v[0], v[1], v[2], v[3]);
+    else
+      y[i] = v[0];
   }
 }
 
-// Sums of the backward (float, as the CPU keeps them); dweight / dbias added.
+// Sums of the backward (float, as the CPU keeps them), one warp per channel; dweight / dbias added.
 __global__ void bn_grad_sums_kernel(int chunks, int D, const double* __restrict__ p1, const double* __restrict__ p2,
                                     float* __restrict__ sum_dy, float* __restrict__ sum_dyx, float* dweight,
                                     float* dbias) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= D) return;
-  double s1 = 0, s2 = 0;
-  for (int k = 0; k < chunks; ++k) {
-    s1 += p1[static_cast<long long>(k) * D + c];
-    s2 += p2[static_cast<long long>(k) * D + c];
-  }
+  const int c = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (c >= D) return;  // whole warps leave together
+  const double s1 = bn_warp_total(p1, chunks, D, c, lane), s2 = bn_warp_total(p2, chunks, D, c, lane);
+  if (lane != 0) return;
   sum_dy[c] = static_cast<float>(s1);
   sum_dyx[c] = static_cast<float>(s2);
   if (dweight) dweight[c] += static_cast<float>(s2);
   if (dbias) dbias[c] += static_cast<float>(s1);
 }
 
+// dx = (dy - mean dy - xhat mean(dy xhat)) invstd [w] (training) or dy invstd [w] (eval), plus `residual` when
+// given; V elements per thread and step as bn_apply_kernel (V = 4 needs every pointer 16-byte aligned).
+template <int V>
 __global__ void bn_dx_kernel(long long n, int D, float inv_rows, int training, const float* __restrict__ x,
                              const float* __restrict__ mean, const float* __restrict__ invstd,
                              const float* __restrict__ w, const float* __restrict__ sum_dy,
                              const float* __restrict__ sum_dyx, const float* __restrict__ dy,
                              const float* __restrict__ residual, float* __restrict__ dx) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int c = static_cast<int>(i % D);
-    const float scale = w ? invstd[c] * w[c] : invstd[c];
-    float v;
-    if (training) {
-      const float xh = (x[i] - mean[c]) * invstd[c];
-      v = ((dy[i] - sum_dy[c] * inv_rows) - xh * (sum_dyx[c] * inv_rows)) * scale;
+  const auto load = [](const float* p, long long i, float* v) {
+    if constexpr (V == 4) {
+      const float4 t = *reinterpret_cast<const float4*>(p + i);
+      v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
     } else {
-      v = dy[i] * scale;
+      v[0] = p[i];
     }
-    dx[i] = residual ? v + residual[i] : v;
+  };
+  for (long long i = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) * V; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x * V) {
+    const int c0 = static_cast<int>(i % D);
+    float g[V], xv[V], r[V];
+    load(dy, i, g);
+    if (training) load(x, i, xv);
+    if (residual) load(residual, i, r);
+    float out[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int c = c0 + k;
+      const float scale = w ? invstd[c] * w[c] : invstd[c];
+      float v;
+      if (training) {
+        const float xh = (xv[k] - mean[c]) * invstd[c];
+        v = ((g[k] - sum_dy[c] * inv_rows) - xh * (sum_dyx[c] * inv_rows)) * scale;
+      } else {
+        v = g[k] * scale;
+      }
+      out[k] = residual ? v + r[k] : v;
+    }
+    if constexpr (V == 4)
+      *reinterpret_cast<float4*>(dx + i) = make_float4(out[0], out[1], out[2], out[3]);
+    else
+      dx[i] = out[0];
   }
+}
+
+bool bn_vec4(int D, std::initializer_list<const void*> ptrs) {
+  if (D % 4 != 0) return false;
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 int bn_chunks(long long rows, const char* where) {
@@ -446,17 +563,21 @@ void batchnorm_forward(long long rows, int D, float eps, bool training, float mo
     detail::StreamWorkspace ws(s);
     double* p1 = ws.alloc<double>(static_cast<long long>(chunks) * D);
     double* p2 = ws.alloc<double>(static_cast<long long>(chunks) * D);
-    bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(0, rows, D, x, nullptr, nullptr, nullptr, p1, p2);
+    bn_partial_kernel<<<dim3((D + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(0, rows, D, x, nullptr, nullptr,
+                                                                                   nullptr, p1, p2);
     SMA_CUDA_CHECK_LAUNCH();
-    bn_stats_kernel<<<cgrid, bx, 0, s>>>(chunks, rows, D, eps, momentum, x, p1, p2, mean, invstd, running_mean,
-                                         running_var, num_batches_tracked);
+    bn_stats_kernel<<<(D + 7) / 8, 256, 0, s>>>(chunks, rows, D, eps, momentum, x, p1, p2, mean, invstd,
+                                                running_mean, running_var, num_batches_tracked);
     SMA_CUDA_CHECK_LAUNCH();
   } else {
     bn_eval_stats_kernel<<<cgrid, bx, 0, s>>>(D, eps, running_mean, running_var, mean, invstd);
     SMA_CUDA_CHECK_LAUNCH();
   }
   const long long n = rows * D;
-  bn_apply_kernel<<<detail::grid_for(n, 256), 256, 0, s>>>(n, D, x, mean, invstd, weight, bias, y);
+  if (bn_vec4(D, {x, y}))
+    bn_apply_kernel<4><<<detail::grid_for(n / 4, 256), 256, 0, s>>>(n, D, x, mean, invstd, weight, bias, y);
+  else
+    bn_apply_kernel<1><<<detail::grid_for(n, 256), 256, 0, s>>>(n, D, x, mean, invstd, weight, bias, y);
   SMA_CUDA_CHECK_LAUNCH();
 }
 
@@ -468,21 +589,25 @@ void batchnorm_backward(long long rows, int D, bool training, const float* x, co
   if (!x || !mean || !invstd || !dy || !dx)
     throw ValueError("sma::cuda::batchnorm_backward: x, mean, invstd, dy, dx must not be null");
   const cudaStream_t s = as_stream(stream);
-  const int bx = std::min(128, (D + 31) / 32 * 32);
-  const int cgrid = (D + bx - 1) / bx;
   const int chunks = bn_chunks(rows, "sma::cuda::batchnorm_backward");
   detail::StreamWorkspace ws(s);
   double* p1 = ws.alloc<double>(static_cast<long long>(chunks) * D);
   double* p2 = ws.alloc<double>(static_cast<long long>(chunks) * D);
   float* sums = ws.alloc<float>(2LL * D);
-  bn_partial_kernel<<<dim3(cgrid, chunks), bx, 0, s>>>(2, rows, D, x, dy, mean, invstd, p1, p2);
+  bn_partial_kernel<<<dim3((D + 31) / 32, chunks), dim3(32, kColGroups), 0, s>>>(2, rows, D, x, dy, mean, invstd, p1,
+                                                                                 p2);
   SMA_CUDA_CHECK_LAUNCH();
-  bn_grad_sums_kernel<<<cgrid, bx, 0, s>>>(chunks, D, p1, p2, sums, sums + D, weight ? dweight : nullptr,
+  bn_grad_sums_kernel<<<(D + 7) / 8, 256, 0, s>>>(chunks, D, p1, p2, sums, sums + D, weight ? dweight : nullptr,
                                            weight ? dbias : nullptr);
   SMA_CUDA_CHECK_LAUNCH();
   const long long n = rows * D;
-  bn_dx_kernel<<<detail::grid_for(n, 256), 256, 0, s>>>(n, D, 1.f / static_cast<float>(rows), training ? 1 : 0, x,
-                                                        mean, invstd, weight, sums, sums + D, dy, residual, dx);
+  const float inv_rows = 1.f / static_cast<float>(rows);
+  if (bn_vec4(D, {x, dy, residual, dx}))
+    bn_dx_kernel<4><<<detail::grid_for(n / 4, 256), 256, 0, s>>>(n, D, inv_rows, training ? 1 : 0, x, mean, invstd,
+                                                                 weight, sums, sums + D, dy, residual, dx);
+  else
+    bn_dx_kernel<1><<<detail::grid_for(n, 256), 256, 0, s>>>(n, D, inv_rows, training ? 1 : 0, x, mean, invstd,
+                                                             weight, sums, sums + D, dy, residual, dx);
   SMA_CUDA_CHECK_LAUNCH();
 }
 
@@ -529,6 +654,29 @@ void column_sum_add(long long rows, int cols, const float* a, int lda, const flo
   if (rows <= 0 || cols <= 0) return;
   if (!a || !out || lda < cols) throw ValueError("sma::cuda::column_sum_add: null pointer or lda < cols");
   column_reduce(rows, cols, a, lda, b, 0, nullptr, nullptr, nullptr, out, false, as_stream(stream), bound);
+}
+
+void column_sums_add(long long rows, int cols, int n, const float* const* a, float* const* out, void* stream,
+                     const int* bound) {
+  if (rows <= 0 || cols <= 0 || n == 0) return;
+  if (n < 0 || n > 4 || !a || !out)
+    throw ValueError(str_cat("sma::cuda::column_sums_add: ", n, " matrices (1 to 4) or null pointer arrays"));
+  ColumnSet set{};
+  for (int i = 0; i < n; ++i) {
+    if (!a[i] || !out[i]) throw ValueError(str_cat("sma::cuda::column_sums_add: matrix ", i, " or its output is null"));
+    set.a[i] = a[i];
+    set.out[i] = out[i];
+  }
+  const int chunks = static_cast<int>((rows + kColRows - 1) / kColRows);
+  if (chunks > 65535) throw ValueError(str_cat("sma::cuda::column_sums_add: too many rows (", rows, ")"));
+  const cudaStream_t s = as_stream(stream);
+  detail::StreamWorkspace ws(s);
+  double* part = ws.alloc<double>(static_cast<long long>(n) * chunks * cols);
+  column_partial_set_kernel<<<dim3((cols + 31) / 32, chunks, n), dim3(32, kColGroups), 0, s>>>(rows, cols, set, bound,
+                                                                                               part);
+  SMA_CUDA_CHECK_LAUNCH();
+  column_finish_set_kernel<<<(n * cols + 7) / 8, 256, 0, s>>>(chunks, cols, n, part, set);
+  SMA_CUDA_CHECK_LAUNCH();
 }
 
 void column_sum_add_bf16(long long rows, int cols, const void* a16, int lda, float* out, void* stream,

@@ -13,7 +13,9 @@
 // c < width. The key-major band (backward) holds, for key slot j, the queries 64*(j/64) - Wlo + c (Wlo = W' when
 // bidirectional, else 0). Since W' is a multiple of 64, the two bands are 64 x 64 tiles of each other, transposed.
 // Padded copies: row W' + s holds slot s (s < S, bf16, rotated for rotary), every other row is zero, so the
-// windows of the first and last blocks and the slots >= S read zeros (never NaN from uninitialised memory).
+// windows of the first and last blocks and the slots >= S read zeros (never NaN from uninitialised memory). A caller
+// may write them itself (LocalAttentionInputs::*_padded, sma/cuda/local_attention.hpp): then only the zero rows
+// past S are written here (zero_padded_tails), one launch for all such operands of a call.
 // Following S: every product is a cuda::bounded_gemm over the blocks (about 16 chunks of blocks, a chunk running
 // only when it holds a slot < S, decided on the device), and the elementwise passes stop at the rows that the
 // running chunks read (band_row_bound; the padded copies W' rows further on each side, the backward's weights W'
@@ -55,7 +57,8 @@ namespace {
 /// every other row zero, up to the last row that a running chunk of the band products reads (chunk: slots per
 /// chunk, 0 = all rows; see band_row_bound); rows past it are not written. One warp per row, V consecutive columns per lane and step (V divides width; with kRot
 /// V is even, so a lane holds whole rotary pairs); `vec`: src rows may be read as float2/float4. Frequencies as
-/// rotary_kernel, angles reduced in double, then sincosf (rotary_angle<false>).
+/// rotary_kernel, angles reduced in double, then sincosf (rotate_pair_bf16_path, which callers that write these
+/// rows themselves share: LocalAttentionInputs::q_padded).
 template <int V, bool kRot>
 __global__ void pad_bf16_kernel(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst, int width,
                                 long long rows, int wpad, const int* __restrict__ offsets, int batch,
@@ -94,13 +97,7 @@ __global__ void pad_bf16_kernel(const float* __restrict__ src, __nv_bfloat16* __
         }
         if constexpr (kRot) {
 #pragma unroll
-          for (int t = 0; t < V; t += 2) {
-            double sn, cs;
-            rotary_angle<false>(pos * pad_inv[(c + t) / 2], cs, sn);
-            const double x0 = x[t], x1 = x[t + 1];
-            x[t] = static_cast<float>(x0 * cs - x1 * sn);
-            x[t + 1] = static_cast<float>(x0 * sn + x1 * cs);
-          }
+          for (int t = 0; t < V; t += 2) rotate_pair_bf16_path(x[t], x[t + 1], pos * pad_inv[(c + t) / 2]);
         }
       }
       if constexpr (V == 1) {
@@ -120,6 +117,37 @@ __global__ void pad_bf16_kernel(const float* __restrict__ src, __nv_bfloat16* __
       }
     }
   }
+}
+
+/// The caller-written padded operands of one call (LocalAttentionInputs::*_padded), at most four.
+struct PaddedTails {
+  __nv_bfloat16* dst[4];
+  int width[4];
+  int n;
+};
+
+/// Zeros, in padded buffer blockIdx.y of t, the rows [wpad + S, end) with `end` as in pad_bf16_kernel: the rows
+/// past S that the running chunks read, which pad_bf16_kernel writes as zeros; so a caller's buffer then holds
+/// the same bytes as the attention's own copy, whatever an earlier call with a larger S left there. Rows are
+/// contiguous, so this is one range, cleared 8 bf16 at a time between its 16-byte boundaries.
+__global__ void zero_padded_tails_kernel(PaddedTails t, long long rows, int wpad, const int* __restrict__ count,
+                                         int chunk) {
+  const int S = *count;
+  const long long end = min(rows, detail::bounded_rows(S, chunk, rows - 2LL * wpad) + 2LL * wpad);
+  __nv_bfloat16* dst = t.dst[blockIdx.y];
+  const long long w = t.width[blockIdx.y];
+  const long long begin = (wpad + static_cast<long long>(S)) * w, stop = end * w;
+  if (begin >= stop) return;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  const long long first = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
+  const auto addr = reinterpret_cast<std::uintptr_t>(dst + begin);
+  const long long head = min(stop - begin, static_cast<long long>(((16 - addr % 16) % 16) / 2));
+  const long long body = (stop - begin - head) / 8;
+  for (long long i = first; i < head; i += stride) dst[begin + i] = zero;
+  uint4* v = reinterpret_cast<uint4*>(dst + begin + head);
+  for (long long i = first; i < body; i += stride) v[i] = make_uint4(0u, 0u, 0u, 0u);
+  for (long long i = begin + head + 8 * body + first; i < stop; i += stride) dst[i] = zero;
 }
 
 /// Everything the band kernels need besides LocalAttentionParams. chunk: slots per chunk of the bounded band
@@ -278,10 +306,51 @@ inline void launch_pad_bf16(const float* src, __nv_bfloat16* dst, int width, con
   SMA_CUDA_CHECK_LAUNCH();
 }
 
+/// The padded copy of one operand: the caller's buffer when given (its tail is cleared later, with the others', by
+/// zero_padded_tails), else a workspace copy written by pad_bf16_kernel from src.
+inline __nv_bfloat16* padded_operand(void* given, const float* src, int width, bool rotary, const BandGeometry& g,
+                                     const LocalAttentionInputs& in, const LocalAttentionConfig& cfg,
+                                     int chunk_blocks, AsyncWorkspace& ws, PaddedTails& tails, cudaStream_t s) {
+  if (given) {
+    auto* d = static_cast<__nv_bfloat16*>(given);
+    tails.dst[tails.n] = d;
+    tails.width[tails.n] = width;
+    ++tails.n;
+    return d;
+  }
+  __nv_bfloat16* d = ws.alloc<__nv_bfloat16>(g.rows * width);
+  launch_pad_bf16(src, d, width, g, in, cfg, rotary, chunk_blocks, s);
+  return d;
+}
+
+/// One launch for the tails of every caller-written operand of the call (none: nothing).
+inline void zero_padded_tails(const PaddedTails& t, const BandGeometry& g, const LocalAttentionInputs& in,
+                              int chunk_blocks, cudaStream_t s) {
+  if (t.n == 0) return;
+  int width = 0;
+  for (int i = 0; i < t.n; ++i) width = std::max(width, t.width[i]);
+  // At most a chunk less one row past S, plus the W' rows of the right-hand padding.
+  const long long tail = chunk_blocks > 0 ? std::min<long long>(g.rows, 1LL * chunk_blocks * kBandRows + g.wpad)
+                                          : g.rows;
+  const dim3 grid(band_grid((tail * width + 7) / 8 + 2, 256), t.n);
+  zero_padded_tails_kernel<<<grid, 256, 0, s>>>(t, g.rows, g.wpad, in.offsets + in.batch, chunk_blocks * kBandRows);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+/// Bytes of the padded copies the attention makes itself (operands the caller did not give), for retain_workspace.
+inline long long own_padded_bytes(const BandGeometry& g, const void* given, int width) {
+  return given ? 0 : g.rows * width * 2;
+}
+
 /// Lets the stream-ordered pool of the current device keep `bytes` across synchronisations. The default release
 /// threshold (0) hands the pool's memory back at every synchronisation, so each call would map its workspace
-/// (hundreds of MB at the issue's shape) afresh, which measurably costs time. The threshold is only raised.
-inline void retain_workspace(std::size_t bytes) {
+/// (hundreds of MB at the issue's shape) afresh, which measurably costs time. The threshold is only raised. While
+/// `s` is being captured into a graph the pool may not be queried (cudaErrorStreamCaptureUnsupported); nothing is
+/// lost by skipping, because a graph's allocations are its own and the plain steps before it raised the threshold.
+inline void retain_workspace(std::size_t bytes, cudaStream_t s) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  SMA_CUDA_CHECK(cudaStreamIsCapturing(s, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
   int dev = 0;
   SMA_CUDA_CHECK(cudaGetDevice(&dev));
   cudaMemPool_t pool;
@@ -302,17 +371,18 @@ inline BandParams band_params(const BandGeometry& g, int chunk_blocks) {
 inline void local_attention_forward_bf16(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in,
                                          LocalAttentionParams p, float* out, cudaStream_t s) {
   const BandGeometry g(cfg, in.capacity);
-  retain_workspace(static_cast<std::size_t>(g.rows * (2LL * in.z + in.h) * 2 + g.band() * 6 + (4 << 20)));
+  const long long own = own_padded_bytes(g, in.q_padded, in.z) + own_padded_bytes(g, in.k_padded, in.z) +
+                        own_padded_bytes(g, in.v_padded, in.h);
+  retain_workspace(static_cast<std::size_t>(own + g.band() * 6 + (4 << 20)), s);
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
   const int cb = band_chunk_blocks(g);
   const int* count = in.offsets + in.batch;
-  __nv_bfloat16* qp = ws.alloc<__nv_bfloat16>(g.rows * in.z);
-  __nv_bfloat16* kp = ws.alloc<__nv_bfloat16>(g.rows * in.z);
-  __nv_bfloat16* vp = ws.alloc<__nv_bfloat16>(g.rows * in.h);
-  launch_pad_bf16(in.q, qp, in.z, g, in, cfg, rot, cb, s);
-  launch_pad_bf16(in.k, kp, in.z, g, in, cfg, rot, cb, s);
-  launch_pad_bf16(in.v, vp, in.h, g, in, cfg, false, cb, s);
+  PaddedTails tails{};
+  __nv_bfloat16* qp = padded_operand(in.q_padded, in.q, in.z, rot, g, in, cfg, cb, ws, tails, s);
+  __nv_bfloat16* kp = padded_operand(in.k_padded, in.k, in.z, rot, g, in, cfg, cb, ws, tails, s);
+  __nv_bfloat16* vp = padded_operand(in.v_padded, in.v, in.h, false, g, in, cfg, cb, ws, tails, s);
+  zero_padded_tails(tails, g, in, cb, s);
   float* sband = ws.alloc<float>(g.band());
   __nv_bfloat16* pq = ws.alloc<__nv_bfloat16>(g.band());
   const long long blk = kBandRows;

@@ -214,21 +214,22 @@ inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const
                                           LocalAttentionBackwardParams p, float* dbias_table, cudaStream_t s) {
   const BandGeometry g(cfg, in.capacity);
   const long long table_bytes = p.table_size > 0 ? static_cast<long long>(g.nb) * p.table_size * 8 : 0;
-  retain_workspace(static_cast<std::size_t>(g.rows * (2LL * in.z + 2LL * in.h) * 2 + g.band() * 16 + table_bytes +
-                                            in.capacity * 4LL + (4 << 20)));
+  const long long own = own_padded_bytes(g, in.q_padded, in.z) + own_padded_bytes(g, in.k_padded, in.z) +
+                        own_padded_bytes(g, in.v_padded, in.h) + own_padded_bytes(g, in.dout_padded, in.h);
+  retain_workspace(static_cast<std::size_t>(own + g.band() * 16 + table_bytes + in.capacity * 4LL + (4 << 20)), s);
   AsyncWorkspace ws(s);
   const bool rot = cfg.position == Position::rotary;
   const int cb = band_chunk_blocks(g);
   const int* count = in.offsets + in.batch;
   const long long Z = in.z, H = in.h, blk = kBandRows;
-  __nv_bfloat16* qp = ws.alloc<__nv_bfloat16>(g.rows * Z);
-  __nv_bfloat16* kp = ws.alloc<__nv_bfloat16>(g.rows * Z);
-  __nv_bfloat16* vp = ws.alloc<__nv_bfloat16>(g.rows * H);
-  __nv_bfloat16* dop = ws.alloc<__nv_bfloat16>(g.rows * H);
-  launch_pad_bf16(in.q, qp, in.z, g, in, cfg, rot, cb, s);
-  launch_pad_bf16(in.k, kp, in.z, g, in, cfg, rot, cb, s);
-  launch_pad_bf16(in.v, vp, in.h, g, in, cfg, false, cb, s);
-  launch_pad_bf16(p.dout, dop, in.h, g, in, cfg, false, cb, s);
+  // Caller-written operands (LocalAttentionInputs::*_padded) get their tails cleared again: the contract asks
+  // nothing of the caller between the forward and the backward.
+  PaddedTails tails{};
+  __nv_bfloat16* qp = padded_operand(in.q_padded, in.q, in.z, rot, g, in, cfg, cb, ws, tails, s);
+  __nv_bfloat16* kp = padded_operand(in.k_padded, in.k, in.z, rot, g, in, cfg, cb, ws, tails, s);
+  __nv_bfloat16* vp = padded_operand(in.v_padded, in.v, in.h, false, g, in, cfg, cb, ws, tails, s);
+  __nv_bfloat16* dop = padded_operand(in.dout_padded, p.dout, in.h, false, g, in, cfg, cb, ws, tails, s);
+  zero_padded_tails(tails, g, in, cb, s);
   float* sband = ws.alloc<float>(g.band());
   float* dband = ws.alloc<float>(g.band());
   __nv_bfloat16* aq = ws.alloc<__nv_bfloat16>(g.band());

@@ -9,6 +9,7 @@
 #include "../common/workspace.cuh"
 #include "kernel_traits.cuh"
 #include "params.cuh"
+#include "rotary.cuh"
 
 #include <cuda_runtime.h>
 
@@ -66,7 +67,15 @@ inline void validate(const LocalAttentionConfig& cfg, const LocalAttentionInputs
   if (cfg.position == Position::rotary && in.z % 2 != 0)
     throw ValueError(str_cat(where, ": rotary positions need an even width Z, got ", in.z));
   if (!in.offsets) throw ValueError(str_cat(where, ": offsets is nullptr (expected B+1 device ints)"));
-  if (in.capacity > 0 && (!in.q || !in.k || !in.v)) throw ValueError(str_cat(where, ": q, k or v is nullptr"));
+  const bool padded = in.q_padded || in.k_padded || in.v_padded || in.dout_padded;
+  if (padded && !cfg.bf16)
+    throw ValueError(
+        str_cat(where, ": padded bf16 operands (q_padded, k_padded, v_padded, dout_padded) need cfg.bf16"));
+  for (const void* b : {in.q_padded, in.k_padded, in.v_padded, in.dout_padded})
+    if (b && !aligned16(b))
+      throw ValueError(str_cat(where, ": padded bf16 operands must be 16-byte aligned (as cudaMalloc's)"));
+  if (in.capacity > 0 && ((!in.q && !in.q_padded) || (!in.k && !in.k_padded) || (!in.v && !in.v_padded)))
+    throw ValueError(str_cat(where, ": q, k or v is nullptr (and no padded bf16 copy of it is given)"));
   if ((cfg.position == Position::simple || cfg.position == Position::rotary) && in.capacity > 0 && !in.positions)
     throw ValueError(str_cat(where, ": positions is nullptr but ", position_name(cfg.position), " positions need them"));
   if (cfg.bias_table_size() > 0 && !bias_table)
@@ -105,31 +114,6 @@ inline LocalAttentionParams make_params(const LocalAttentionConfig& cfg, const L
 using AsyncWorkspace = detail::StreamWorkspace;
 
 namespace {
-
-/// Rotary frequencies 1 / theta^(2m/z), m < z/2, in double: the first thing each rotary CTA does (one pow per
-/// column and CTA rather than per element; the values are the same as computed per element).
-__device__ __forceinline__ void rotary_frequencies(double* inv, int z, double theta) {
-  for (int m = threadIdx.x; m < z / 2; m += blockDim.x)
-    inv[m] = 1.0 / pow(theta, static_cast<double>(2 * m) / static_cast<double>(z));
-  __syncthreads();
-}
-
-/// cos and sin of the angle sign * pos * inv. kPrecise: in double (the fp32 path). Otherwise (the bf16 path, whose
-/// operands carry 8 bits) the angle is reduced modulo 2 pi in double and sincosf takes the rest: about 1e-7
-/// relative, far below bf16's rounding, at a fraction of double sincos's cost.
-template <bool kPrecise>
-__device__ __forceinline__ void rotary_angle(double angle, double& cs, double& sn) {
-  if constexpr (kPrecise) {
-    sincos(angle, &sn, &cs);
-  } else {
-    constexpr double kTwoPi = 6.283185307179586476925;
-    const float r = static_cast<float>(angle - rint(angle * (1.0 / kTwoPi)) * kTwoPi);
-    float s, c;
-    sincosf(r, &s, &c);
-    sn = s;
-    cs = c;
-  }
-}
 
 // dst row s = R(sign * positions[s]) src row s for s < S (dst may be src). One warp per row; dynamic shared
 // memory: z/2 doubles (the frequencies).

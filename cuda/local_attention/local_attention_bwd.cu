@@ -21,9 +21,12 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
     throw ValueError(str_cat(where, ": dbias_table is nullptr but ", attn::position_name(cfg.position),
                              " positions have a ", table_size, "-entry table"));
   if (in.capacity == 0) return;
-  if (!dout || !dq || !dk || !dv) throw ValueError(str_cat(where, ": dout, dq, dk or dv is nullptr"));
+  if ((!dout && !in.dout_padded) || !dq || !dk || !dv)
+    throw ValueError(str_cat(where, ": dout, dq, dk or dv is nullptr"));
   if (softmax && (!out || !row_stat))
     throw ValueError(str_cat(where, ": the softmax backward needs the forward's out and row_stat"));
+  if (softmax && !dout)
+    throw ValueError(str_cat(where, ": the softmax backward needs the fp32 dout (its row deltas), dout_padded or not"));
 
   const auto s = static_cast<cudaStream_t>(stream);
   attn::AsyncWorkspace ws(s);

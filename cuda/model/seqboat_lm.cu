@@ -1,10 +1,10 @@
 // SeqBoatLmDevice (include/sma/cuda/seqboat_lm_device.hpp): token embedding, the causal layers with their
 // feed-forward blocks, the final norm, the tied output projection and the token-level loss on one stream, with
 // AdamW; nothing waits for the host unless a value is read back.
-#include <sma/cuda/adamw.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
+#include <sma/cuda/optimizer.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 #include <sma/cuda/seqboat_lm_device.hpp>
 
@@ -15,6 +15,7 @@
 #include "../common/workspace.cuh"
 #include "param_table.cuh"
 #include "rows.cuh"
+#include "step_graph.cuh"
 
 #include <cub/device/device_radix_sort.cuh>
 #include <cublas_v2.h>
@@ -231,7 +232,7 @@ struct SeqBoatLmDevice::Impl {
   cublasHandle_t blas = nullptr;
   detail::ParamTable params{"SeqBoatLmDevice"};  // embedding, nffn., final norm owned; every one listed
   bool training = true;
-  std::optional<DeviceAdamW> opt;
+  std::optional<DeviceOptimizer> opt;
   bool grads_zero = true;  ///< host-side knowledge that every gradient is 0 (train_step skips zero_grad)
 
   int B = 0, L = 0;
@@ -242,6 +243,7 @@ struct SeqBoatLmDevice::Impl {
   DeviceArray<std::uint8_t> padding, sort_temp;
   DeviceArray<unsigned long long> bad_token;
   DeviceArray<double> loss_result;
+  detail::StepGraph graph;
 
   ~Impl() {
     if (blas) cublasDestroy(blas);
@@ -357,16 +359,23 @@ SeqBoatLayerDevice& SeqBoatLmDevice::layer(int i) {
   return impl_->layers[static_cast<std::size_t>(i)];
 }
 void SeqBoatLmDevice::set_training(bool on) {
+  if (on != impl_->training) impl_->graph.forget();
   impl_->training = on;
   for (auto& l : impl_->layers) l.set_training(on);
 }
 bool SeqBoatLmDevice::training() const { return impl_->training; }
 void SeqBoatLmDevice::set_bf16_projections(bool on) {
-  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().bf16_projections)) impl_->has_forward = false;
+  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().bf16_projections)) {
+    impl_->has_forward = false;
+    impl_->graph.forget();
+  }
   for (auto& l : impl_->layers) l.set_bf16_projections(on);
 }
 void SeqBoatLmDevice::set_bf16_attention(bool on) {
-  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().attention.bf16)) impl_->has_forward = false;
+  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().attention.bf16)) {
+    impl_->has_forward = false;
+    impl_->graph.forget();
+  }
   for (auto& l : impl_->layers) l.set_bf16_attention(on);
 }
 const float* SeqBoatLmDevice::logits() const { return impl_->logits.data(); }
@@ -385,6 +394,7 @@ void SeqBoatLmDevice::forward(int batch, int length, const int* tokens, const st
   const int D = c.d_model, V = c.vocab_size;
   m.has_forward = false;
   if (batch != m.B || length != m.L) {
+    m.graph.forget();  // the buffers below (and the layers' and blocks') move
     m.B = batch;
     m.L = length;
     for (auto* a : {&m.h0, &m.h1, &m.top}) ensure(*a, N * D);
@@ -504,9 +514,17 @@ void SeqBoatLmDevice::zero_grad(void* stream) {
   impl_->grads_zero = true;
 }
 
-void SeqBoatLmDevice::set_optimizer(const AdamWConfig& cfg) { impl_->opt.emplace(impl_->params.adamw_ranges(), cfg); }
+void SeqBoatLmDevice::set_optimizer(const AdamWConfig& cfg) {
+  impl_->graph.forget();
+  impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
+}
 
-DeviceAdamW& SeqBoatLmDevice::optimizer() {
+void SeqBoatLmDevice::set_optimizer(const DeviceOptimizerConfig& cfg) {
+  impl_->graph.forget();
+  impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
+}
+
+DeviceOptimizer& SeqBoatLmDevice::optimizer() {
   if (!impl_->opt) throw ValueError("SeqBoatLmDevice::optimizer: no optimiser (call set_optimizer first)");
   return *impl_->opt;
 }
@@ -519,12 +537,40 @@ void SeqBoatLmDevice::train_step(int batch, int length, const int* tokens, const
   if (!m.opt) throw ValueError("SeqBoatLmDevice::train_step: no optimiser (call set_optimizer first)");
   if (!targets) throw ValueError("SeqBoatLmDevice::train_step: targets is null");
   if (!m.grads_zero) zero_grad(stream);
-  forward(batch, length, tokens, padding, nullptr, stream);
-  loss(targets, -100, stream);
-  backward(m.dlogits.data(), stream);
-  m.opt->step(lr, stream, /*zero_grads=*/true);
+  if (!m.graph.enabled()) {
+    forward(batch, length, tokens, padding, nullptr, stream);
+    loss(targets, -100, stream);
+    backward(m.dlogits.data(), stream);
+    m.opt->step(lr, stream, /*zero_grads=*/true);
+    m.grads_zero = true;
+    return;
+  }
+  if (!stream)
+    throw ValueError("SeqBoatLmDevice::train_step: the step graph needs a stream (the legacy default stream cannot "
+                     "be captured)");
+  if (batch < 1 || length < 1 || !tokens)  // forward's checks, before a capture begins
+    throw ValueError(str_cat("SeqBoatLmDevice::train_step: batch ", batch, ", length ", length, " and tokens ",
+                             tokens ? "set" : "null", " (need >= 1, >= 1, set)"));
+  std::vector<long long> shape{batch, length, padding != nullptr, m.training};
+  for (int i = 0; i < n_layers(); ++i)
+    detail::append_layer_shape(shape, m.layers[static_cast<std::size_t>(i)], "SeqBoatLmDevice::train_step", i);
+  std::vector<long long> key = shape;
+  key.insert(key.end(), {detail::key_of(tokens), detail::key_of(padding), detail::key_of(targets)});
+  // The scalars of this step go to device memory outside the graph; the update inside reads them.
+  m.opt->prepare_step(lr, stream);
+  m.graph.run(static_cast<cudaStream_t>(stream), shape, key, [&] {
+    forward(batch, length, tokens, padding, nullptr, stream);
+    loss(targets, -100, stream);
+    backward(m.dlogits.data(), stream);
+    m.opt->step_prepared(stream, /*zero_grads=*/true);
+  });
+  m.has_forward = true;
   m.grads_zero = true;
 }
+
+void SeqBoatLmDevice::set_step_graph(bool on) { impl_->graph.set_enabled(on); }
+bool SeqBoatLmDevice::step_graph() const { return impl_->graph.enabled(); }
+StepGraphStats SeqBoatLmDevice::step_graph_stats() const { return impl_->graph.stats(); }
 
 std::vector<std::string> SeqBoatLmDevice::param_names() const { return impl_->params.names(); }
 

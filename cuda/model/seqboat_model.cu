@@ -1,9 +1,9 @@
 // SeqBoatModelDevice (include/sma/cuda/seqboat_model.hpp): encoder, the layers, the final norm, mean pooling and the
 // decoder on one stream, with the loss and AdamW; nothing waits for the host unless a value is read back.
-#include <sma/cuda/adamw.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
+#include <sma/cuda/optimizer.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 #include <sma/cuda/seqboat_model_device.hpp>
 
@@ -14,6 +14,7 @@
 #include "../common/workspace.cuh"
 #include "param_table.cuh"
 #include "rows.cuh"
+#include "step_graph.cuh"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -84,7 +85,7 @@ struct SeqBoatModelDevice::Impl {
   cublasHandle_t blas = nullptr;
   detail::ParamTable params{"SeqBoatModelDevice"};  // encoder., final_norm., decoder. owned; every one listed
   bool training = true;
-  std::optional<DeviceAdamW> opt;
+  std::optional<DeviceOptimizer> opt;
   bool grads_zero = true;  ///< host-side knowledge that every gradient is 0 (train_step skips zero_grad)
 
   int B = 0, L = 0;
@@ -94,6 +95,7 @@ struct SeqBoatModelDevice::Impl {
   DeviceArray<std::uint8_t> padding;
   DeviceArray<int> counts;
   DeviceArray<double> loss_result;
+  detail::StepGraph graph;
 
   ~Impl() {
     if (blas) cublasDestroy(blas);
@@ -164,16 +166,23 @@ SeqBoatLayerDevice& SeqBoatModelDevice::layer(int i) {
   return impl_->layers[static_cast<std::size_t>(i)];
 }
 void SeqBoatModelDevice::set_training(bool on) {
+  if (on != impl_->training) impl_->graph.forget();
   impl_->training = on;
   for (auto& l : impl_->layers) l.set_training(on);
 }
 bool SeqBoatModelDevice::training() const { return impl_->training; }
 void SeqBoatModelDevice::set_bf16_projections(bool on) {
-  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().bf16_projections)) impl_->has_forward = false;
+  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().bf16_projections)) {
+    impl_->has_forward = false;
+    impl_->graph.forget();
+  }
   for (auto& l : impl_->layers) l.set_bf16_projections(on);
 }
 void SeqBoatModelDevice::set_bf16_attention(bool on) {
-  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().attention.bf16)) impl_->has_forward = false;
+  if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().attention.bf16)) {
+    impl_->has_forward = false;
+    impl_->graph.forget();
+  }
   for (auto& l : impl_->layers) l.set_bf16_attention(on);
 }
 const float* SeqBoatModelDevice::logits() const { return impl_->logits.data(); }
@@ -190,6 +199,7 @@ void SeqBoatModelDevice::forward(int batch, int length, const float* x, const st
   const int D = c.d_model, Di = c.d_input, C = c.d_output;
   m.has_forward = false;
   if (batch != m.B || length != m.L) {
+    m.graph.forget();  // the buffers below (and the layers') move
     m.B = batch;
     m.L = length;
     for (auto* a : {&m.h0, &m.h1, &m.top}) Impl::ensure(*a, N * D);
@@ -309,10 +319,16 @@ void SeqBoatModelDevice::zero_grad(void* stream) {
 }
 
 void SeqBoatModelDevice::set_optimizer(const AdamWConfig& cfg) {
+  impl_->graph.forget();
   impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
 }
 
-DeviceAdamW& SeqBoatModelDevice::optimizer() {
+void SeqBoatModelDevice::set_optimizer(const DeviceOptimizerConfig& cfg) {
+  impl_->graph.forget();
+  impl_->opt.emplace(impl_->params.adamw_ranges(), cfg);
+}
+
+DeviceOptimizer& SeqBoatModelDevice::optimizer() {
   if (!impl_->opt) throw ValueError("SeqBoatModelDevice::optimizer: no optimiser (call set_optimizer first)");
   return *impl_->opt;
 }
@@ -325,12 +341,40 @@ void SeqBoatModelDevice::train_step(int batch, int length, const float* x, const
   if (!m.opt) throw ValueError("SeqBoatModelDevice::train_step: no optimiser (call set_optimizer first)");
   if (!labels) throw ValueError("SeqBoatModelDevice::train_step: labels is null");
   if (!m.grads_zero) zero_grad(stream);
-  forward(batch, length, x, padding, nullptr, stream);
-  loss(labels, -100, stream);
-  backward(m.dlogits.data(), nullptr, stream);
-  m.opt->step(lr, stream, /*zero_grads=*/true);
+  if (!m.graph.enabled()) {
+    forward(batch, length, x, padding, nullptr, stream);
+    loss(labels, -100, stream);
+    backward(m.dlogits.data(), nullptr, stream);
+    m.opt->step(lr, stream, /*zero_grads=*/true);
+    m.grads_zero = true;
+    return;
+  }
+  if (!stream)
+    throw ValueError("SeqBoatModelDevice::train_step: the step graph needs a stream (the legacy default stream "
+                     "cannot be captured)");
+  if (batch < 1 || length < 1 || !x)  // forward's checks, before a capture begins
+    throw ValueError(str_cat("SeqBoatModelDevice::train_step: batch ", batch, ", length ", length, " and x ",
+                             x ? "set" : "null", " (need >= 1, >= 1, set)"));
+  std::vector<long long> shape{batch, length, padding != nullptr, m.training};
+  for (int i = 0; i < n_layers(); ++i)
+    detail::append_layer_shape(shape, m.layers[static_cast<std::size_t>(i)], "SeqBoatModelDevice::train_step", i);
+  std::vector<long long> key = shape;
+  key.insert(key.end(), {detail::key_of(x), detail::key_of(padding), detail::key_of(labels)});
+  // The scalars of this step go to device memory outside the graph; the update inside reads them.
+  m.opt->prepare_step(lr, stream);
+  m.graph.run(static_cast<cudaStream_t>(stream), shape, key, [&] {
+    forward(batch, length, x, padding, nullptr, stream);
+    loss(labels, -100, stream);
+    backward(m.dlogits.data(), nullptr, stream);
+    m.opt->step_prepared(stream, /*zero_grads=*/true);
+  });
+  m.has_forward = true;
   m.grads_zero = true;
 }
+
+void SeqBoatModelDevice::set_step_graph(bool on) { impl_->graph.set_enabled(on); }
+bool SeqBoatModelDevice::step_graph() const { return impl_->graph.enabled(); }
+StepGraphStats SeqBoatModelDevice::step_graph_stats() const { return impl_->graph.stats(); }
 
 std::vector<std::string> SeqBoatModelDevice::param_names() const { return impl_->params.names(); }
 

@@ -13,6 +13,7 @@
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
+#include "padded_operands.cuh"
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -20,9 +21,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -31,6 +35,7 @@ namespace {
 
 // Row-wise element kernels: blocks stride over rows, threads over columns (no 64-bit division per element).
 constexpr int kRowThreads = 256;
+static_assert(kRowThreads == kPaddedThreads, "padded_operands.cuh's kernels are launched with kRowThreads");
 unsigned row_grid(long long rows) { return static_cast<unsigned>(std::min<long long>(std::max<long long>(rows, 1), 1 << 18)); }
 
 // base (rows, Z+2H) + bias -> q, k (rows, Z), r, v (rows, H): z = silu(.[:, :Z]), q = z g0 + b0, k = z g1 + b1.
@@ -255,12 +260,6 @@ __global__ void compress_bf16_kernel(long long rows, int D, const __nv_bfloat16*
   }
 }
 
-// r = silu(base[:, Z:Z+H] + bias) from the bf16 base (not stored on the bf16 path).
-__device__ inline float r_of(const __nv_bfloat16* base16, const float* bias, long long row, int P, int Z, int c) {
-  const float b = __bfloat162float(base16[row * P + Z + c]) + bias[Z + c];
-  return b / (1.f + expf(-b));
-}
-
 // out16 = bf16(a * r) on rows < S, zeros on [S, rows): the attention output times r, as the h_proj operand.
 __global__ void mul_r_bf16_kernel(long long rows, int Z, int H, const float* __restrict__ a,
                                   const __nv_bfloat16* __restrict__ base16, const float* __restrict__ bias,
@@ -349,9 +348,48 @@ __global__ void mul_r_kernel(long long rows, int Z, int H, const __nv_bfloat16* 
   }
 }
 
+// V consecutive floats of a row, as one float4 / float2 access when V is 4 / 2 (the caller checks alignment).
+template <int V>
+__device__ __forceinline__ void load_v(const float* p, float (&v)[V]) {
+  if constexpr (V == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else if constexpr (V == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    v[0] = t.x, v[1] = t.y;
+  } else {
+    v[0] = *p;
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
+  if constexpr (V == 4)
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  else if constexpr (V == 2)
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  else
+    *p = v[0];
+}
+template <int V>
+__device__ __forceinline__ void store_bf16_v(__nv_bfloat16* p, const float (&v)[V]) {
+  if constexpr (V == 4) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 u;
+    u.x = *reinterpret_cast<const unsigned*>(&lo);
+    u.y = *reinterpret_cast<const unsigned*>(&hi);
+    *reinterpret_cast<uint2*>(p) = u;
+  } else if constexpr (V == 2) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v[0], v[1]);
+  } else {
+    *p = __float2bfloat16_rn(v[0]);
+  }
+}
+
 // The layer's output, per token t: pre = hx[t] (row stride ldh; + hx_bias: the bf16 path's product has none) + gate *
 // (hc[slot] + h_bias) (activated tokens) + x[t]; out = silu(pre). Replaces the bias copy, extract_add and the
-// residual pass.
+// residual pass. One warp per token, V consecutive columns per lane and step (token_width: V divides D and ldh, and
+// every row start is aligned to V floats).
+template <int V>
 __global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hx,
                               const float* __restrict__ hxbias, const float* __restrict__ hc,
                               const float* __restrict__ hbias,
@@ -366,12 +404,29 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
     const float g = on ? gate[t] : 0.f;
     const float* hr = hx + t * ldh;
     const float* hcr = on ? hc + static_cast<long long>(slot) * D : nullptr;
-    for (int c = lane; c < D; c += 32) {
-      float p = hxbias ? hr[c] + hxbias[c] : hr[c];
-      if (on) p += g * (hcr[c] + hbias[c]);
-      p += x[t * D + c];
-      pre[t * D + c] = p;
-      out[t * D + c] = silu_f(p);
+    for (int c = V * lane; c < D; c += 32 * V) {
+      float p[V], b[V], xv[V], y[V];
+      load_v<V>(hr + c, p);
+      if (hxbias) {
+        load_v<V>(hxbias + c, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k) p[k] += b[k];
+      }
+      if (on) {
+        float h[V];
+        load_v<V>(hcr + c, h);
+        load_v<V>(hbias + c, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k) p[k] += g * (h[k] + b[k]);
+      }
+      load_v<V>(x + t * D + c, xv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        p[k] += xv[k];
+        y[k] = silu_f(p[k]);
+      }
+      store_v<V>(pre + t * D + c, p);
+      store_v<V>(out + t * D + c, y);
     }
   }
 }
@@ -379,8 +434,9 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
 // Backward of output_kernel (and of the extraction), per token t: dpre = dact silu'(pre); for an activated token
 // dhc[slot] = gate dpre and dgate = <dpre, hc[slot] + h_bias>; dgate = 0 otherwise (dgate is read only for
 // activated tokens). dpre also goes to hx's gradient (dhu, row stride ldh, already offset to hx's columns), in fp32
-// or bf16. With dhc16 the
-// slot gradient is written as bf16 only (rows past S are zeroed separately).
+// or bf16. With dhc16 the slot gradient is written as bf16 only (rows past S are zeroed separately). V as in
+// output_kernel.
+template <int V>
 __global__ void output_backward_kernel(long long rows, int D, int ldh, const float* __restrict__ pre,
                                        const float* __restrict__ dact, const float* __restrict__ hc,
                                        const float* __restrict__ hbias, const float* __restrict__ gate,
@@ -396,22 +452,35 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
     const float g = gate[t];
     const long long so = static_cast<long long>(slot) * D;
     double acc = 0;  // dgate feeds the router's temperature gradient, a sum with cancellation: keep it exact
-    for (int c = lane; c < D; c += 32) {
+    for (int c = V * lane; c < D; c += 32 * V) {
       const long long i = t * D + c;
-      const float d = dact[i] * dsilu_f(pre[i]);
-      dpre[i] = d;
+      float d[V], pv[V];
+      load_v<V>(dact + i, d);
+      load_v<V>(pre + i, pv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) d[k] *= dsilu_f(pv[k]);
+      store_v<V>(dpre + i, d);
       if (dhu16)
-        dhu16[t * ldh + c] = __float2bfloat16_rn(d);
+        store_bf16_v<V>(dhu16 + t * ldh + c, d);
       else
-        dhu[t * ldh + c] = d;
+        store_v<V>(dhu + t * ldh + c, d);
       if (slot >= 0) {  // slots of inactive tokens (the uncompressed fallback) get a zero gradient
-        const float v = on ? g * d : 0.f;
+        float v[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = on ? g * d[k] : 0.f;
         if (dhc16)
-          dhc16[so + c] = __float2bfloat16_rn(v);
+          store_bf16_v<V>(dhc16 + so + c, v);
         else
-          dhc[so + c] = v;
+          store_v<V>(dhc + so + c, v);
       }
-      if (on) acc = fma(static_cast<double>(d), static_cast<double>(hc[so + c]) + hbias[c], acc);
+      if (on) {
+        float h[V], b[V];
+        load_v<V>(hc + so + c, h);
+        load_v<V>(hbias + c, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          acc = fma(static_cast<double>(d[k]), static_cast<double>(h[k]) + b[k], acc);
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -447,7 +516,8 @@ __global__ void logits_to_bf16_kernel(long long rows, int ld, const float* __res
 
 // dmx = (dmx + dxc[slot] [+ dlogits[t] W[0:2]]) silu'(e) per token: the compression's backward, the router
 // logits' share of hx_proj's backward (bf16 path: a rank-2 product, cheaper here than as a product of its own)
-// and the SiLU's in one pass.
+// and the SiLU's in one pass. V as in output_kernel.
+template <int V>
 __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, const float* __restrict__ dxc,
                            const int* __restrict__ slot_of, const float* __restrict__ dlogits,
                            const float* __restrict__ w2, float* __restrict__ dmx) {
@@ -456,14 +526,55 @@ __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, c
        t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
     const int slot = slot_of[t];
     const float* g = slot >= 0 ? dxc + static_cast<long long>(slot) * D : nullptr;
-    for (int c = lane; c < D; c += 32) {
+    const float l0 = dlogits ? dlogits[2 * t] : 0.f, l1 = dlogits ? dlogits[2 * t + 1] : 0.f;
+    for (int c = V * lane; c < D; c += 32 * V) {
       const long long i = t * D + c;
-      float v = dmx[i];
-      if (g) v += g[c];
-      if (dlogits) v += dlogits[2 * t] * w2[c] + dlogits[2 * t + 1] * w2[D + c];
-      dmx[i] = v * dsilu_f(e[i]);
+      float v[V], ev[V];
+      load_v<V>(dmx + i, v);
+      if (g) {
+        float gv[V];
+        load_v<V>(g + c, gv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] += gv[k];
+      }
+      if (dlogits) {
+        float w0[V], w1[V];
+        load_v<V>(w2 + c, w0);
+        load_v<V>(w2 + D + c, w1);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] += l0 * w0[k] + l1 * w1[k];
+      }
+      load_v<V>(e + i, ev);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] *= dsilu_f(ev[k]);
+      store_v<V>(dmx + i, v);
     }
   }
+}
+
+// The widest V in {4, 2, 1} for the per-token kernels: V divides D and every leading dimension, and every pointer
+// is aligned to V elements (V floats for fp32 pointers, V bf16 for bf16 ones).
+int token_width(int D, std::initializer_list<long long> lds, std::initializer_list<const float*> f32,
+                std::initializer_list<const __nv_bfloat16*> b16 = {}) {
+  for (int v : {4, 2}) {
+    bool ok = D % v == 0;
+    for (long long ld : lds) ok = ok && ld % v == 0;
+    for (const float* p : f32) ok = ok && reinterpret_cast<std::uintptr_t>(p) % (4u * v) == 0;
+    for (const __nv_bfloat16* p : b16) ok = ok && reinterpret_cast<std::uintptr_t>(p) % (2u * v) == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, V>{}) for V = width (4, 2 or 1), to launch a kernel template<int V>.
+template <class F>
+void with_width(int width, F&& f) {
+  if (width == 4)
+    f(std::integral_constant<int, 4>{});
+  else if (width == 2)
+    f(std::integral_constant<int, 2>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 /// gemm_rm for contiguous operands (ld = columns), optionally with bf16 copies of A and B and fp32 accumulation
@@ -517,6 +628,12 @@ struct SeqBoatLayerDevice::Impl {
   // The bf16 path's weight copies (made in each forward, used by its backward) and backward operands. They live
   // as long as the layer because the bounded products' graphs are keyed by their pointers (bounded_gemm.hpp).
   DeviceBuffer w_mx16, w_h16, dhc16, dhr16, dbase16, dxc;
+  // The bf16 attention's padded operands (SeqBoatDeviceConfig::padded_attention_operands): written by the
+  // activation pass (q, k, v) and the backward's dout pass, kept across calls (stable pointers for the attention's
+  // graphs). Rows [0, W') are zeroed once per layout and never written again.
+  DeviceBuffer qp16, kp16, vp16, dop16;
+  PaddedLayout pad_layout;          ///< the layout they were zeroed for (0 rows: not yet)
+  bool padded_attention = false;    ///< the last forward used them (its backward does too)
 
   /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of
   /// rows past S are skipped, with no host wait).
@@ -537,6 +654,17 @@ struct SeqBoatLayerDevice::Impl {
 
   ~Impl() {
     if (blas) cublasDestroy(blas);
+  }
+
+  /// The padded operands for `lay`, zeroed whole when the layout differs from the one they hold.
+  void ensure_padded(const PaddedLayout& lay, cudaStream_t s) {
+    if (lay.rows == pad_layout.rows && lay.offset == pad_layout.offset) return;
+    const long long Z = cfg.zdim, H = cfg.hdim;
+    for (const auto& [b, w] : {std::pair<DeviceBuffer*, long long>{&qp16, Z}, {&kp16, Z}, {&vp16, H}, {&dop16, H}}) {
+      held(*b, lay.rows * w);
+      SMA_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->bytes(), s));
+    }
+    pad_layout = lay;
   }
 
   const float* p(const char* n) const {
@@ -600,9 +728,15 @@ struct SeqBoatLayerDevice::Impl {
     in.offsets = pv.offsets;
     in.positions = pv.positions;
     in.key_valid = pv.key_valid;
-    in.q = q.data();
-    in.k = k.data();
-    in.v = v.data();
+    if (padded_attention) {  // fp32 q, k, v are not written then
+      in.q_padded = qp16.data();
+      in.k_padded = kp16.data();
+      in.v_padded = vp16.data();
+    } else {
+      in.q = q.data();
+      in.k = k.data();
+      in.v = v.data();
+    }
     return in;
   }
 
@@ -613,6 +747,14 @@ struct SeqBoatLayerDevice::Impl {
 
   static void ensure(DeviceArray<float>& a, long long n) {
     if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(n));
+  }
+
+  /// fp32 q, k, v (N rows): written and read only when the attention does not take the padded operands.
+  void ensure_qkv() {
+    const long long N = static_cast<long long>(B) * L, Z = cfg.zdim, H = cfg.hdim;
+    ensure(q, N * Z);
+    ensure(k, N * Z);
+    ensure(v, N * H);
   }
 
   void ensure_fp32() {
@@ -628,7 +770,7 @@ struct SeqBoatLayerDevice::Impl {
     if (b == B && l == L && plan) return;
     B = b;
     L = l;
-    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim;
+    const long long N = static_cast<long long>(B) * L, D = cfg.embed_dim, H = cfg.hdim;
     plan = std::make_unique<DeviceCompression>(B, L);
     for (auto* a : {&x, &xin, &ema_out, &hc, &pre, &act}) ensure(*a, N * D);
     ensure(logits, N * 2);
@@ -636,10 +778,9 @@ struct SeqBoatLayerDevice::Impl {
     for (auto* a : {&bn_mean, &bn_invstd, &bn_mean2, &bn_invstd2}) ensure(*a, D);
     ensure(hu, N * ldh());
     ensure(probs, N * 2);
-    ensure(q, N * Z);
-    ensure(k, N * Z);
-    for (auto* a : {&v, &att}) ensure(*a, N * H);
-    // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead.
+    ensure(att, N * H);
+    // mx, xc, base, r, hr: the fp32 path's only (ensure_fp32); the bf16 path keeps bf16 copies instead. q, k, v:
+    // ensure_qkv.
     padding = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
     active = DeviceArray<std::uint8_t>(static_cast<std::size_t>(N));
   }
@@ -653,6 +794,10 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
                              ", ", cfg.zdim, ", ", cfg.hdim, ", ", cfg.ndim));
   if (cfg.zdim > 128) throw ValueError(str_cat("SeqBoatLayerDevice: zdim ", cfg.zdim, " > 128 is not supported"));
   impl_->cfg = cfg;
+  // For timing the padded operands against the attention's own pad passes without a rebuild (e.g. in the model,
+  // whose layers take the default): SMA_CUDA_PADDED_ATTENTION=0 turns them off.
+  if (const char* e = std::getenv("SMA_CUDA_PADDED_ATTENTION"))
+    impl_->cfg.padded_attention_operands = std::atoi(e) != 0;
   const long long D = cfg.embed_dim, Z = cfg.zdim, H = cfg.hdim, R = cfg.bidirectional ? 2 * D : D;
   const std::map<std::string, long long> expected = {
       {"ssm.delta", R * cfg.ndim}, {"ssm.alpha", R * cfg.ndim}, {"ssm.beta", R * cfg.ndim},
@@ -702,6 +847,10 @@ void SeqBoatLayerDevice::set_bf16_attention(bool on) {
   impl_->cfg.attention.bf16 = on;
 }
 bool SeqBoatLayerDevice::training() const { return impl_->cfg.training; }
+void SeqBoatLayerDevice::set_padded_attention_operands(bool on) {
+  if (impl_->has_forward && on != impl_->cfg.padded_attention_operands) impl_->has_forward = false;
+  impl_->cfg.padded_attention_operands = on;
+}
 void SeqBoatLayerDevice::set_bf16_projections(bool on) {
   if (impl_->has_forward && on != impl_->cfg.bf16_projections) impl_->has_forward = false;  // no mixed backward
   impl_->cfg.bf16_projections = on;
@@ -787,6 +936,8 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     SMA_CUDA_CHECK(cudaMemsetAsync(m.att.data(), 0, N * H * sizeof(float), s));
   }
   m.rows_c = M;
+  m.padded_attention = bf && c.attention.bf16 && c.padded_attention_operands;
+  if (!m.padded_attention) m.ensure_qkv();
   const int Mi = static_cast<int>(M);
   const __nv_bfloat16* xc16 = nullptr;
   if (bf) {
@@ -806,7 +957,20 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
       gemm_bf16_out(m.blas, false, true, Mi, P, D, xc16, D, w16, D, base16, P);
     else
       bounded_gemm(Impl::rows_product(true, Mi, P, D, xc16, D, w16, D, base16, P, GemmType::bf16), S_dev, s);
-    if (pairs)
+    if (m.padded_attention) {
+      const PaddedLayout lay = local_attention_padded_layout(c.attention, static_cast<int>(N));
+      m.ensure_padded(lay, s);
+      const auto qp = static_cast<__nv_bfloat16*>(m.qp16.data()), kp = static_cast<__nv_bfloat16*>(m.kp16.data()),
+                 vp = static_cast<__nv_bfloat16*>(m.vp16.data());
+      if (c.attention.position == Position::rotary)  // each block computes the Z/2 frequencies first: fewer blocks
+        gau_act_padded_kernel<true><<<std::min(row_grid(M), 2048u), kRowThreads, Z / 2 * sizeof(double), s>>>(
+            M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), pv.positions, c.attention.rotary_theta,
+            lay.offset, qp, kp, vp, S_dev);
+      else
+        gau_act_padded_kernel<false><<<row_grid(M), kRowThreads, 0, s>>>(
+            M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), nullptr, 0.0, lay.offset, qp, kp, vp,
+            S_dev);
+    } else if (pairs)
       gau_act_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
           M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"),
           reinterpret_cast<float2*>(m.q.data()), reinterpret_cast<float2*>(m.k.data()),
@@ -856,11 +1020,18 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   }
   // 5. pre = hx + gate * h (activated tokens) + residual; out = silu(pre) (then the post-norm).
   float* act = c.prenorm ? out : m.act.data();
-  output_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, bf ? D : ldh, m.x.data(), m.hu.data() + (bf ? 0 : 2),
-                                                        bf ? m.p("hx_proj.bias") + 2 : nullptr, m.hc.data(),
-                                                        m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
-                                                        m.pre.data(), act);
-  SMA_CUDA_CHECK_LAUNCH();
+  {
+    const int ldx = bf ? D : ldh;
+    const float* hx = m.hu.data() + (bf ? 0 : 2);
+    const float* hxb = bf ? m.p("hx_proj.bias") + 2 : nullptr;
+    const int w = token_width(D, {ldx}, {m.x.data(), hx, hxb, m.hc.data(), m.p("h_proj.bias"), m.pre.data(), act});
+    with_width(w, [&](auto v) {
+      output_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
+          N, D, ldx, m.x.data(), hx, hxb, m.hc.data(), m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
+          m.pre.data(), act);
+    });
+    SMA_CUDA_CHECK_LAUNCH();
+  }
   if (!c.prenorm)
     m.norm_fwd(N, m.act.data(), out, m.mean2.data(), m.rstd2.data(), m.bn_mean2.data(), m.bn_invstd2.data(), s);
   m.has_forward = true;
@@ -902,11 +1073,18 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* dhu = bf ? nullptr : ws.alloc<float>(N * ldh);              // fp32: [dlogits | dhx], row stride ldh
   __nv_bfloat16* dhu16 = bf ? ws.alloc<__nv_bfloat16>(N * D) : nullptr;  // bf16: dhx alone (N x D)
   if (!bf && !host_s) SMA_CUDA_CHECK(cudaMemsetAsync(dhc, 0, N * D * sizeof(float), s));
-  output_backward_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, bf ? D : ldh, m.pre.data(), dact, m.hc.data(),
-                                                                 m.p("h_proj.bias"), m.gate.data(), pv.slot,
-                                                                 pv.key_valid, dpre, dgate, dhc, dhc16,
-                                                                 bf ? nullptr : dhu + 2, dhu16);
-  SMA_CUDA_CHECK_LAUNCH();
+  {
+    const int ldx = bf ? D : ldh;
+    float* dhx = bf ? nullptr : dhu + 2;
+    const int w = token_width(D, {ldx}, {m.pre.data(), dact, m.hc.data(), m.p("h_proj.bias"), dpre, dhc, dhx},
+                              {dhc16, dhu16});
+    with_width(w, [&](auto v) {
+      output_backward_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
+          N, D, ldx, m.pre.data(), dact, m.hc.data(), m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
+          dpre, dgate, dhc, dhc16, dhx, dhu16);
+    });
+    SMA_CUDA_CHECK_LAUNCH();
+  }
   if (bf) {
     zero_tail_bf16_kernel<<<grid(M * D / 8), 256, 0, s>>>(M, D, S_dev, dhc16);
     SMA_CUDA_CHECK_LAUNCH();
@@ -931,9 +1109,15 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     bounded_gemm(Impl::rows_product(false, Mi, H, D, dhc16, D, b16(m.w_h16), H, dhr16, H, GemmType::bf16), S_dev, s);
   else
     gemm_proj(m.blas, bf, ws, s, false, false, Mi, H, D, dhc, D, m.p("h_proj.weight"), H, 0.f, dhr, H);
-  float* datt = ws.alloc<float>(N * H);
+  const bool softmax = c.attention.activation == Activation::softmax;
+  // With the padded operands, dout goes to the attention in bf16 only, unless softmax's row deltas need fp32.
+  float* datt = m.padded_attention && !softmax ? nullptr : ws.alloc<float>(N * H);
   const __nv_bfloat16* base16 = bf ? static_cast<const __nv_bfloat16*>(m.base16.data()) : nullptr;
-  if (pairs)
+  if (m.padded_attention)
+    mul_r_padded_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr16, base16, m.p("mx_proj.bias"), bound, datt,
+                                                            m.pad_layout.offset,
+                                                            static_cast<__nv_bfloat16*>(m.dop16.data()));
+  else if (pairs)
     mul_r_x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
         M, Z, H, reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const __nv_bfloat162*>(base16),
         m.p("mx_proj.bias"), bound, reinterpret_cast<float2*>(datt));
@@ -950,8 +1134,9 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     SMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, N * Z * sizeof(float), s));
     SMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, N * H * sizeof(float), s));
   }
-  const bool softmax = c.attention.activation == Activation::softmax;
-  local_attention_backward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"),
+  LocalAttentionInputs att_in = m.attention_inputs();
+  if (m.padded_attention) att_in.dout_padded = m.dop16.data();
+  local_attention_backward(c.attention, att_in, m.p("rel_pos_bias.rel_pos_bias"),
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
                            m.g("rel_pos_bias.rel_pos_bias"), s);
   float* dbase = bf ? nullptr : ws.alloc<float>(N * P);
@@ -975,10 +1160,11 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   SMA_CUDA_CHECK_LAUNCH();
   float* dgamma = m.g("gamma");
   float* dbeta = m.g("beta");
-  column_sum_add(M, Z, tq, Z, nullptr, dgamma, s, bound);
-  column_sum_add(M, Z, tk, Z, nullptr, dgamma + Z, s, bound);
-  column_sum_add(M, Z, dq, Z, nullptr, dbeta, s, bound);
-  column_sum_add(M, Z, dk, Z, nullptr, dbeta + Z, s, bound);
+  {
+    const float* a[4] = {tq, tk, dq, dk};
+    float* out[4] = {dgamma, dgamma + Z, dbeta, dbeta + Z};
+    column_sums_add(M, Z, 4, a, out, s, bound);
+  }
   // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W (added to the tokens' dmx below).
   gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D, dbase16,
             b16(m.xc16));
@@ -1020,8 +1206,10 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
               dmx, D);
   }
   // 4. compression backward + SiLU, EMA, pre-norm, residual.
-  dmx_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), dxc, pv.slot, bf ? dlogits : nullptr,
-                                                     m.p("hx_proj.weight"), dmx);
+  with_width(token_width(D, {}, {m.ema_out.data(), dxc, m.p("hx_proj.weight"), dmx}), [&](auto v) {
+    dmx_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
+        N, D, m.ema_out.data(), dxc, pv.slot, bf ? dlogits : nullptr, m.p("hx_proj.weight"), dmx);
+  });
   SMA_CUDA_CHECK_LAUNCH();
   const float* xin = c.prenorm ? m.xin.data() : m.x.data();
   float* dxin = c.prenorm ? ws.alloc<float>(N * D) : dx;

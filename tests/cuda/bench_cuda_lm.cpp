@@ -4,7 +4,8 @@
 // events (median of the repetitions after warm-up) in fp32, with bf16 projections, and with bf16 projections and
 // bf16 attention, plus the forward alone, forward+loss+backward, the update, and the step and update with gradient
 // clipping (AdamWConfig::clip_norm 1), and prints tokens per second.
-// Usage: sma_bench_cuda_lm [reps=15] [B=16] [L=1024].
+// Usage: sma_bench_cuda_lm [reps=15] [B=16] [L=1024] [graph]. "graph": also the step recorded as one CUDA graph and
+// replayed (set_step_graph; sma/cuda/step_graph.hpp), timed after the plain step on the same model.
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
   const int reps = cuda::positive_arg(argc, argv, 1, 15);
   const int B = cuda::positive_arg(argc, argv, 2, 16);
   const int L = cuda::positive_arg(argc, argv, 3, 1024);
+  const bool graph = argc > 4 && std::string(argv[4]) == "graph";
   SeqBoatLmConfig c;
   c.vocab_size = 256;
   c.embed_dim = 256;
@@ -61,6 +63,19 @@ int main(int argc, char** argv) {
     dev.set_optimizer(ac);
     const char* prec = cuda::set_precision(dev, mode);
     const float t_step = cuda::time_median_ms(step, s, reps, 3);
+    if (graph) {
+      step();
+      const double loss_plain = dev.read_loss(s).loss;
+      dev.set_step_graph(true);
+      // warm-up: a plain step (first at this shape with the graph on), the capture, a replay
+      const float t_graph = cuda::time_median_ms(step, s, reps, 3);
+      const cuda::StepGraphStats gs = dev.step_graph_stats();
+      const double loss_graph = dev.read_loss(s).loss;
+      dev.set_step_graph(false);
+      std::printf("lm %s B=%d L=%d graph-step %.3f ms against plain %.3f ms (median of %d; %lld plain, %lld captures, "
+                  "%lld replays) | loss plain %.9g graph %.9g (lr 0: equal when the graph is exact)\n",
+                  prec, B, L, t_graph, t_step, reps, gs.plain, gs.captures, gs.replays, loss_plain, loss_graph);
+    }
     const float t_fwd = cuda::time_median_ms(fwd, s, reps, 2);
     const float t_fb = cuda::time_median_ms(fwd_bwd, s, reps, 2);
     dev.zero_grad(s);

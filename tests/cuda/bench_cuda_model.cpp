@@ -3,8 +3,10 @@
 // W 128, batchnorm post-norm, simple bias (max_positions 1024), bidirectional, relu2, B 50 x L 1024, d_input 3,
 // d_output 10; dropout 0 (the device layer has none). Times each step with CUDA events (median of the repetitions
 // after warm-up), in fp32, with bf16 projections, and with bf16 projections and bf16 attention, plus the forward alone and the step's parts.
-// Usage: sma_bench_cuda_model [reps=15] [profile [mode]]. "profile": 1 warm-up step and 1 step in one precision
-// (mode 0 fp32, 1 bf16 projections, 2 and bf16 attention), for nsys/ncu.
+// Usage: sma_bench_cuda_model [reps=15] [profile [mode] | graph]. "profile": 1 warm-up step and 1 step in one
+// precision (mode 0 fp32, 1 bf16 projections, 2 and bf16 attention), for nsys/ncu. "graph": also the step recorded
+// as one CUDA graph and replayed (set_step_graph; sma/cuda/step_graph.hpp), timed after the plain step on the same
+// model, and the loss of both after one more step each (they should be equal).
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -25,6 +27,7 @@ int main(int argc, char** argv) {
   const int reps = cuda::positive_arg(argc, argv, 1, 15);
   const bool profile = argc > 2 && std::string(argv[2]) == "profile";
   const int profile_mode = argc > 3 ? std::atoi(argv[3]) : 0;  // 0 fp32, 1 bf16 projections, 2 + bf16 attention
+  const bool graph = argc > 2 && std::string(argv[2]) == "graph";
   SeqBoatModelConfig c;
   c.d_input = 3;
   c.d_output = 10;
@@ -79,6 +82,19 @@ int main(int argc, char** argv) {
       continue;
     }
     const float t_step = cuda::time_median_ms(step, s, reps, 3);
+    if (graph) {
+      step();
+      const double loss_plain = dev.read_loss(s).loss;
+      dev.set_step_graph(true);
+      // warm-up: a plain step (first at this shape with the graph on), the capture, a replay
+      const float t_graph = cuda::time_median_ms(step, s, reps, 3);
+      const cuda::StepGraphStats gs = dev.step_graph_stats();
+      const double loss_graph = dev.read_loss(s).loss;
+      dev.set_step_graph(false);
+      std::printf("model %s B=%d L=%d graph-step %.3f ms against plain %.3f ms (median of %d; %lld plain, %lld "
+                  "captures, %lld replays) | loss plain %.9g graph %.9g (lr 0: equal when the graph is exact)\n",
+                  prec, B, L, t_graph, t_step, reps, gs.plain, gs.captures, gs.replays, loss_plain, loss_graph);
+    }
     const float t_fwd = cuda::time_median_ms(fwd, s, reps, 2);
     const float t_fb = cuda::time_median_ms(fwd_bwd, s, reps, 2);
     dev.zero_grad(s);

@@ -1,10 +1,11 @@
 // Helpers of the CUDA tests that compare a device layer or model with the CPU one in double (the reference) and
 // float (the error budget): widened router margins, one set of values for both CPU copies, padded row tails, the
-// routing, logits, loss and gradient checks, the CPU side of the AdamW comparison with its check after the steps,
+// routing, logits, loss and gradient checks, the CPU side of the optimiser comparison with its check after the steps,
 // and a narrow layer for the misuse cases.
 #pragma once
 
 #include "cuda_test_support.hpp"
+#include "optimizer_setup.hpp"
 
 #include <sma/core/param.hpp>
 #include <sma/cuda/adamw.hpp>
@@ -152,17 +153,17 @@ inline std::vector<cuda::SeqBoatLayerDevice> narrow_layers(SeqBoatLayerConfig lc
   return layers;
 }
 
-/// The values of every parameter, by name (the start of the AdamW steps).
+/// The values of every parameter, by name (the start of the optimiser steps).
 inline std::map<std::string, std::vector<double>> snapshot(const std::map<std::string, Param<double>*>& pd) {
   std::map<std::string, std::vector<double>> w;
   for (auto& [n, p] : pd) w[n] = std::vector<double>(p->data(), p->data() + p->size());
   return w;
 }
 
-/// The CPU side of the AdamW comparison: the double and the float model over flat parameter buffers (which rebind
-/// their Params: take params_of again afterwards), each stepped by sma::train::Optimizer (decay on matrices only,
-/// weight decay 0.05 unless `cfg` says otherwise).
-struct CpuAdamW {
+/// The CPU side of the optimiser comparison: the double and the float model over flat parameter buffers (which
+/// rebind their Params: take params_of again afterwards), each stepped by sma::train::Optimizer (decay on matrices
+/// only, weight decay 0.05; SGD with Nesterov momentum), and the device optimiser set to the same rule.
+struct CpuOptimizer {
   train::OptimizerConfig oc;
   ParamBuffer<double> bd;
   ParamBuffer<float> bf;
@@ -170,24 +171,31 @@ struct CpuAdamW {
   train::Optimizer<float> of;
 
   template <class ModelD, class ModelF>
-  CpuAdamW(ModelD& md, ModelF& mf, const train::OptimizerConfig& cfg = default_config())
-      : oc(cfg), bd(md), bf(mf), od(bd, oc), of(bf, oc) {}
+  CpuOptimizer(ModelD& md, ModelF& mf, train::OptimizerKind kind = train::OptimizerKind::adamw)
+      : oc(config(kind)), bd(md), bf(mf), od(bd, oc), of(bf, oc) {}
 
-  static train::OptimizerConfig default_config() {
+  static train::OptimizerConfig config(train::OptimizerKind kind) {
     train::OptimizerConfig c;
+    c.kind = kind;
+    c.nesterov = kind == train::OptimizerKind::sgd;
     c.weight_decay = 0.05;
     return c;
   }
 
-  /// The device optimiser's configuration for the same rule.
-  cuda::AdamWConfig device(double clip_norm = 0) const {
-    cuda::AdamWConfig ac;
-    ac.beta1 = oc.beta1;
-    ac.beta2 = oc.beta2;
-    ac.eps = oc.eps;
-    ac.weight_decay = oc.weight_decay;
-    ac.clip_norm = clip_norm;
-    return ac;
+  /// Sets `dev`'s optimiser to the same rule: DeviceAdamW for AdamW, DeviceOptimizer for the others.
+  template <class DeviceModel>
+  void set_on(DeviceModel& dev, double clip_norm = 0) const {
+    if (oc.kind == train::OptimizerKind::adamw) {
+      cuda::AdamWConfig ac;
+      ac.beta1 = oc.beta1;
+      ac.beta2 = oc.beta2;
+      ac.eps = oc.eps;
+      ac.weight_decay = oc.weight_decay;
+      ac.clip_norm = clip_norm;
+      dev.set_optimizer(ac);
+    } else {
+      dev.set_optimizer(device_optimizer(oc, clip_norm));
+    }
   }
 
   void step(double lr) {
@@ -196,13 +204,13 @@ struct CpuAdamW {
   }
 };
 
-/// After the AdamW steps from `w0`: each device parameter against the double CPU model's. fp32 moments and update
+/// After `steps` optimiser steps from `w0`: each device parameter against the double CPU model's. fp32 moments and update
 /// against the CPU's doubles: the difference must be small against the update itself, beyond twice the float CPU
 /// path's.
 template <class DeviceModel>
 void check_params_after_steps(DeviceModel& dev, const std::map<std::string, Param<double>*>& pd,
                               const std::map<std::string, Param<float>*>& pf,
-                              const std::map<std::string, std::vector<double>>& w0, void* s) {
+                              const std::map<std::string, std::vector<double>>& w0, void* s, int steps = 3) {
   for (auto& [n, p] : pd) {
     const std::vector<float> v = dev.param(n, s);
     const std::size_t k = v.size();
@@ -211,8 +219,8 @@ void check_params_after_steps(DeviceModel& dev, const std::map<std::string, Para
     for (std::size_t i = 0; i < k; ++i) upd_d += (p->data()[i] - w0.at(n)[i]) * (p->data()[i] - w0.at(n)[i]);
     upd_d = std::sqrt(upd_d);
     const double e_dev = norm_diff(v.data(), p->data(), k), e_f = norm_diff(pf.at(n)->data(), p->data(), k);
-    INFO("after 3 steps, " << n << ": |dev - double| " << e_dev << ", |float - double| " << e_f << ", |update| "
-                           << upd_d << " (float " << upd << ")");
+    INFO("after " << steps << " steps, " << n << ": |dev - double| " << e_dev << ", |float - double| " << e_f
+                  << ", |update| " << upd_d << " (float " << upd << ")");
     CHECK(e_dev <= 2 * e_f + 1e-2 * upd_d + 1e-7);
   }
 }

@@ -43,9 +43,11 @@ SeqBoatLmConfig small_config() {
 // take in different orders.
 constexpr double kFloor = 1e-5;
 
-/// `clip`: the AdamW steps clip the global gradient norm at half the first step's (so that clipping acts).
-void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigned seed, bool clip = false) {
-  INFO("LM case " << name);
+/// `clip`: the steps clip the global gradient norm at half the first step's (so that clipping acts). `kind`: the
+/// optimiser (SGD with Nesterov momentum).
+void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigned seed, bool clip = false,
+              train::OptimizerKind kind = train::OptimizerKind::adamw) {
+  INFO("LM case " << name << ", " << train::to_string(kind));
   SeqBoatLm<double> md(cfg, seed);
   SeqBoatLm<float> mf(cfg, seed);
   auto pd = cuda_test::params_of<double>(md);
@@ -118,14 +120,14 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
     CHECK(cuda_test::max_abs_diff(e.grad(), g.data(), g.size()) == 0);
   }
 
-  // 3 AdamW steps (sma::train::Optimizer's rule: decay on matrices only) from here.
+  // 3 steps (sma::train::Optimizer's rule: decay on matrices only) from here.
   double norm0 = 0;
   for (auto& [n, p] : pd)
     for (Index i = 0; i < p->size(); ++i) norm0 += p->grad()[i] * p->grad()[i];
   const double clip_norm = clip ? 0.5 * std::sqrt(norm0) : 0.0;
   const std::map<std::string, std::vector<double>> w0 = cuda_test::snapshot(pd);
-  cuda_test::CpuAdamW cpu_adamw(md, mf);
-  dev.set_optimizer(cpu_adamw.device(clip_norm));
+  cuda_test::CpuOptimizer cpu_opt(md, mf, kind);
+  cpu_opt.set_on(dev, clip_norm);
   pd = cuda_test::params_of<double>(md);
   pf = cuda_test::params_of<float>(mf);
   const double lr = 2e-3;
@@ -133,8 +135,8 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
     cpu_step(md, cd);
     cpu_step(mf, cf);
     if (clip) {
-      const double nd_ = optim::clip_grad_norm(cpu_adamw.bd, clip_norm);
-      const double nf = optim::clip_grad_norm(cpu_adamw.bf, clip_norm);
+      const double nd_ = optim::clip_grad_norm(cpu_opt.bd, clip_norm);
+      const double nf = optim::clip_grad_norm(cpu_opt.bf, clip_norm);
       dev.train_step(B, L, d_tokens.data(), d_pad, d_targets.data(), lr, s);
       const double ng = dev.optimizer().last_grad_norm(s);
       INFO("step " << step << ": gradient norm " << ng << " (double " << nd_ << ", float " << nf << "), clip at "
@@ -144,7 +146,7 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
     } else {
       dev.train_step(B, L, d_tokens.data(), d_pad, d_targets.data(), lr, s);
     }
-    cpu_adamw.step(lr);
+    cpu_opt.step(lr);
   }
   stream.synchronize();
   cuda_test::require_same_routing(cd, dev, B, L, s, "after training, ", /*near_ties=*/true);
@@ -181,6 +183,17 @@ TEST_CASE("cuda SeqBoat LM matches the CPU LM (forward, loss, gradients, AdamW)"
     c.norm_type = NormType::scalenorm;
     check_lm("no feed-forward blocks, scalenorm, ragged", c, true, 5);
   }
+}
+
+TEST_CASE("cuda SeqBoat LM trains with RAdam and SGD as the CPU does", "[cuda][lm][optim]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  check_lm("prenorm layernorm silu, ragged, gradient clipping", small_config(), true, 3, /*clip=*/true,
+           train::OptimizerKind::radam);
+  SeqBoatLmConfig c = small_config();
+  c.ffn_hidden_dim = 0;
+  c.layers = 1;
+  c.norm_type = NormType::scalenorm;
+  check_lm("no feed-forward blocks, scalenorm, ragged", c, true, 5, /*clip=*/false, train::OptimizerKind::sgd);
 }
 
 TEST_CASE("cuda SeqBoat LM: the embedding gradient is the same on every run", "[cuda][lm][quick]") {

@@ -14,7 +14,10 @@
 #include <sma/ops/local_attention.hpp>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <numeric>
+#include <tuple>
 #include <random>
 #include <string>
 #include <vector>
@@ -362,6 +365,168 @@ std::vector<Case> shared_cases() {
   };
 }
 
+// ---- caller-written padded operands (LocalAttentionInputs::*_padded) ----
+
+constexpr std::uint16_t kBf16Nan = 0x7fc0;  // what the rows a caller need not write hold in these tests
+
+std::uint16_t bf16_bits(float f) {  // round to nearest even, as __float2bfloat16_rn (finite values)
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The problem's device arrays at capacity `cap` (NaN past S) and the inputs pointing at them.
+struct DeviceProblem {
+  cuda::DeviceArray<int> off, pos;
+  cuda::DeviceArray<std::uint8_t> valid;
+  cuda::DeviceArray<float> q, k, v, dout, table;
+  cuda::LocalAttentionInputs in;
+
+  DeviceProblem(const Case& c, const Problem& p, Index cap) {
+    std::vector<int> o(p.offsets.begin(), p.offsets.end()), ps(static_cast<std::size_t>(cap), -7);
+    std::copy(p.pos.begin(), p.pos.end(), ps.begin());
+    std::vector<std::uint8_t> va(static_cast<std::size_t>(cap), 1);
+    std::copy(p.valid.begin(), p.valid.end(), va.begin());
+    off = cuda::DeviceArray<int>(o);
+    pos = cuda::DeviceArray<int>(ps);
+    valid = cuda::DeviceArray<std::uint8_t>(va);
+    q = cuda_test::upload_rows(p.qf, cap);
+    k = cuda_test::upload_rows(p.kf, cap);
+    v = cuda_test::upload_rows(p.vf, cap);
+    dout = cuda_test::upload_rows(p.doutf, cap);
+    table = cuda::DeviceArray<float>(p.tablef.empty() ? std::vector<float>{0.f} : p.tablef);
+    in.batch = static_cast<int>(c.lengths.size());
+    in.capacity = static_cast<int>(cap);
+    in.z = static_cast<int>(c.Z);
+    in.h = static_cast<int>(c.H);
+    in.offsets = off.data();
+    in.positions = pos.data();
+    in.key_valid = p.use_valid ? valid.data() : nullptr;
+  }
+};
+
+// Every output of a forward + backward over all `capacity` rows (rows past S included: zero or the sentinel).
+struct FullResult {
+  std::vector<float> out, row_stat, dq, dk, dv, dbias;
+};
+
+// Forward + backward with the fp32 operands (padded = nullptr: the attention pads them itself) or with the four
+// caller-written padded buffers (q, k, v, dout), the fp32 q, k, v then nullptr and dout too unless softmax.
+FullResult run_full(const Case& c, DeviceProblem& d, cuda::DeviceArray<std::uint16_t>* padded) {
+  const std::size_t cap = static_cast<std::size_t>(d.in.capacity), ts = d.table.size();
+  const float sen = cuda_test::sentinel();
+  cuda::DeviceArray<float> out(std::vector<float>(cap * c.H, sen)), stat(std::vector<float>(cap, sen));
+  cuda::DeviceArray<float> dq(std::vector<float>(cap * c.Z, sen)), dk(std::vector<float>(cap * c.Z, sen));
+  cuda::DeviceArray<float> dv(std::vector<float>(cap * c.H, sen)), dtable(std::vector<float>(ts, 0.25f));
+  cuda::LocalAttentionInputs in = d.in;
+  const float* dout = d.dout.data();
+  if (padded) {
+    in.q_padded = padded[0].data();
+    in.k_padded = padded[1].data();
+    in.v_padded = padded[2].data();
+    in.dout_padded = padded[3].data();
+    if (c.act != AA::softmax) dout = nullptr;
+  } else {
+    in.q = d.q.data();
+    in.k = d.k.data();
+    in.v = d.v.data();
+  }
+  const cuda::LocalAttentionConfig cfg = gpu_config(c);
+  const bool table = cfg.bias_table_size() > 0;
+  cuda::Stream stream;
+  cuda::local_attention_forward(cfg, in, d.table.data(), out.data(), stat.data(), stream.handle());
+  cuda::local_attention_backward(cfg, in, d.table.data(), out.data(), stat.data(), dout, dq.data(), dk.data(),
+                                 dv.data(), table ? dtable.data() : nullptr, stream.handle());
+  stream.synchronize();
+  return {out.download(), stat.download(), dq.download(), dk.download(), dv.download(), dtable.download()};
+}
+
+// The padded image of operand `which` as local_attention_pad_bf16 writes it (rows it does not write: NaN), then
+// every row past S set to NaN: what a caller must provide is rows [offset, offset + S) and zero rows [0, offset).
+std::vector<std::uint16_t> caller_image(const Case& c, DeviceProblem& d, cuda::PaddedOperand which, Index S) {
+  const cuda::LocalAttentionConfig cfg = gpu_config(c);
+  const cuda::PaddedLayout lay = cuda::local_attention_padded_layout(cfg, d.in.capacity);
+  const bool qk = which == cuda::PaddedOperand::q || which == cuda::PaddedOperand::k;
+  const long long w = qk ? c.Z : c.H;
+  const float* src = which == cuda::PaddedOperand::q   ? d.q.data()
+                     : which == cuda::PaddedOperand::k ? d.k.data()
+                     : which == cuda::PaddedOperand::v ? d.v.data()
+                                                       : d.dout.data();
+  cuda::DeviceArray<std::uint16_t> buf(std::vector<std::uint16_t>(static_cast<std::size_t>(lay.rows * w), kBf16Nan));
+  cuda::local_attention_pad_bf16(cfg, d.in, which, src, buf.data());
+  std::vector<std::uint16_t> img = buf.download();
+  std::size_t nonzero_head = 0;
+  for (long long r = 0; r < lay.rows; ++r)
+    for (long long j = 0; j < w; ++j) {
+      std::uint16_t& x = img[static_cast<std::size_t>(r * w + j)];
+      if (r < lay.offset) nonzero_head += x != 0;  // the pad helper's own zero rows
+      if (r >= lay.offset + S) x = kBf16Nan;
+    }
+  CHECK(nonzero_head == 0);
+  return img;
+}
+
+bool same_bits(const FullResult& a, const FullResult& b) {
+  bool ok = true;
+  for (const auto& [x, y, name] : {std::tuple{&a.out, &b.out, "out"}, {&a.row_stat, &b.row_stat, "row_stat"},
+                                   {&a.dq, &b.dq, "dq"}, {&a.dk, &b.dk, "dk"}, {&a.dv, &b.dv, "dv"},
+                                   {&a.dbias, &b.dbias, "dbias"}}) {
+    const bool eq = cuda_test::bitwise_equal(*x, *y);
+    INFO(name << (eq ? " bitwise equal" : " DIFFERS"));
+    CHECK(eq);
+    ok = ok && eq;
+  }
+  return ok;
+}
+
+// The attention with caller-written padded operands gives the same bits as the attention padding its fp32 inputs
+// itself. Then a second problem with a smaller S on the same buffers, written only on its own rows (the larger
+// call's rows stay behind them, NaN after those): again the same bits.
+void check_padded_case(const Case& c, const Case& smaller) {
+  INFO(describe(c) << " then " << describe(smaller));
+  const Problem p = make_problem(c), p2 = make_problem(smaller);
+  const Index cap = p.S + c.extra;
+  REQUIRE(p2.S <= cap);
+  DeviceProblem d(c, p, cap);
+  const cuda::PaddedOperand ops4[4] = {cuda::PaddedOperand::q, cuda::PaddedOperand::k, cuda::PaddedOperand::v,
+                                       cuda::PaddedOperand::dout};
+  cuda::DeviceArray<std::uint16_t> bufs[4];
+  for (int i = 0; i < 4; ++i) bufs[i] = cuda::DeviceArray<std::uint16_t>(caller_image(c, d, ops4[i], p.S));
+  // Without rotary the slots are the fp32 values rounded to bf16: the layout checked against the host's rounding.
+  if (c.pos != PE::rotary) {
+    const cuda::PaddedLayout lay = cuda::local_attention_padded_layout(gpu_config(c), static_cast<int>(cap));
+    const std::vector<std::uint16_t> qi = bufs[0].download(), vi = bufs[2].download();
+    std::size_t bad = 0;
+    for (Index s = 0; s < p.S; ++s) {
+      for (Index j = 0; j < c.Z; ++j)
+        bad += qi[static_cast<std::size_t>((lay.offset + s) * c.Z + j)] != bf16_bits(p.qf(s, j));
+      for (Index j = 0; j < c.H; ++j)
+        bad += vi[static_cast<std::size_t>((lay.offset + s) * c.H + j)] != bf16_bits(p.vf(s, j));
+    }
+    CHECK(bad == 0);
+  }
+  const FullResult own = run_full(c, d, nullptr);
+  const FullResult given = run_full(c, d, bufs);
+  CHECK(same_bits(own, given));
+
+  // The smaller problem at the same capacity (same layout): the caller rewrites rows [offset, offset + S2) only.
+  Case c2 = smaller;
+  c2.extra = cap - p2.S;
+  DeviceProblem d2(c2, p2, cap);
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<std::uint16_t> fresh = caller_image(c2, d2, ops4[i], p2.S);
+    std::vector<std::uint16_t> img = bufs[i].download();
+    const cuda::PaddedLayout lay = cuda::local_attention_padded_layout(gpu_config(c2), static_cast<int>(cap));
+    const bool qk = i < 2;
+    const long long w = qk ? c.Z : c.H;
+    std::copy(fresh.begin() + lay.offset * w, fresh.begin() + (lay.offset + p2.S) * w, img.begin() + lay.offset * w);
+    bufs[i].upload(img);
+  }
+  const FullResult own2 = run_full(c2, d2, nullptr);
+  const FullResult given2 = run_full(c2, d2, bufs);
+  CHECK(same_bits(own2, given2));
+}
+
 }  // namespace
 
 TEST_CASE("cuda local attention matches the CPU op (forward and backward)", "[cuda][attention][quick]") {
@@ -559,6 +724,83 @@ TEST_CASE("cuda local attention: errors name the problem", "[cuda][attention][qu
   CHECK_THROWS_WITH(cuda::local_attention_backward(cfg, in, table.data(), nullptr, nullptr, x.data(), x.data(),
                                                    x.data(), x.data(), table.data()),
                     Catch::Contains("needs the forward's out and row_stat"));
+}
+
+TEST_CASE("cuda local attention bf16: caller-written padded operands give the attention's own bits",
+          "[cuda][attention][bf16][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  const Direction C = Direction::causal, Bi = Direction::bidirectional;
+  // Each case, then a smaller problem (fewer slots, same widths and configuration) on the same buffers.
+  const auto smaller = [](Case c, std::vector<Index> lengths) {
+    c.lengths = std::move(lengths);
+    c.seed += 1000;
+    return c;
+  };
+  std::vector<Case> cases = {
+      {{90, 0, 13, 161}, 24, 36, 20, C, AA::relu2, PE::simple, 32, 0.85, 7, 301, true},
+      {{90, 0, 13, 161}, 24, 36, 20, Bi, AA::softmax, PE::rotary, 32, 0.85, 70, 302, true},
+      {{65, 64, 1, 200}, 64, 72, 16, C, AA::softmax, PE::rotary, 16, 0.6, 3, 303, true},
+      {{50, 0, 77}, 10, 19, 7, C, AA::laplace, PE::local_simple, 16, 1.0, 1, 304, true},
+      {{33, 17, 0, 90}, 7, 5, 5, Bi, AA::relu2, PE::none, 8, 1.0, 64, 305, true},  // odd widths
+      {{300, 150}, 128, 256, 64, Bi, AA::laplace, PE::simple, 16, 1.0, 0, 306, true},
+      {{20, 30, 9}, 4, 4, 600, C, AA::softmax, PE::none, 16, 0.15, 4, 307, true},  // W > capacity
+      {{700, 0, 333}, 64, 96, 256, C, AA::relu2, PE::rotary, 16, 1.0, 900, 308, true},  // several chunks run
+  };
+  for (const Case& c : cases) {
+    const Index S = std::accumulate(c.lengths.begin(), c.lengths.end(), Index{0});
+    check_padded_case(c, smaller(c, {S / 3, 0, S / 5}));
+  }
+  // S = 0 (then a smaller S is S = 0 again), and a first call with S = 0 after nothing.
+  check_padded_case({{0, 0}, 8, 8, 4, C, AA::softmax, PE::simple, 8, 1.0, 70, 309, true},
+                    {{0, 0}, 8, 8, 4, C, AA::softmax, PE::simple, 8, 1.0, 70, 310, true});
+  check_padded_case({{40, 25}, 8, 8, 4, Bi, AA::relu2, PE::rotary, 8, 1.0, 7, 311, true},
+                    {{0, 0}, 8, 8, 4, Bi, AA::relu2, PE::rotary, 8, 1.0, 70, 312, true});
+  // Full products (every block runs, so the tails reach the last row).
+  cuda::set_bounded_gemm_mode(cuda::BoundedGemmMode::full);
+  check_padded_case(cases[1], smaller(cases[1], {40, 0, 2}));
+  cuda::set_bounded_gemm_mode(cuda::BoundedGemmMode::graph);
+}
+
+TEST_CASE("cuda local attention: padded operands are checked", "[cuda][attention][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  cuda::DeviceArray<int> off(std::vector<int>{0, 4});
+  cuda::DeviceArray<int> pos(std::vector<int>{0, 1, 2, 3});
+  cuda::DeviceArray<float> x(4 * 8), out(4 * 8), table(64);
+  cuda::LocalAttentionConfig cfg;
+  cfg.window = 2;
+  cfg.max_positions = 8;
+  const cuda::PaddedLayout lay = cuda::local_attention_padded_layout(cfg, 4);
+  CHECK(lay.offset == 64);
+  CHECK(lay.rows == 64 + 2 * 64);
+  CHECK(cuda::local_attention_padded_layout(cfg, 0).rows == 0);
+  cuda::DeviceArray<std::uint16_t> qp(static_cast<std::size_t>(lay.rows * 8));
+  cuda::LocalAttentionInputs in;
+  in.batch = 1;
+  in.capacity = 4;
+  in.z = in.h = 8;
+  in.offsets = off.data();
+  in.positions = pos.data();
+  in.q_padded = qp.data();
+  in.k = in.v = x.data();
+  CHECK_THROWS_WITH(cuda::local_attention_forward(cfg, in, table.data(), out.data(), nullptr),
+                    Catch::Contains("need cfg.bf16"));
+  cfg.bf16 = true;
+  in.k = nullptr;
+  CHECK_THROWS_WITH(cuda::local_attention_forward(cfg, in, table.data(), out.data(), nullptr),
+                    Catch::Contains("q, k or v is nullptr"));
+  in.k = x.data();
+  in.q_padded = static_cast<std::uint16_t*>(qp.data()) + 1;
+  CHECK_THROWS_WITH(cuda::local_attention_forward(cfg, in, table.data(), out.data(), nullptr),
+                    Catch::Contains("16-byte aligned"));
+  in.q_padded = qp.data();
+  in.dout_padded = qp.data();
+  cfg.activation = cuda::Activation::softmax;
+  CHECK_THROWS_WITH(cuda::local_attention_backward(cfg, in, table.data(), out.data(), x.data(), nullptr, x.data(),
+                                                   x.data(), x.data(), table.data()),
+                    Catch::Contains("needs the fp32 dout"));
+  CHECK_THROWS_WITH(cuda::local_attention_pad_bf16(cfg, in, cuda::PaddedOperand::q, x.data(),
+                                                   static_cast<std::uint16_t*>(qp.data()) + 1),
+                    Catch::Contains("16-byte aligned"));
 }
 
 // Tagged [oom]: compute-sanitizer reports the deliberate failed cudaMalloc as an API error, so the memcheck run

@@ -1,8 +1,9 @@
 // SeqBoatModelDevice against the CPU SeqBoatModel (double reference, float CPU path for the error budget), in train
 // mode with ragged padding: logits, loss, every parameter gradient, batchnorm's running statistics, and the
-// parameters after 3 AdamW steps (train_step on the device, sma::train::Optimizer on the CPU). Configurations:
-// batchnorm post-norm bidirectional (simple bias, relu2) and layernorm pre-norm causal rotary softmax. The router
-// margins are widened as in test_cuda_seqboat_layer.cpp so that no decision is a near tie.
+// parameters after 3 AdamW steps (train_step on the device, sma::train::Optimizer on the CPU; also 2 SGD steps with
+// Nesterov momentum and 3 RAdam steps, DeviceOptimizer). Configurations: batchnorm post-norm bidirectional (simple
+// bias, relu2) and layernorm pre-norm causal rotary softmax. The router margins are widened as in
+// test_cuda_seqboat_layer.cpp so that no decision is a near tie.
 #include "cuda_test_support.hpp"
 #include "model_test_support.hpp"
 
@@ -39,8 +40,10 @@ SeqBoatModelConfig small_config() {
 // batchnorm statistics and the pooling, whose sums the device and the float CPU path take in different orders.
 constexpr double kFloor = 1e-5;
 
-void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed) {
-  INFO("model case " << name);
+/// Trains `steps` steps with `kind` (SGD with Nesterov momentum) after the gradient checks.
+void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed,
+                 train::OptimizerKind kind = train::OptimizerKind::adamw, int steps = 3) {
+  INFO("model case " << name << ", " << train::to_string(kind));
   SeqBoatModel<double> md(cfg, seed);
   SeqBoatModel<float> mf(cfg, seed);
   auto pd = cuda_test::params_of<double>(md);
@@ -96,23 +99,24 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed)
   cuda_test::check_logits_and_loss(d_logits, yf, yd, lv, lossd, lossf, B, kFloor);
   cuda_test::check_gradients(dev, pd, pf, s, kFloor);  // buffers: the running statistics after the forward
 
-  // 3 AdamW steps (sma::train::Optimizer's rule: decay on matrices only) from here.
+  // `steps` steps (sma::train::Optimizer's rule: decay on matrices only) from here.
   const std::map<std::string, std::vector<double>> w0 = cuda_test::snapshot(pd);
-  cuda_test::CpuAdamW cpu_adamw(md, mf);
-  dev.set_optimizer(cpu_adamw.device());
+  cuda_test::CpuOptimizer cpu_opt(md, mf, kind);
+  cpu_opt.set_on(dev);
   pd = cuda_test::params_of<double>(md);
   pf = cuda_test::params_of<float>(mf);
   const double lr = 2e-3;
-  for (int step = 0; step < 3; ++step) {
+  for (int step = 0; step < steps; ++step) {
     cpu_step(md, x, cd);
     cpu_step(mf, xf, cf);
-    cpu_adamw.step(lr);
+    cpu_opt.step(lr);
     dev.train_step(B, L, d_x.data(), d_mask.data(), d_labels.data(), lr, s);
   }
   stream.synchronize();
   cuda_test::require_same_routing(cd, dev, B, L, s, "after training, ");
-  CHECK(dev.optimizer().steps() == 3);
-  cuda_test::check_params_after_steps(dev, pd, pf, w0, s);
+  CHECK(dev.optimizer().steps() == steps);
+  CHECK(dev.optimizer().kind() == cuda::parse_device_optimizer(train::to_string(kind)));
+  cuda_test::check_params_after_steps(dev, pd, pf, w0, s, steps);
 }
 
 }  // namespace
@@ -142,6 +146,22 @@ TEST_CASE("cuda SeqBoat model matches the CPU model (forward, loss, gradients, A
     c.bidirectional = false;
     check_model("batchnorm prenorm causal (batchnorm final norm), ragged", c, 5);
   }
+}
+
+TEST_CASE("cuda SeqBoat model trains with SGD and RAdam as the CPU does", "[cuda][model][optim]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatModelConfig c = small_config();
+  c.norm_type = NormType::batchnorm;
+  c.prenorm = false;
+  c.bidirectional = true;
+  check_model("batchnorm postnorm bidirectional simple relu2, ragged", c, 3, train::OptimizerKind::sgd, 2);
+  c = small_config();
+  c.norm_type = NormType::layernorm;
+  c.prenorm = true;
+  c.bidirectional = false;
+  c.rel_pos = ops::PositionEncoding::rotary;
+  c.attention_activation = ops::AttentionActivation::softmax;
+  check_model("layernorm prenorm causal rotary softmax, ragged", c, 4, train::OptimizerKind::radam, 3);
 }
 
 TEST_CASE("cuda SeqBoat model in eval mode uses the running statistics", "[cuda][model][quick]") {

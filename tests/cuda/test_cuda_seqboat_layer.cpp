@@ -187,6 +187,70 @@ void check_layer(const LayerCase& lc) {
   }
 }
 
+// SeqBoatDeviceConfig::padded_attention_operands on and off (the activation and dout passes writing the bf16
+// attention's padded operands, or the attention padding fp32 ones): the same bits in out, dx and every gradient,
+// on two device copies of one CPU layer. With `stale`, the padded one first runs a call with every token routed,
+// which leaves larger-S rows in its persistent padded buffers.
+void check_padded_layer(const LayerCase& lc) {
+  INFO("case " << lc.name << " B=" << lc.B << " L=" << lc.L << " host_s=" << lc.host_s << " stale=" << lc.stale);
+  SeqBoatLayer<float> lf(lc.cfg, lc.seed);
+  auto pf = cuda_test::params_of<float>(lf);
+  std::mt19937 rng(lc.seed * 13 + 5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const Index D = lc.cfg.embed_dim;
+  for (Index i = 0; i < 2 * D; ++i) pf.at("hx_proj.weight")->data()[i] = 0.8f * nd(rng);
+  for (const char* n : {"beta", "mx_proj.bias", "h_proj.bias"})
+    for (Index i = 0; i < pf.at(n)->size(); ++i) pf.at(n)->data()[i] = 0.1f * nd(rng);
+  const int B = lc.B, L = lc.L;
+  const std::size_t n = static_cast<std::size_t>(B) * L * D;
+  std::vector<float> x(n), dy(n);
+  for (float& v : x) v = nd(rng);
+  for (float& v : dy) v = nd(rng);
+  std::vector<std::uint8_t> flat(static_cast<std::size_t>(B) * L, 0);
+  if (lc.ragged)
+    for (int b = 1; b < B; ++b)
+      for (int t = L - (b * L) / (B + 1); t < L; ++t) flat[static_cast<std::size_t>(b) * L + t] = 1;
+  cuda::DeviceArray<float> d_x(x), d_dy(dy);
+  cuda::DeviceArray<std::uint8_t> d_mask(flat);
+  cuda::Stream stream;
+  struct Run {
+    std::vector<float> out, dx;
+    std::map<std::string, std::vector<float>> grads;
+  };
+  const auto run = [&](bool padded) {
+    cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(lf);
+    dev.set_training(lc.train);
+    dev.set_bf16_projections(true);
+    dev.set_bf16_attention(true);
+    dev.set_host_compressed_length(lc.host_s);
+    dev.set_padded_attention_operands(padded);
+    cuda::DeviceArray<float> d_out(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
+    cuda::DeviceArray<float> d_dx(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
+    if (lc.stale && padded) {
+      const float shift = dev.config().router_shift;
+      dev.set_router_shift(60.f);
+      dev.forward(B, L, d_x.data(), nullptr, d_out.data(), stream.handle());
+      dev.backward(d_dy.data(), d_dx.data(), stream.handle());
+      dev.zero_grad(stream.handle());
+      dev.set_router_shift(shift);
+    }
+    dev.forward(B, L, d_x.data(), lc.ragged ? d_mask.data() : nullptr, d_out.data(), stream.handle());
+    dev.backward(d_dy.data(), d_dx.data(), stream.handle());
+    stream.synchronize();
+    Run r{d_out.download(), d_dx.download(), {}};
+    for (const std::string& name : dev.param_names()) r.grads[name] = dev.grad(name, stream.handle());
+    return r;
+  };
+  const Run a = run(true), b = run(false);
+  const auto same = [](const char* what, const std::vector<float>& u, const std::vector<float>& v) {
+    INFO(what << ": max |diff| " << cuda_test::max_abs_diff(u.data(), v.data(), std::min(u.size(), v.size())));
+    CHECK(cuda_test::bitwise_equal(u, v));
+  };
+  same("out", a.out, b.out);
+  same("dx", a.dx, b.dx);
+  for (const auto& [name, g] : a.grads) same(name.c_str(), g, b.grads.at(name));
+}
+
 }  // namespace
 
 TEST_CASE("cuda SeqBoat layer matches the CPU layer", "[cuda][seqboat][quick]") {
@@ -284,6 +348,41 @@ TEST_CASE("cuda SeqBoat layer with bf16 projections", "[cuda][seqboat][bf16][qui
           lc.host_s = host_s;
           check_layer(lc);
         }
+}
+
+TEST_CASE("cuda SeqBoat layer bf16: padded attention operands from the layer give the same bits",
+          "[cuda][seqboat][bf16][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatLayerConfig c = base_config();
+  std::vector<LayerCase> cases;
+  cases.push_back({"causal simple relu2, ragged", 3, 50, c, true, 1, true});
+  {
+    SeqBoatLayerConfig e = c;
+    e.router_shift = -60;
+    cases.push_back({"nothing routed (S = 0)", 2, 40, e, true, 6, true});
+  }
+  {
+    SeqBoatLayerConfig e = c;
+    e.attention_activation = ops::AttentionActivation::laplace;
+    e.rel_pos = ops::PositionEncoding::local_simple;
+    e.zdim = 15;  // odd widths: the scalar ends of the column-pair passes
+    e.hdim = 13;
+    cases.push_back({"causal local_simple laplace, odd Z and H", 2, 45, e, false, 3, true});
+  }
+  c.direction = Direction::bidirectional;
+  c.attention_activation = ops::AttentionActivation::softmax;
+  c.rel_pos = ops::PositionEncoding::rotary;
+  cases.push_back({"bidirectional rotary softmax, ragged", 2, 61, c, true, 2, true});
+  c.hdim = 21;  // rotary with an odd H (Z stays even)
+  c.attention_activation = ops::AttentionActivation::relu2;
+  cases.push_back({"bidirectional rotary relu2, odd H", 2, 70, c, false, 4, true});
+  for (const bool stale : {false, true})
+    for (const bool host_s : {false, true})
+      for (LayerCase lc : cases) {
+        lc.stale = stale;
+        lc.host_s = host_s;
+        check_padded_layer(lc);
+      }
 }
 
 TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][seqboat][quick]") {
@@ -410,4 +509,37 @@ TEST_CASE("cuda column sums: fp32 and bf16, bounded by a device row count", "[cu
     }
   }
   CHECK_THROWS_AS(cuda::column_sum_add_bf16(4, 4, nullptr, 4, nullptr), ValueError);
+
+  // column_sums_add: several matrices of one shape in one launch pair, bitwise what column_sum_add gives each.
+  for (const int n : {1, 3, 4}) {
+    const int rows = 700, cols = 37;
+    std::vector<cuda::DeviceArray<float>> mats, outs;
+    std::vector<float> init(static_cast<std::size_t>(cols));
+    for (int i = 0; i < n; ++i) {
+      std::vector<float> a(static_cast<std::size_t>(rows) * cols);
+      for (float& e : a) e = u(rng);
+      mats.emplace_back(a);
+      for (float& e : init) e = u(rng);
+      outs.emplace_back(init);
+      outs.emplace_back(init);
+    }
+    cuda::DeviceArray<int> d_bound(std::vector<int>{523});
+    std::vector<const float*> a;
+    std::vector<float*> out;
+    for (int i = 0; i < n; ++i) {
+      a.push_back(mats[static_cast<std::size_t>(i)].data());
+      out.push_back(outs[static_cast<std::size_t>(2 * i)].data());
+      cuda::column_sum_add(rows, cols, a.back(), cols, nullptr, outs[static_cast<std::size_t>(2 * i + 1)].data(),
+                           nullptr, d_bound.data());
+    }
+    cuda::column_sums_add(rows, cols, n, a.data(), out.data(), nullptr, d_bound.data());
+    for (int i = 0; i < n; ++i) {
+      INFO("set of " << n << ", matrix " << i);
+      CHECK(outs[static_cast<std::size_t>(2 * i)].download() == outs[static_cast<std::size_t>(2 * i + 1)].download());
+    }
+  }
+  const float* none[1] = {nullptr};
+  float* none_out[1] = {nullptr};
+  CHECK_THROWS_AS(cuda::column_sums_add(4, 4, 1, none, none_out), ValueError);
+  CHECK_THROWS_AS(cuda::column_sums_add(4, 4, 5, none, none_out), ValueError);
 }

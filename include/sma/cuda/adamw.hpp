@@ -47,6 +47,12 @@ class DeviceAdamW {
   /// norm is taken on the device first (in double, summed in a fixed order) and the update reads the scaled
   /// gradients; the stored gradients are not rescaled. Nothing waits for the host.
   void step(double lr, void* stream = nullptr, bool zero_grads = false);
+  /// step() in two halves, for a step recorded once as a CUDA graph and replayed: prepare_step counts the step
+  /// and queues a one-thread kernel that writes this step's learning rate and bias corrections (computed as
+  /// step() does, so the updates are bitwise the same) to device memory; step_prepared queues the update, which
+  /// reads them from there. Only step_prepared goes into the graph, so a replay sees each step's own scalars.
+  void prepare_step(double lr, void* stream = nullptr);
+  void step_prepared(void* stream = nullptr, bool zero_grads = false);
   /// The gradient norm (before clipping) of the last step with clip_norm > 0, read back (waits for `stream`);
   /// ValueError when clipping is off or no step was taken.
   double last_grad_norm(void* stream = nullptr) const;

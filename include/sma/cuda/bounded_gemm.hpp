@@ -99,7 +99,8 @@ inline void bounded_gemm(const BoundedGemm& g, const int* count, void* stream) {
 
 /// graph: as described. full: every product on its whole upper bound through plain cuBLAS calls on `stream` (the
 /// reference the graph path is measured against). Process-wide; initially `full` when the environment variable
-/// SMA_CUDA_BOUNDED_GEMM is "full" (or "0"), else `graph`.
+/// SMA_CUDA_BOUNDED_GEMM is "full" (or "0"), else `graph`. While `stream` is being captured into a graph (the
+/// models' set_step_graph) every call runs as in full mode: a graph cannot be launched into a capturing stream.
 enum class BoundedGemmMode : int { graph, full };
 void set_bounded_gemm_mode(BoundedGemmMode mode);
 BoundedGemmMode bounded_gemm_mode();

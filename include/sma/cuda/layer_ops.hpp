@@ -73,6 +73,10 @@ void router_backward(long long rows, const float* logits, int ld, float shift, c
 /// costs what the routed count S costs, with S never leaving the device.
 void column_sum_add(long long rows, int cols, const float* a, int lda, const float* b, float* out,
                     void* stream = nullptr, const int* bound = nullptr);
+/// column_sum_add for n <= 4 matrices of one shape (rows, cols; row stride cols), out[i] += column sums of a[i], in
+/// one partial and one finishing launch instead of n of each; bound as column_sum_add. Same sums, same order.
+void column_sums_add(long long rows, int cols, int n, const float* const* a, float* const* out, void* stream = nullptr,
+                     const int* bound = nullptr);
 /// column_sum_add over a bf16 matrix (a16: bf16 values as 16-bit words, row stride lda), no b.
 void column_sum_add_bf16(long long rows, int cols, const void* a16, int lda, float* out, void* stream = nullptr,
                          const int* bound = nullptr);

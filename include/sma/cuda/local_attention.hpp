@@ -23,8 +23,9 @@
 //   (the rounding folded into the rotary pre-pass), products run on tensor cores (cuBLAS, bf16 in, fp32 accumulate);
 //   scores, bias, masks, softmax statistics (max, sum, log-sum-exp, delta) and dS stay fp32, the attention weights
 //   and dS are rounded to bf16 as operands of the second products, the bias gradient is summed from the fp32 dS in
-//   double. Inputs and outputs at this API stay fp32, so a caller (SeqBoatLayerDevice) needs no change. Errors
-//   measured in the tests: a few 1e-3 of each tensor's largest magnitude (8-bit mantissas), not fp32's 1e-6.
+//   double. Inputs and outputs at this API stay fp32 (a caller may instead hand over the padded bf16 operands
+//   itself: PADDED OPERANDS below). Errors measured in the tests: a few 1e-3 of each tensor's largest magnitude
+//   (8-bit mantissas), not fp32's 1e-6.
 //   Differences of the bf16 path: rows [S, capacity) of out, dq, dk, dv are either set to ZERO or left untouched
 //   (its products run in chunks of blocks of 64 slots, up to the chunk holding slot S - 1; row_stat rows >= S stay
 //   untouched); its temporaries hold a band of capacity x (64 + 2 W') scores (W' = min(W, capacity) rounded up
@@ -38,8 +39,8 @@
 // GRADIENTS: backward ASSIGNS dq, dk, dv (rows < S) and ADDS into dbias_table, deterministically (the bias
 //   gradient is reduced per tile in a fixed order, in double, then over tiles in a fixed order). The softmax
 //   backward needs the forward's `out` and `row_stat`; relu2 and laplace need neither (pass nullptr).
-// ERRORS: ValueError (bad configuration, Z > 128 in fp32, missing pointers), CudaError (a failed CUDA or cuBLAS
-// call).
+// ERRORS: ValueError (bad configuration, Z > 128 in fp32, missing pointers, padded operands without cfg.bf16),
+// CudaError (a failed CUDA or cuBLAS call).
 #pragma once
 
 #include <cstdint>
@@ -82,14 +83,53 @@ struct LocalAttentionInputs {
   const float* q = nullptr;                  ///< (capacity, Z)
   const float* k = nullptr;                  ///< (capacity, Z)
   const float* v = nullptr;                  ///< (capacity, H)
+  /// Optional caller-written padded bf16 operands of the bf16 path (cfg.bf16 only; PADDED OPERANDS below). Each one
+  /// given replaces the attention's own padded copy of that operand, and the fp32 array beside it may then be
+  /// nullptr (dout: unless softmax, whose row deltas read the fp32 dout).
+  void* q_padded = nullptr;                  ///< (rows, Z) bf16
+  void* k_padded = nullptr;                  ///< (rows, Z) bf16
+  void* v_padded = nullptr;                  ///< (rows, H) bf16
+  void* dout_padded = nullptr;               ///< (rows, H) bf16, read by the backward only
 };
+
+// PADDED OPERANDS (cfg.bf16). The bf16 path multiplies padded bf16 copies of q', k' (rotated for rotary), v and
+// dout: `rows` rows (local_attention_padded_layout), row `offset` + s holding slot s. By default it writes them
+// itself from the fp32 arrays, in the forward and again in the backward. A caller that produces these tensors can
+// write them straight into persistent buffers instead (LocalAttentionInputs::*_padded), which saves those passes.
+// Contract, per buffer (rows x width bf16, rows contiguous, width Z for q and k, H for v and dout):
+//   - the caller fills rows [offset, offset + S) before the call, on the call's stream: slot s in row offset + s,
+//     bf16 round-to-nearest of the fp32 value, q and k rotated first for rotary in the attention's own arithmetic
+//     (cuda/local_attention/rotary.cuh: angle = double(position) * 1 / theta^(2m/Z) in double,
+//     rotate_pair_bf16_path), so that the result is bitwise the attention's;
+//   - rows [0, offset) stay zero (zero the buffer once when allocating it: nothing else writes there);
+//   - the attention zeroes, in each call, the rows from offset + S on that its products read (stale rows of an
+//     earlier, larger S included); rows further on are never read. The buffers are otherwise left as they are, so
+//     one filling serves a forward and its backward.
+// local_attention_pad_bf16 fills a buffer from an fp32 array exactly as the attention would (for callers with fp32
+// operands that want to pad once for a forward and its backward).
+struct PaddedLayout {
+  long long rows = 0;  ///< rows of each padded buffer
+  int offset = 0;      ///< W' (the window rounded up to 64 slots): row of slot 0
+};
+
+/// The padded layout of the bf16 path for a configuration and a capacity (0 rows for capacity 0).
+PaddedLayout local_attention_padded_layout(const LocalAttentionConfig& cfg, int capacity);
+
+enum class PaddedOperand : int { q, k, v, dout };
+
+/// dst (a padded buffer of `which`, local_attention_padded_layout rows) from src (capacity, width) fp32, as the
+/// attention pads it: rows [offset, offset + S) the bf16 slots (q, k rotated for rotary), rows [0, offset) and the
+/// rows past S that the products read zero. in.offsets (and positions for rotary) are read; q, k, v are not.
+void local_attention_pad_bf16(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in, PaddedOperand which,
+                              const float* src, void* dst, void* stream = nullptr);
 
 /// out (capacity, H) rows < S; row_stat (softmax: the log-sum-exp of each query, +inf without a visible key; may be
 /// nullptr when no backward follows; ignored for relu2/laplace).
 void local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttentionInputs& in, const float* bias_table,
                              float* out, float* row_stat, void* stream = nullptr);
 
-/// dq, dk (capacity, Z), dv (capacity, H): assigned for rows < S. dbias_table: ADDED into (required when the
+/// dq, dk (capacity, Z), dv (capacity, H): assigned for rows < S. dout may be nullptr when in.dout_padded is given
+/// and the activation is not softmax. dbias_table: ADDED into (required when the
 /// configuration has a table). `out` and `row_stat` are the forward's (softmax only; nullptr otherwise).
 /// Temporary device memory (rotated copies for rotary, per-tile bias partials) is taken with cudaMallocAsync on
 /// `stream` and given back before returning.

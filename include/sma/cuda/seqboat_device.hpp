@@ -41,6 +41,12 @@ struct SeqBoatDeviceConfig {
   /// after compression on S rows instead of the B*L bound, so that their cost falls with the density. Off by
   /// default: then nothing in forward or backward waits for the host.
   bool host_compressed_length = false;
+  /// With bf16_projections and attention.bf16: the GAU's activation pass writes the attention's padded bf16 q, k, v
+  /// and the backward's dout pass its padded bf16 dout (LocalAttentionInputs::*_padded, kept by the layer), so the
+  /// attention makes no padded copies of its own. Same bits either way; false: the attention pads the fp32 tensors
+  /// itself (kept for comparison and timing). The layer's constructor takes SMA_CUDA_PADDED_ATTENTION=0/1 from the
+  /// environment over this value when it is set.
+  bool padded_attention_operands = true;
 };
 
 /// A parameter's device storage (value and gradient, `size` floats each), for optimisers over the layer.
@@ -73,6 +79,8 @@ class SeqBoatLayerDevice {
   void set_host_compressed_length(bool on);
   /// LocalAttentionConfig::bf16 of the attention (tensor-core bf16 band products), switchable between calls.
   void set_bf16_attention(bool on);
+  /// SeqBoatDeviceConfig::padded_attention_operands, switchable between calls.
+  void set_padded_attention_operands(bool on);
   /// SeqBoatDeviceConfig::training, switchable between calls (a backward uses the forward's statistics).
   void set_training(bool on);
   bool training() const;

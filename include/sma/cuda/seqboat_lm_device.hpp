@@ -24,10 +24,12 @@
 #pragma once
 
 #include <sma/cuda/adamw.hpp>
+#include <sma/cuda/optimizer.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
 #include <sma/cuda/seqboat_device.hpp>
 #include <sma/cuda/seqboat_model_device.hpp>
+#include <sma/cuda/step_graph.hpp>
 
 #include <cstdint>
 #include <memory>
@@ -100,12 +102,18 @@ class SeqBoatLmDevice {
   void zero_grad(void* stream = nullptr);
   /// AdamW over the trainable parameters (decay on matrices); replaces the optimiser and its state.
   void set_optimizer(const AdamWConfig& cfg);
-  DeviceAdamW& optimizer();
+  /// AdamW, RAdam or SGD (cfg.kind) likewise.
+  void set_optimizer(const DeviceOptimizerConfig& cfg);
+  DeviceOptimizer& optimizer();
   void step(double lr, void* stream = nullptr);
-  /// forward, loss (ignore -100), backward and AdamW with learning rate `lr`, queued on `stream` with no wait for
+  /// forward, loss (ignore -100), backward and the optimiser's update with learning rate `lr`, queued on `stream` with no wait for
   /// the host. The update clears the gradients after use (grad() reads 0 after a train_step).
   void train_step(int batch, int length, const int* tokens, const std::uint8_t* padding, const int* targets,
                   double lr, void* stream = nullptr);
+  /// Opt-in: train_step as a CUDA graph, replayed (as SeqBoatModelDevice::set_step_graph; sma/cuda/step_graph.hpp).
+  void set_step_graph(bool on);
+  bool step_graph() const;
+  StepGraphStats step_graph_stats() const;
 
   /// Every parameter by official name, in the CPU visiting order.
   std::vector<std::string> param_names() const;

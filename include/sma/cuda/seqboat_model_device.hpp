@@ -4,9 +4,11 @@
 #pragma once
 
 #include <sma/cuda/adamw.hpp>
+#include <sma/cuda/optimizer.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/loss.hpp>
 #include <sma/cuda/seqboat_device.hpp>
+#include <sma/cuda/step_graph.hpp>
 
 #include <cstdint>
 #include <memory>
@@ -83,13 +85,25 @@ class SeqBoatModelDevice {
   void zero_grad(void* stream = nullptr);
   /// AdamW over the trainable parameters (decay as DeviceParamInfo says); replaces the optimiser and its state.
   void set_optimizer(const AdamWConfig& cfg);
-  DeviceAdamW& optimizer();
+  /// AdamW, RAdam or SGD (cfg.kind) likewise.
+  void set_optimizer(const DeviceOptimizerConfig& cfg);
+  DeviceOptimizer& optimizer();
   void step(double lr, void* stream = nullptr);
-  /// One training step: forward, loss, backward, AdamW with learning rate `lr`, all queued on `stream` with no
+  /// One training step: forward, loss, backward, the optimiser's update with learning rate `lr`, all queued on `stream` with no
   /// wait for the host (read_loss() reads the loss when wanted). The gradients are cleared by the update kernel
   /// after use, so grad() reads 0 after a train_step; call forward/loss/backward_loss to inspect gradients.
   void train_step(int batch, int length, const float* x, const std::uint8_t* padding, const int* labels, double lr,
                   void* stream = nullptr);
+
+  /// Opt-in: train_step recorded once per shape as a CUDA graph and replayed (sma/cuda/step_graph.hpp says when it
+  /// captures, replays or runs plainly). The results are bitwise those of the plain train_step. Needs a stream
+  /// other than the legacy default one (ValueError otherwise) and no layer with host_compressed_length. While a
+  /// step is captured, cuda::bounded_gemm runs its products whole. Buffers of the model are reallocated only by
+  /// the model's own calls (a forward at another shape, set_optimizer, ...), which the graph follows; do not call
+  /// a layer's forward directly at another shape between graph steps.
+  void set_step_graph(bool on);
+  bool step_graph() const;
+  StepGraphStats step_graph_stats() const;
 
   /// Every parameter by official name, in the CPU visiting order (buffers included).
   std::vector<std::string> param_names() const;
