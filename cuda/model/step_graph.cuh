@@ -1,7 +1,7 @@
 // cuda/model/step_graph.cuh: a model's training step recorded once as a CUDA graph and replayed
 // (include/sma/cuda/step_graph.hpp says when). The model supplies two keys per call: `shape`, everything that decides
-// its buffers and the host-side arguments of its kernels (sizes, flags, a reallocation count), and `key`, the shape
-// plus the device pointers that the step reads its inputs from.
+// its buffers and the host-side arguments of its kernels (sizes and flags), and `key`, the shape plus the device
+// pointers that the step reads its inputs from; whatever reallocates the model's buffers calls forget().
 //
 // WHY the first step at a shape runs plainly: it allocates the buffers (cudaMalloc may not be called while a stream
 // is being captured), creates the cuBLAS handles' state and caches the bounded products; the captured step then
@@ -77,7 +77,8 @@ class StepGraph {
     if (ended != cudaSuccess || !graph) {
       if (graph) cudaGraphDestroy(graph);
       warm_.clear();
-      SMA_CUDA_CHECK(ended != cudaSuccess ? ended : cudaErrorStreamCaptureInvalidated);
+      check(ended != cudaSuccess ? ended : cudaErrorStreamCaptureInvalidated,
+            "cudaStreamEndCapture (the training step's capture)", __FILE__, __LINE__);
     }
     // cuBLAS records its workspace as memory nodes when none was set on a handle; should one of them outlive the
     // step, a relaunch frees it first instead of failing.

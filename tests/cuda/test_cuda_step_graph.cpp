@@ -240,3 +240,44 @@ TEST_CASE("cuda step graph: what it refuses", "[cuda][graph][quick]") {
   CHECK(dev.step_graph_stats().plain == 0);
   CHECK(std::isfinite(dev.read_loss(stream.handle()).loss));
 }
+
+TEST_CASE("cuda step graph: DeviceAdamW's prepared step equals its plain step bitwise", "[cuda][graph][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  const std::size_t n = 10000, n2 = 37;  // several chunks of 4096, and a small second range without decay
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> w(n), w2(n2);
+  for (float& v : w) v = nd(rng);
+  for (float& v : w2) v = nd(rng);
+  cuda::DeviceArray<float> wa(w), wb(w), wa2(w2), wb2(w2), ga(n), gb(n), ga2(n2), gb2(n2);
+  cuda::AdamWConfig cfg;
+  cfg.weight_decay = 0.1;
+  cfg.clip_norm = 2.0;
+  cuda::DeviceAdamW a({{wa.data(), ga.data(), static_cast<long long>(n), true},
+                       {wa2.data(), ga2.data(), static_cast<long long>(n2), false}},
+                      cfg);
+  cuda::DeviceAdamW b({{wb.data(), gb.data(), static_cast<long long>(n), true},
+                       {wb2.data(), gb2.data(), static_cast<long long>(n2), false}},
+                      cfg);
+  cuda::Stream stream;
+  void* s = stream.handle();
+  for (double lr : {1e-2, 3e-3, 0.0, 5e-2}) {
+    std::vector<float> g(n), g2(n2);
+    for (float& v : g) v = 0.3f * nd(rng);
+    for (float& v : g2) v = 0.3f * nd(rng);
+    ga.upload(g, s);
+    gb.upload(g, s);
+    ga2.upload(g2, s);
+    gb2.upload(g2, s);
+    a.step(lr, s, /*zero_grads=*/true);
+    b.prepare_step(lr, s);
+    b.step_prepared(s, /*zero_grads=*/true);
+  }
+  CHECK(a.steps() == 4);
+  CHECK(b.steps() == 4);
+  CHECK(cuda_test::bitwise_equal(wa.download(s), wb.download(s)));
+  CHECK(cuda_test::bitwise_equal(wa2.download(s), wb2.download(s)));
+  CHECK(cuda_test::bitwise_equal(gb.download(s), std::vector<float>(n, 0.f)));  // cleared after use
+  CHECK(same_bits(a.last_grad_norm(s), b.last_grad_norm(s)));
+  CHECK(!cuda_test::bitwise_equal(wa.download(s), w));  // the steps did move the weights
+}
