@@ -2,9 +2,11 @@
 // read pixel by pixel (L = 784), AdamW with warm-up and cosine decay, every step queued on one stream with no
 // wait for the host. Built when the CUDA backend is (docs/cuda.md); without a GPU it says so and exits.
 //
-//   train_gpu [steps=1500] [batch=64] [bf16=0]
+//   train_gpu [steps=1500] [batch=64] [bf16=0] [graph=1]
 //
 // bf16=1 runs the projections and the attention on tensor cores (fp32 accumulation, fp32 EMA and norms).
+// graph=1 records the training step once as a CUDA graph and replays it (set_step_graph: the same bits as plain
+// steps, without the launch gaps; x and y stay at the same device addresses, so one capture serves every step).
 // Data: Debian's dataset-fashion-mnist (or SMA_FASHION_MNIST_DIR).
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -38,6 +40,7 @@ int main(int argc, char** argv) {
   const Index steps = argc > 1 ? std::atol(argv[1]) : 1500;
   const int batch = argc > 2 ? std::atoi(argv[2]) : 64;
   const bool bf16 = argc > 3 && std::atoi(argv[3]) != 0;
+  const bool graph = argc <= 4 || std::atoi(argv[4]) != 0;
   if (cuda::device_count() == 0) {
     std::printf("train_gpu: no CUDA device, nothing to train (docs/cuda.md)\n");
     return 0;
@@ -70,6 +73,7 @@ int main(int argc, char** argv) {
   cuda::AdamWConfig opt;
   opt.weight_decay = 0.01;
   model.set_optimizer(opt);
+  model.set_step_graph(graph);
 
   cuda::Stream stream;
   void* s = stream.handle();
@@ -96,6 +100,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  model.set_step_graph(false);
   model.set_training(false);
   train::SequentialBatches<float> test_batches(test, 500, L);
   Index correct = 0, counted = 0;
@@ -117,4 +122,8 @@ int main(int argc, char** argv) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("test accuracy %.2f%% (%lld images), %.1f s in all, %s\n", 100.0 * double(correct) / double(counted),
               static_cast<long long>(counted), secs, bf16 ? "bf16" : "fp32");
+  if (graph) {
+    const cuda::StepGraphStats g = model.step_graph_stats();
+    std::printf("step graph: %lld plain steps, %lld captures, %lld replays\n", g.plain, g.captures, g.replays);
+  }
 }

@@ -10,15 +10,34 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 namespace sma::cuda {
 namespace {
 
-constexpr int kPaddedThreads = 256;  // threads per block (one block per row, threads over column pairs)
+// One warp per row, lanes over column pairs, kPaddedRows rows per block and the grid striding over the rows: a block
+// per row (as before) left most of the 51,200 blocks of the training step's passes with nothing to do past S and
+// the others with a few hundred threads' work, and these passes ran at a quarter of the memory bandwidth.
+constexpr int kPaddedThreads = 256;
+constexpr int kPaddedRows = kPaddedThreads / 32;
+
+/// Blocks for `rows` rows (at most; a device bound may stop the rows earlier).
+inline unsigned padded_blocks(long long rows) {
+  return static_cast<unsigned>(std::min<long long>(std::max<long long>((rows + kPaddedRows - 1) / kPaddedRows, 1),
+                                                   2048));
+}
+
+/// Two adjacent bf16 values as floats: one 4-byte load when `vec` (the caller knows the pair is aligned).
+__device__ inline float2 load_pair(const __nv_bfloat16* p, bool vec, bool two) {
+  if (vec) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+  return make_float2(__bfloat162float(p[0]), two ? __bfloat162float(p[1]) : 0.f);
+}
+
+__device__ inline float silu_f(float b) { return b / (1.f + expf(-b)); }
 
 // r = silu(base[:, Z:Z+H] + bias) from the bf16 base (not stored on the bf16 path).
 __device__ inline float r_of(const __nv_bfloat16* base16, const float* bias, long long row, int P, int Z, int c) {
-  const float b = __bfloat162float(base16[row * P + Z + c]) + bias[Z + c];
-  return b / (1.f + expf(-b));
+  return silu_f(__bfloat162float(base16[row * P + Z + c]) + bias[Z + c]);
 }
 
 // The bf16 attention's padded operands (sma/cuda/local_attention.hpp, PADDED OPERANDS) written here directly: a
@@ -46,23 +65,21 @@ __global__ void __launch_bounds__(kPaddedThreads) gau_act_padded_kernel(
   extern __shared__ double gau_inv[];
   if constexpr (kRot) attn::rotary_frequencies(gau_inv, Z, theta);
   const int P = Z + 2 * H, Zp = (Z + 1) / 2, Hp = (H + 1) / 2;
+  const bool vec = Z % 2 == 0 && H % 2 == 0;  // then every pair of a row starts on 4 bytes (P is even)
+  const int lane = threadIdx.x % 32;
   if (bound) rows = min(rows, static_cast<long long>(*bound));
-  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+  for (long long row = static_cast<long long>(blockIdx.x) * kPaddedRows + threadIdx.x / 32; row < rows;
+       row += static_cast<long long>(gridDim.x) * kPaddedRows) {
     const __nv_bfloat16* br = base + row * P;
     const double pos = kRot ? static_cast<double>(positions[row]) : 0.0;
-    for (int j = threadIdx.x; j < Zp + Hp; j += blockDim.x) {  // the z and v columns (r is not needed)
+    for (int j = lane; j < Zp + Hp; j += 32) {  // the z and v columns (r is not needed)
       const bool zc = j < Zp;
       const int c = zc ? 2 * j : 2 * (j - Zp);  // column within q and k, or within v
       const int w = zc ? Z : H;
       const int b0 = zc ? c : Z + H + c;        // column within base
       const bool two = c + 1 < w;
-      float a[2] = {0.f, 0.f};
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-        if (t == 0 || two) {
-          const float b = __bfloat162float(br[b0 + t]) + bias[b0 + t];
-          a[t] = b / (1.f + expf(-b));
-        }
+      const float2 bb = load_pair(br + b0, vec, two);
+      const float a[2] = {silu_f(bb.x + bias[b0]), two ? silu_f(bb.y + bias[b0 + 1]) : 0.f};
       if (zc) {
         float q0 = a[0] * gamma[c] + beta[c], k0 = a[0] * gamma[Z + c] + beta[Z + c];
         float q1 = 0.f, k1 = 0.f;
@@ -92,13 +109,17 @@ __global__ void mul_r_padded_kernel(long long rows, int Z, int H, const __nv_bfl
                                     __nv_bfloat16* __restrict__ dop) {
   const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
   const int P = Z + 2 * H, Hp = (H + 1) / 2;
-  for (long long row = blockIdx.x; row < live; row += gridDim.x) {
+  const bool vec = Z % 2 == 0 && H % 2 == 0;
+  const int lane = threadIdx.x % 32;
+  for (long long row = static_cast<long long>(blockIdx.x) * kPaddedRows + threadIdx.x / 32; row < live;
+       row += static_cast<long long>(gridDim.x) * kPaddedRows) {
     const long long o = row * H;
-    for (int j = threadIdx.x; j < Hp; j += blockDim.x) {
+    for (int j = lane; j < Hp; j += 32) {
       const int c = 2 * j;
       const bool two = c + 1 < H;
-      const float x0 = __bfloat162float(a[o + c]) * r_of(base16, bias, row, P, Z, c);
-      const float x1 = two ? __bfloat162float(a[o + c + 1]) * r_of(base16, bias, row, P, Z, c + 1) : 0.f;
+      const float2 g = load_pair(a + o + c, vec, two), b = load_pair(base16 + row * P + Z + c, vec, two);
+      const float x0 = g.x * silu_f(b.x + bias[Z + c]);
+      const float x1 = two ? g.y * silu_f(b.y + bias[Z + c + 1]) : 0.f;
       if (datt) {
         if (two && H % 2 == 0) {
           *reinterpret_cast<float2*>(datt + o + c) = make_float2(x0, x1);

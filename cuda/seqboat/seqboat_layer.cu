@@ -35,7 +35,6 @@ namespace {
 
 // Row-wise element kernels: blocks stride over rows, threads over columns (no 64-bit division per element).
 constexpr int kRowThreads = 256;
-static_assert(kRowThreads == kPaddedThreads, "padded_operands.cuh's kernels are launched with kRowThreads");
 unsigned row_grid(long long rows) { return static_cast<unsigned>(std::min<long long>(std::max<long long>(rows, 1), 1 << 18)); }
 
 // base (rows, Z+2H) + bias -> q, k (rows, Z), r, v (rows, H): z = silu(.[:, :Z]), q = z g0 + b0, k = z g1 + b1.
@@ -963,11 +962,11 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
       const auto qp = static_cast<__nv_bfloat16*>(m.qp16.data()), kp = static_cast<__nv_bfloat16*>(m.kp16.data()),
                  vp = static_cast<__nv_bfloat16*>(m.vp16.data());
       if (c.attention.position == Position::rotary)  // each block computes the Z/2 frequencies first: fewer blocks
-        gau_act_padded_kernel<true><<<std::min(row_grid(M), 2048u), kRowThreads, Z / 2 * sizeof(double), s>>>(
+        gau_act_padded_kernel<true><<<padded_blocks(M), kPaddedThreads, Z / 2 * sizeof(double), s>>>(
             M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), pv.positions, c.attention.rotary_theta,
             lay.offset, qp, kp, vp, S_dev);
       else
-        gau_act_padded_kernel<false><<<row_grid(M), kRowThreads, 0, s>>>(
+        gau_act_padded_kernel<false><<<padded_blocks(M), kPaddedThreads, 0, s>>>(
             M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), nullptr, 0.0, lay.offset, qp, kp, vp,
             S_dev);
     } else if (pairs)
@@ -1114,9 +1113,9 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* datt = m.padded_attention && !softmax ? nullptr : ws.alloc<float>(N * H);
   const __nv_bfloat16* base16 = bf ? static_cast<const __nv_bfloat16*>(m.base16.data()) : nullptr;
   if (m.padded_attention)
-    mul_r_padded_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, dhr16, base16, m.p("mx_proj.bias"), bound, datt,
-                                                            m.pad_layout.offset,
-                                                            static_cast<__nv_bfloat16*>(m.dop16.data()));
+    mul_r_padded_kernel<<<padded_blocks(M), kPaddedThreads, 0, s>>>(
+        M, Z, H, dhr16, base16, m.p("mx_proj.bias"), bound, datt, m.pad_layout.offset,
+        static_cast<__nv_bfloat16*>(m.dop16.data()));
   else if (pairs)
     mul_r_x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
         M, Z, H, reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const __nv_bfloat162*>(base16),
