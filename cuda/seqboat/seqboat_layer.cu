@@ -207,7 +207,7 @@ const __nv_bfloat16* to_bf16(detail::StreamWorkspace& ws, cudaStream_t s, const 
 constexpr int kWarpRows = 8;  // warps (rows) per block
 unsigned warp_grid(long long rows) { return detail::grid_for(rows, kWarpRows, 1LL << 20); }
 
-__device__ inline float silu_f(float v) { return v / (1.f + expf(-v)); }
+// silu_f: padded_operands.cuh.
 __device__ inline float dsilu_f(float v) {
   const float sg = 1.f / (1.f + expf(-v));
   return sg * (1.f + v * (1.f - sg));
