@@ -90,14 +90,7 @@ __global__ void band_transpose_kernel(const BandParams g, const int* __restrict_
 }
 
 constexpr int kDbiasStagedKeys = 2048;  // key positions of a band row kept in shared memory when the band is narrower
-constexpr int kDbiasWindow = 2048;      // table entries accumulated in shared memory per pass over the block's rows
-constexpr int kDbiasStageBytes = 20480;  // dynamic shared memory for staged dS rows (all of it under 48 KB)
-constexpr int kDbiasMaxStagedRows = 16;
-
-/// Band rows of dS that band_dbias_kernel stages in shared memory at a time.
-inline int dbias_staged_rows(int width) {
-  return std::max(1, std::min(kDbiasMaxStagedRows, kDbiasStageBytes / (4 * std::max(width, 1))));
-}
+constexpr int kDbiasWindow = 4096;      // table entries accumulated in shared memory per pass over the block's rows
 
 /// The bias gradient of block blockIdx.x (64 queries) from the fp32 dS band: partial[block, e] for e in the
 /// block's [lo, hi) (written to range). The rows are added in order into a double accumulator in shared memory:
@@ -105,11 +98,8 @@ inline int dbias_staged_rows(int width) {
 /// thread at a run's head adds the run's sum; no two threads touch one entry in a row, and a barrier separates the
 /// rows, so the order of the additions is fixed. (Summing each entry over the rows by binary search, as before,
 /// took 0.32 ms per layer at the training step's shape.) Ranges wider than kDbiasWindow take several passes.
-/// `stage_rows` rows of dS at a time are first copied to shared memory (dynamic, staged * width floats) with all their
-/// loads in flight together: one row at a time, each row's loads waited behind the previous row's barrier.
 __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const BandParams g,
-                                  const float* __restrict__ dsband, int stage_rows) {
-  extern __shared__ float stage[];
+                                  const float* __restrict__ dsband) {
   __shared__ int r_a[kBandRows], r_e[kBandRows], r_uf[kBandRows], r_ul[kBandRows], r_pos[kBandRows];
   __shared__ int k_pos[kDbiasStagedKeys];
   __shared__ double acc[kDbiasWindow];
@@ -183,31 +173,17 @@ __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const Ba
     const int w1 = min(s_hi, w0 + kDbiasWindow);
     for (int e = tid; e < w1 - w0; e += blockDim.x) acc[e] = 0.0;
     __syncthreads();
-    for (int r0 = 0; r0 < kBandRows; r0 += stage_rows) {
-      const int r1 = min(kBandRows, r0 + stage_rows);
-      // One flat loop over the staged rows' columns, unrolled so that several loads are in flight before the
-      // first store waits; only the visible columns of rows that reach this window are read.
-      const int n = (r1 - r0) * g.width;
-      const float* src = dsband + static_cast<long long>(q0 + r0) * g.width;
-#pragma unroll 8
-      for (int i = tid; i < n; i += blockDim.x) {
-        const int r = r0 + i / g.width, c = i - (r - r0) * g.width;
-        if (c >= r_a[r] && c < r_e[r] && r_ul[r] >= w0 && r_uf[r] < w1) stage[i] = src[i];
+    for (int r = 0; r < kBandRows; ++r) {
+      if (r_ul[r] < w0 || r_uf[r] >= w1) continue;  // shared values: the whole block skips the row together
+      const float* row = dsband + static_cast<long long>(q0 + r) * g.width;
+      for (int c = r_a[r] + tid; c < r_e[r]; c += blockDim.x) {
+        const int e = u(r, c);
+        if (e < w0 || e >= w1 || clamped(e) || (c > r_a[r] && u(r, c - 1) == e)) continue;
+        double sum = 0.0;
+        for (int k = c; k < r_e[r] && u(r, k) == e; ++k) sum += static_cast<double>(row[k]);
+        acc[e - w0] += sum;
       }
       __syncthreads();
-      for (int r = r0; r < r1; ++r) {
-        if (r_ul[r] < w0 || r_uf[r] >= w1) continue;
-        const float* row = stage + static_cast<long long>(r - r0) * g.width;
-        for (int c = r_a[r] + tid; c < r_e[r]; c += blockDim.x) {
-          const int e = u(r, c);
-          if (e < w0 || e >= w1 || clamped(e) || (c > r_a[r] && u(r, c - 1) == e)) continue;
-          double sum = 0.0;
-          for (int k = c; k < r_e[r] && u(r, k) == e; ++k) sum += static_cast<double>(row[k]);
-          acc[e - w0] += sum;
-        }
-        __syncthreads();
-      }
-      __syncthreads();  // the next rows overwrite the stage (also when every row above was skipped)
     }
     for (int e = tid; e < w1 - w0; e += blockDim.x)
       if (!clamped(w0 + e)) part[w0 + e] = acc[e];
@@ -231,14 +207,6 @@ __global__ void band_dbias_kernel(const LocalAttentionBackwardParams p, const Ba
 }
 
 }  // namespace
-
-/// band_dbias_kernel over `blocks` blocks of 64 queries, with its staged rows' shared memory.
-inline void launch_band_dbias(const LocalAttentionBackwardParams& p, const BandParams& g, int blocks,
-                              const float* dsband, cudaStream_t s) {
-  const int rows = dbias_staged_rows(g.width);
-  band_dbias_kernel<<<blocks, 256, static_cast<std::size_t>(rows) * g.width * sizeof(float), s>>>(p, g, dsband, rows);
-  SMA_CUDA_CHECK_LAUNCH();
-}
 
 /// The bf16 backward (local_attention_backward when cfg.bf16). p: the parameter block with dout, dq, dk, dv, lse,
 /// delta set (q, k: the caller's, unrotated: rotation happens in the padded copies).
@@ -297,7 +265,8 @@ inline void local_attention_backward_bf16(const LocalAttentionConfig& cfg, const
   if (table) {
     p.dbias_partial = ws.alloc<double>(static_cast<long long>(g.nb) * p.table_size);
     p.dbias_range = ws.alloc<int>(2LL * g.nb);
-    launch_band_dbias(p, band_params(g, cb), g.nb, dband, s);
+    band_dbias_kernel<<<g.nb, 256, 0, s>>>(p, band_params(g, cb), dband);
+    SMA_CUDA_CHECK_LAUNCH();
     bias_reduce_kernel<<<bias_reduce_blocks(p.table_size), 256, 0, s>>>(p.dbias_partial, p.dbias_range, g.nb,
                                                                         p.table_size, dbias_table);
     SMA_CUDA_CHECK_LAUNCH();

@@ -69,7 +69,8 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
   attn::local_attention_dkv_kernel<Tr, true><<<dim3(rows, attn::col_blocks(in.h)), Tr::kThreads, 0, s>>>(p);
   SMA_CUDA_CHECK_LAUNCH();
   if (table_size > 0) {
-    attn::launch_band_dbias(p, attn::band_params(band, 0), rows, p.dsband, s);
+    attn::band_dbias_kernel<<<rows, 256, 0, s>>>(p, attn::band_params(band, 0), p.dsband);
+    SMA_CUDA_CHECK_LAUNCH();
     attn::bias_reduce_kernel<<<attn::bias_reduce_blocks(table_size), 256, 0, s>>>(p.dbias_partial, p.dbias_range,
                                                                                  rows, table_size, dbias_table);
     SMA_CUDA_CHECK_LAUNCH();
