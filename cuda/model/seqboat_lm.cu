@@ -13,6 +13,7 @@
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
+#include "lm_rows.cuh"
 #include "param_table.cuh"
 #include "rows.cuh"
 #include "step_graph.cuh"
@@ -32,7 +33,7 @@
 namespace sma::cuda {
 namespace {
 
-constexpr unsigned long long kNoBadToken = ~0ULL;
+using detail::kNoBadToken;
 constexpr int kEmbedRows = 16;  // row groups of the embedding-gradient block (32 columns x 16)
 
 unsigned grid(long long n) { return detail::grid_for(n, 256); }
@@ -150,14 +151,9 @@ void ensure(DeviceArray<float>& a, long long n) {
   if (static_cast<long long>(a.size()) != n) a = DeviceArray<float>(static_cast<std::size_t>(std::max(n, 1LL)));
 }
 
-// A normalised feed-forward block (sma::Ffn) whose parameters live in the model's table under `prefix`.
-struct FfnBlock {
-  int D = 0, H = 0;
-  bool prenorm = true;
-  NormKind norm = NormKind::layernorm;
-  float eps = 1e-5f;
-  DeviceActivation act = DeviceActivation::silu;
-  const float *nw = nullptr, *nb = nullptr, *w1 = nullptr, *b1 = nullptr, *w2 = nullptr, *b2 = nullptr;
+// A normalised feed-forward block (sma::Ffn) whose parameters live in the model's table under `prefix`; its
+// forward is the row pass ffn_forward_rows on copies it keeps for the backward.
+struct FfnBlock : detail::FfnRowPass {
   float *dnw = nullptr, *dnb = nullptr, *dw1 = nullptr, *db1 = nullptr, *dw2 = nullptr, *db2 = nullptr;
   long long rows = 0;
   DeviceArray<float> x, in1, pre, h, z, mean, rstd;  // x: the input; in1: fc1's input (prenorm: norm(x)); z: x + o
@@ -177,18 +173,15 @@ struct FfnBlock {
   // y (rows, D) from x (rows, D); y may not alias x.
   void forward(cublasHandle_t blas, long long n, const float* xin, float* y, cudaStream_t s) {
     resize(n);
-    const int N = static_cast<int>(n);
     SMA_CUDA_CHECK(cudaMemcpyAsync(x.data(), xin, n * D * sizeof(float), cudaMemcpyDeviceToDevice, s));
-    if (prenorm)
-      norm_forward(norm, n, D, eps, x.data(), nw, nb, in1.data(), mean.data(), rstd.data(), s);
-    detail::bias_rows(n, H, b1, nullptr, pre.data(), s);
-    detail::gemm_rm(blas, false, true, N, H, D, fc1_input(), D, w1, D, 1.f, pre.data(), H);
-    activation_forward_kernel<<<grid(n * H), 256, 0, s>>>(n * H, act, pre.data(), h.data());
-    SMA_CUDA_CHECK_LAUNCH();
-    float* o = prenorm ? y : z.data();  // o = x + b2 + h W2^T
-    detail::bias_rows(n, D, b2, x.data(), o, s);
-    detail::gemm_rm(blas, false, true, N, D, H, h.data(), H, w2, H, 1.f, o, D);
-    if (!prenorm) norm_forward(norm, n, D, eps, z.data(), nw, nb, y, mean.data(), rstd.data(), s);
+    detail::FfnRowScratch t;
+    t.in1 = prenorm ? in1.data() : nullptr;
+    t.z = prenorm ? nullptr : z.data();
+    t.pre = pre.data();
+    t.h = h.data();
+    t.mean = mean.data();
+    t.rstd = rstd.data();
+    detail::ffn_forward_rows(blas, *this, n, x.data(), y, t, s);
   }
 
   // dx (rows, D) from dy (rows, D) of the last forward (dx may not alias dy); parameter gradients ADDED.
@@ -224,6 +217,66 @@ struct FfnBlock {
 const char* norm_weight_name(NormKind k) { return k == NormKind::scalenorm ? "norm.norm.scalar" : "norm.norm.weight"; }
 
 }  // namespace
+
+namespace detail {
+
+void embed_rows(long long rows, int D, int V, float scale, const int* tokens, const std::uint8_t* pad,
+                const float* E, float* h, unsigned long long* bad, cudaStream_t s) {
+  const long long n = rows * D;
+  if (n <= 0) return;
+  embed_forward_kernel<<<grid(n), 256, 0, s>>>(n, D, V, scale, tokens, pad, E, h, bad);
+  SMA_CUDA_CHECK_LAUNCH();
+}
+
+void ffn_forward_rows(cublasHandle_t blas, const FfnRowPass& f, long long rows, const float* x, float* y,
+                      const FfnRowScratch& t, cudaStream_t s) {
+  if (rows <= 0) return;
+  const int N = static_cast<int>(rows);
+  const float* fc1_in = x;
+  if (f.prenorm) {
+    norm_forward(f.norm, rows, f.D, f.eps, x, f.nw, f.nb, t.in1, t.mean, t.rstd, s);
+    fc1_in = t.in1;
+  }
+  bias_rows(rows, f.H, f.b1, nullptr, t.pre, s);
+  gemm_rm(blas, false, true, N, f.H, f.D, fc1_in, f.D, f.w1, f.D, 1.f, t.pre, f.H);
+  activation_forward_kernel<<<grid(rows * f.H), 256, 0, s>>>(rows * f.H, f.act, t.pre, t.h);
+  SMA_CUDA_CHECK_LAUNCH();
+  float* o = f.prenorm ? y : t.z;  // o = x + b2 + h W2^T
+  bias_rows(rows, f.D, f.b2, x, o, s);
+  gemm_rm(blas, false, true, N, f.D, f.H, t.h, f.H, f.w2, f.H, 1.f, o, f.D);
+  if (!f.prenorm) norm_forward(f.norm, rows, f.D, f.eps, t.z, f.nw, f.nb, y, t.mean, t.rstd, s);
+}
+
+LmRowPasses lm_row_passes(const SeqBoatLmDevice& lm) {
+  const SeqBoatLmDeviceConfig& c = lm.config();
+  LmRowPasses r;
+  r.embedding = lm.param_data("decoder.embed_tokens.weight");
+  r.embed_scale = c.embed_scale;
+  auto norm_of = [&](const std::string& prefix, const float*& w, const float*& b) {
+    w = lm.param_data(prefix + norm_weight_name(c.norm));
+    b = c.norm == NormKind::layernorm ? lm.param_data(prefix + "norm.norm.bias") : nullptr;
+  };
+  for (int i = 0; c.ffn_hidden > 0 && i < lm.n_layers(); ++i) {
+    const std::string pre = str_cat("decoder.layers.", i, ".nffn.");
+    FfnRowPass f;
+    f.D = c.d_model;
+    f.H = c.ffn_hidden;
+    f.prenorm = c.prenorm;
+    f.norm = c.norm;
+    f.eps = c.norm_eps;
+    f.act = c.activation;
+    norm_of(pre, f.nw, f.nb);
+    f.w1 = lm.param_data(pre + "fc1.weight");
+    f.b1 = lm.param_data(pre + "fc1.bias");
+    f.w2 = lm.param_data(pre + "fc2.weight");
+    f.b2 = lm.param_data(pre + "fc2.bias");
+    r.ffns.push_back(f);
+  }
+  if (c.prenorm) norm_of("decoder.final_", r.final_w, r.final_b);
+  return r;
+}
+
+}  // namespace detail
 
 struct SeqBoatLmDevice::Impl {
   SeqBoatLmDeviceConfig cfg;
@@ -358,6 +411,9 @@ SeqBoatLayerDevice& SeqBoatLmDevice::layer(int i) {
   if (i < 0 || i >= n_layers()) throw ValueError(str_cat("SeqBoatLmDevice::layer: no layer ", i));
   return impl_->layers[static_cast<std::size_t>(i)];
 }
+const SeqBoatLayerDevice& SeqBoatLmDevice::layer(int i) const {
+  return const_cast<SeqBoatLmDevice*>(this)->layer(i);
+}
 void SeqBoatLmDevice::set_training(bool on) {
   if (on != impl_->training) impl_->graph.forget();
   impl_->training = on;
@@ -417,9 +473,7 @@ void SeqBoatLmDevice::forward(int batch, int length, const int* tokens, const st
   if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
   SMA_CUDA_CHECK(cudaMemsetAsync(m.bad_token.data(), 0xff, sizeof(unsigned long long), s));
-  embed_forward_kernel<<<grid(N * D), 256, 0, s>>>(N * D, D, V, c.embed_scale, m.tokens.data(), pad, m.embedding(),
-                                                   m.h0.data(), m.bad_token.data());
-  SMA_CUDA_CHECK_LAUNCH();
+  detail::embed_rows(N, D, V, c.embed_scale, m.tokens.data(), pad, m.embedding(), m.h0.data(), m.bad_token.data(), s);
   // layers and blocks, ping-pong (each keeps its own copy of its input)
   float* cur = m.h0.data();
   float* nxt = m.h1.data();
@@ -573,6 +627,8 @@ bool SeqBoatLmDevice::step_graph() const { return impl_->graph.enabled(); }
 StepGraphStats SeqBoatLmDevice::step_graph_stats() const { return impl_->graph.stats(); }
 
 std::vector<std::string> SeqBoatLmDevice::param_names() const { return impl_->params.names(); }
+
+const float* SeqBoatLmDevice::param_data(const std::string& name) const { return impl_->params.at(name).value; }
 
 std::vector<float> SeqBoatLmDevice::param(const std::string& name, void* stream) const {
   return impl_->params.value(name, static_cast<cudaStream_t>(stream));

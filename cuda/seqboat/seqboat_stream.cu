@@ -292,6 +292,12 @@ void SeqBoatLayerStreamerDevice::set_graph(bool on) {
 }
 bool SeqBoatLayerStreamerDevice::graph() const { return impl_->graph_on; }
 
+std::vector<unsigned char> SeqBoatLayerStreamerDevice::capture_key() const {
+  const Weights w = weights_of(*impl_->layer);
+  const auto* p = reinterpret_cast<const unsigned char*>(&w);
+  return std::vector<unsigned char>(p, p + sizeof w);
+}
+
 void SeqBoatLayerStreamerDevice::reset_row(int b, void* stream) {
   if (b < 0 || b >= impl_->B)
     throw ValueError(str_cat("SeqBoatLayerStreamerDevice::reset_row: row ", b, " of ", impl_->B));

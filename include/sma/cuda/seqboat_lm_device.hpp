@@ -75,6 +75,7 @@ class SeqBoatLmDevice {
   const SeqBoatLmDeviceConfig& config() const;
   int n_layers() const;
   SeqBoatLayerDevice& layer(int i);
+  const SeqBoatLayerDevice& layer(int i) const;
   void set_training(bool on);
   bool training() const;
   /// bf16 projections / attention in every layer (SeqBoatLayerDevice's switches).
@@ -117,6 +118,9 @@ class SeqBoatLmDevice {
 
   /// Every parameter by official name, in the CPU visiting order.
   std::vector<std::string> param_names() const;
+  /// The device storage of a parameter's value (what forward reads; KeyError for an unknown name), valid while the
+  /// model lives: for code that reads the weights in place, such as SeqBoatLmStreamerDevice.
+  const float* param_data(const std::string& name) const;
   /// Host copies, taken after the work queued on `stream`.
   std::vector<float> param(const std::string& name, void* stream = nullptr) const;
   std::vector<float> grad(const std::string& name, void* stream = nullptr) const;

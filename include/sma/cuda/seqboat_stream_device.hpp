@@ -70,6 +70,10 @@ class SeqBoatLayerStreamerDevice {
   /// Capture the step as a CUDA graph (see GRAPH above); off by default.
   void set_graph(bool on);
   bool graph() const;
+  /// What a captured step bakes in besides x, y and the streamer's own buffers (the layer's weight pointers and its
+  /// router shift), as bytes: a caller that captures step() inside a graph of its own (with set_graph off) captures
+  /// again when they change.
+  std::vector<unsigned char> capture_key() const;
 
   /// Stream b (every stream) back to position 0 with nothing remembered; queued on `stream`.
   void reset_row(int b, void* stream = nullptr);
