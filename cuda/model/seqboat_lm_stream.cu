@@ -11,6 +11,7 @@
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
 #include "../common/workspace.cuh"
+#include "argmax_kernel.cuh"
 #include "lm_rows.cuh"
 
 #include <cublas_v2.h>
@@ -23,54 +24,6 @@
 #include <vector>
 
 namespace sma::cuda {
-
-namespace {
-
-constexpr int kArgmaxThreads = 256;
-
-// One CTA per stream b: the first index of the largest of logits[b, :] (sma::sample_token's greedy rule: a later
-// equal value never wins) goes to next[b] and out[b * n_steps + step]. A non-finite logit records step * B + b in
-// *bad (atomicMin: the earliest step, then the smallest stream).
-__global__ void argmax_kernel(int B, int V, int n_steps, int step, const float* __restrict__ logits,
-                              int* __restrict__ next, int* __restrict__ out, int* __restrict__ bad) {
-  __shared__ float sv[kArgmaxThreads];
-  __shared__ int si[kArgmaxThreads];
-  const int b = blockIdx.x, t = threadIdx.x;
-  const float* row = logits + static_cast<long long>(b) * V;
-  float best = 0.f;
-  int idx = INT_MAX;  // no candidate yet
-  bool finite = true;
-  for (int i = t; i < V; i += kArgmaxThreads) {
-    const float v = row[i];
-    finite = finite && isfinite(v);
-    if (idx == INT_MAX || v > best) {  // ascending i: a tie keeps the lower index
-      best = v;
-      idx = i;
-    }
-  }
-  if (!finite) atomicMin(bad, step * B + b);
-  sv[t] = best;
-  si[t] = idx;
-  __syncthreads();
-  for (int half = kArgmaxThreads / 2; half > 0; half /= 2) {
-    if (t < half) {
-      const float v2 = sv[t + half];
-      const int i2 = si[t + half];
-      const int i1 = si[t];
-      if (i2 != INT_MAX && (i1 == INT_MAX || v2 > sv[t] || (v2 == sv[t] && i2 < i1))) {
-        sv[t] = v2;
-        si[t] = i2;
-      }
-    }
-    __syncthreads();
-  }
-  if (t == 0) {
-    next[b] = si[0];
-    out[static_cast<long long>(b) * n_steps + step] = si[0];
-  }
-}
-
-}  // namespace
 
 struct SeqBoatLmStreamerDevice::Impl {
   const SeqBoatLmDevice* lm = nullptr;
@@ -224,6 +177,9 @@ int SeqBoatLmStreamerDevice::batch() const { return impl_->B; }
 int SeqBoatLmStreamerDevice::vocab_size() const { return impl_->V; }
 const SeqBoatLmDevice& SeqBoatLmStreamerDevice::model() const { return *impl_->lm; }
 const float* SeqBoatLmStreamerDevice::logits() const { return impl_->logits.data(); }
+std::vector<float> SeqBoatLmStreamerDevice::download_logits(void* stream) const {
+  return impl_->logits.download(stream);
+}
 
 void SeqBoatLmStreamerDevice::step(const int* tokens, float* logits, void* stream) {
   if (!tokens || !logits) throw ValueError("SeqBoatLmStreamerDevice::step: tokens or logits is null");
@@ -260,7 +216,7 @@ std::vector<int> SeqBoatLmStreamerDevice::generate(const std::vector<int>& first
   SMA_CUDA_CHECK(cudaMemsetAsync(m.gen_bad.data(), 0x7f, sizeof(int), s));  // INT_MAX-like: no report
   for (int j = 0; j < n_steps; ++j) {
     step(m.tokens.data(), m.logits.data(), stream);
-    argmax_kernel<<<m.B, kArgmaxThreads, 0, s>>>(m.B, m.V, n_steps, j, m.logits.data(), m.tokens.data(),
+    lm::argmax_kernel<<<m.B, lm::kArgmaxThreads, 0, s>>>(m.B, m.V, n_steps, j, m.logits.data(), m.tokens.data(),
                                                   m.gen_out.data(), m.gen_bad.data());
     SMA_CUDA_CHECK_LAUNCH();
   }

@@ -65,6 +65,8 @@ class SeqBoatLmStreamerDevice {
   std::vector<int> generate(const std::vector<int>& first, int n_steps, void* stream = nullptr);
   /// The logits (B, V) of the last generate() or host step(), device memory.
   const float* logits() const;
+  /// Their host copy, taken after the work queued on `stream`.
+  std::vector<float> download_logits(void* stream = nullptr) const;
 
   /// Capture the step as a CUDA graph (see GRAPH above); off by default.
   void set_graph(bool on);
