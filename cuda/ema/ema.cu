@@ -425,18 +425,18 @@ __device__ __forceinline__ PairLoad pair_load(const Geometry& g, const Coefs& cf
   return pl;
 }
 
-/// One order's coefficients and carried states (v, lambda) for the backward apply; order k of the flat (half,
+/// One order's coefficients and carried states (lambda, mu) for the backward apply; order k of the flat (half,
 /// order) loop, k = h N + n.
 struct OrderLoad {
-  float q, w, v0, l0;
+  float q, w, l0, m0;
   long long at;
 };
 template <int C>
 __device__ __forceinline__ OrderLoad order_load(const Geometry& g, const Coefs& cf, const Tile<C>& tl,
-                                                const float* cv, const float* cl, int k) {
+                                                const float* cl, const float* cm, int k) {
   const int h = k / g.N, n = k - h * g.N, r = h * g.D + tl.d;
   const long long o = static_cast<long long>(n) * g.R + r, at = tl.carry(g, n, r);
-  return OrderLoad{cf.q[o], cf.w[o], cv[at], cl[at], at};
+  return OrderLoad{cf.q[o], cf.w[o], cl[at], cm[at], at};
 }
 
 // Forward pass 1: each segment's end state from a zero start, v = sum_i q^(C-1-i) xm[i] in the row's direction.
@@ -521,67 +521,66 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
     if (i < tl.steps) out[tl.at(g, i)] = acc[i];
 }
 
-// Backward pass 1: local end states of v (the forward recurrence, in the row's direction) and of the adjoint
-// lambda[t] = G[t] + q lambda[t + dir] (against it), both from zero.
+// The backward runs the adjoint only. With lambda[t] = G[t] + q lambda[t + dir] and mu[t] = lambda[t + dir] + q
+// mu[t + dir] (both against the row's direction), the two parameter sums need no forward state:
+//   sum_t G[t] v[t] = sum_t xm[t] lambda[t]   and   sum_t lambda[t] v[t - dir] = sum_t xm[t] mu[t]
+// (exchange the order of the double sums). Over a segment of C steps (lambda, mu) maps by [[q^C, 0], [C q^(C-1),
+// q^C]], the generic path's (v, u) carry (carry_kernel with kU). So the v chain, its carry pass and the per-step
+// v array of the apply kernel (32 registers at C = 32) go (docs/cuda.md, "The register-tile path").
+
+// Backward pass 1: the local end states of lambda and mu of each segment, from zero, against the row's direction.
 template <int C>
 __global__ void __launch_bounds__(32 * kSegsPerBlock)
-    tile_bwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
-                          const float* __restrict__ dy, float* __restrict__ cv, float* __restrict__ cl) {
+    tile_bwd_local_kernel(Geometry g, Coefs cf, const float* __restrict__ dy, float* __restrict__ cl,
+                          float* __restrict__ cm) {
   Tile<C> tl;
   if (!make_tile(g, tl)) return;
-  float xm[C], gy[C];
-  tl.load(g, x, xm);
+  float gy[C];
   tl.load(g, dy, gy);
-  const unsigned long long pm = tl.pad_bits(g, pad);
-#pragma unroll
-  for (int i = 0; i < C; ++i)
-    if ((pm >> i) & 1ULL) xm[i] = 0.f;
   for (int h = 0; h < (g.bidir ? 2 : 1); ++h) {
     const int r = h * g.D + tl.d;
     for (int n0 = 0; n0 < g.N; n0 += kPair) {
       const PairCoefs pc = pair_coefs(g, cf, n0, r);
-      float v[kPair] = {}, l[kPair] = {};
-      if (h == 0) {
+      float l[kPair] = {}, m[kPair] = {};
+      const auto step = [&](float gv) {
 #pragma unroll
-        for (int i = 0; i < C; ++i)
+        for (int p = 0; p < kPair; ++p) {
+          m[p] = fmaf(pc.q[p], m[p], l[p]);
+          l[p] = fmaf(pc.q[p], l[p], gv);
+        }
+      };
+      if (h == 0) {  // two loops, so that every register index is a constant
 #pragma unroll
-          for (int p = 0; p < kPair; ++p) {
-            v[p] = fmaf(pc.q[p], v[p], xm[i]);
-            l[p] = fmaf(pc.q[p], l[p], gy[C - 1 - i]);
-          }
+        for (int i = C - 1; i >= 0; --i) step(gy[i]);
       } else {
 #pragma unroll
-        for (int i = 0; i < C; ++i)
-#pragma unroll
-          for (int p = 0; p < kPair; ++p) {
-            v[p] = fmaf(pc.q[p], v[p], xm[C - 1 - i]);
-            l[p] = fmaf(pc.q[p], l[p], gy[i]);
-          }
+        for (int i = 0; i < C; ++i) step(gy[i]);
       }
 #pragma unroll
       for (int p = 0; p < kPair; ++p)
         if (n0 + p < g.N) {
-          cv[tl.carry(g, n0 + p, r)] = v[p];
           cl[tl.carry(g, n0 + p, r)] = l[p];
+          cm[tl.carry(g, n0 + p, r)] = m[p];
         }
     }
   }
 }
 
-// Backward pass 3. Per order: v forward from its carried start (kept per step in registers), then lambda against
-// the direction from its carried start, giving dx += w lambda, dw += G v and dq += lambda v_prev (the explicit
-// q-derivative of v[t] = q v_prev + xm[t]; docs/cuda.md, "The register-tile path"). The per-segment sums of G v
-// and lambda v_prev are written over cv and cl (each slot is read by this thread only), the omega partial sum G x
-// per segment.
+// Backward pass 3. Per order, from the carried (lambda, mu), one pass against the direction: dx += w lambda,
+// dw += xm lambda, dq += xm mu. The per-segment sums of xm lambda and xm mu are written over cm and cl (each slot is
+// read by this thread only), the omega partial sum G x per segment.
+// Four blocks per SM (at most 128 registers at C = 32, with 72 bytes of spills) rather than the compiler's three
+// at 154 registers: 225 against 271 us per launch at the training step's shape (H200, ncu), since the kernel is
+// bound by the latency of its chains and more warps hide it.
 template <int C>
-__global__ void __launch_bounds__(32 * kSegsPerBlock)
+__global__ void __launch_bounds__(32 * kSegsPerBlock, 4)
     tile_bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
-                          const float* __restrict__ dy, const float* __restrict__ omega, float* cv, float* cl,
+                          const float* __restrict__ dy, const float* __restrict__ omega, float* cl, float* cm,
                           float* __restrict__ dx, const float* __restrict__ residual,
                           float* __restrict__ domega_part) {
   Tile<C> tl;
   if (!make_tile(g, tl)) return;
-  float xm[C], gy[C], acc[C], vs[C];
+  float xm[C], gy[C], acc[C];
   tl.load(g, x, xm);
   tl.load(g, dy, gy);
   const unsigned long long pm = tl.pad_bits(g, pad);
@@ -595,42 +594,27 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
   // One (half, order) after another; the next one's coefficients and carried states are loaded before this one's
   // chains run, so their latency hides behind the chains (few warps fit beside this kernel's registers).
   const int orders = (g.bidir ? 2 : 1) * g.N;
-  OrderLoad next = order_load(g, cf, tl, cv, cl, 0);
+  OrderLoad next = order_load(g, cf, tl, cl, cm, 0);
   for (int k = 0; k < orders; ++k) {
     const OrderLoad cur = next;
-    if (k + 1 < orders) next = order_load(g, cf, tl, cv, cl, k + 1);
-    const float q = cur.q, w = cur.w, v0 = cur.v0;
-    float l = cur.l0, gw = 0.f, gq = 0.f;
-    if (k < g.N) {
-      float v = v0;
+    if (k + 1 < orders) next = order_load(g, cf, tl, cl, cm, k + 1);
+    const float q = cur.q, w = cur.w;
+    float l = cur.l0, m = cur.m0, gw = 0.f, gq = 0.f;
+    const auto step = [&](int i) {
+      m = fmaf(q, m, l);
+      l = fmaf(q, l, gy[i]);
+      acc[i] = fmaf(w, l, acc[i]);
+      gw = fmaf(xm[i], l, gw);
+      gq = fmaf(xm[i], m, gq);
+    };
+    if (k < g.N) {  // against the direction; two loops, so that every register index is a constant
 #pragma unroll
-      for (int i = 0; i < C; ++i) {
-        v = fmaf(q, v, xm[i]);
-        vs[i] = v;
-        gw = fmaf(gy[i], v, gw);
-      }
-#pragma unroll
-      for (int i = C - 1; i >= 0; --i) {
-        l = fmaf(q, l, gy[i]);
-        acc[i] = fmaf(w, l, acc[i]);
-        gq = fmaf(l, i > 0 ? vs[i - 1] : v0, gq);
-      }
+      for (int i = C - 1; i >= 0; --i) step(i);
     } else {
-      float v = v0;
 #pragma unroll
-      for (int i = C - 1; i >= 0; --i) {
-        v = fmaf(q, v, xm[i]);
-        vs[i] = v;
-        gw = fmaf(gy[i], v, gw);
-      }
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        l = fmaf(q, l, gy[i]);
-        acc[i] = fmaf(w, l, acc[i]);
-        gq = fmaf(l, i < C - 1 ? vs[i + 1] : v0, gq);
-      }
+      for (int i = 0; i < C; ++i) step(i);
     }
-    cv[cur.at] = gw;
+    cm[cur.at] = gw;
     cl[cur.at] = gq;
   }
   const float om = omega[tl.d];
@@ -812,11 +796,11 @@ template <int C>
 void tile_backward(const Geometry& g, const Coefs& cf, const EmaParams& prm, const float* x, const std::uint8_t* pad,
                    const float* dy, float* dx, const float* residual, float* cv, float* cl, float* dom,
                    cudaStream_t s) {
-  tile_bwd_local_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, cv, cl);
+  tile_bwd_local_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, dy, cl, cv);
   SMA_CUDA_CHECK_LAUNCH();
-  run_carry(g, cf, cv, nullptr, 0, s);
-  run_carry(g, cf, cl, nullptr, 1, s);
-  tile_bwd_apply_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, prm.omega, cv, cl, dx, residual,
+  run_carry(g, cf, cl, cv, 1, s);  // (lambda, mu) as the generic path's (v, u), against the direction
+  // cl: lambda carries, then the per-segment sums of xm mu; cv: mu carries, then the sums of xm lambda.
+  tile_bwd_apply_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, prm.omega, cl, cv, dx, residual,
                                                                  dom);
   SMA_CUDA_CHECK_LAUNCH();
 }
@@ -885,7 +869,7 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   float* cu = ws.alloc<float>(cn);
   float* dom = ws.alloc<float>(static_cast<long long>(g.B) * g.nseg * g.D);
   if (tile > 0) {
-    // cv: v carries, then the per-segment sums of G v; cu: lambda carries, then the sums of lambda v_prev.
+    // cv: then the per-segment sums of G v (= xm lambda); cu: those of lambda v_prev (= xm mu).
     if (tile == 16)
       tile_backward<16>(g, cf, prm, x, padding, dout, dx, residual, cv, cu, dom, s);
     else

@@ -132,12 +132,14 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_bf16x2_kernel(
   const int P2 = (Z + 2 * H) / 2, Z2 = Z / 2, H2 = H / 2;
   const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
   const __nv_bfloat162 zero = __floats2bfloat162_rn(0.f, 0.f);
-  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+  const int lane = threadIdx.x & 31;
+  for (long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; row < rows;
+       row += static_cast<long long>(gridDim.x) * blockDim.x / 32) {  // a warp per row (as padded_operands.cuh)
     if (row >= live) {
-      for (int c2 = threadIdx.x; c2 < P2; c2 += blockDim.x) dbase16[row * P2 + c2] = zero;
+      for (int c2 = lane; c2 < P2; c2 += 32) dbase16[row * P2 + c2] = zero;
       continue;
     }
-    for (int c2 = threadIdx.x; c2 < P2; c2 += blockDim.x) {
+    for (int c2 = lane; c2 < P2; c2 += 32) {
       const int c = 2 * c2;
       const float2 b0 = __bfloat1622float2(base16[row * P2 + c2]);
       const float b[2] = {b0.x + bias[c], b0.y + bias[c + 1]};
@@ -307,9 +309,11 @@ __global__ void mul_r_bf16x2_kernel(long long rows, int Z, int H, const float2* 
                                     const int* __restrict__ bound, __nv_bfloat162* __restrict__ out2) {
   const long long live = min(rows, static_cast<long long>(*bound));
   const int Z2 = Z / 2, H2 = H / 2, P2 = Z2 + 2 * H2;
-  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+  const int lane = threadIdx.x & 31;
+  for (long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; row < rows;
+       row += static_cast<long long>(gridDim.x) * blockDim.x / 32) {  // a warp per row (as padded_operands.cuh)
     const long long o = row * H2;
-    for (int c2 = threadIdx.x; c2 < H2; c2 += blockDim.x) {
+    for (int c2 = lane; c2 < H2; c2 += 32) {
       if (row >= live) {
         out2[o + c2] = __floats2bfloat162_rn(0.f, 0.f);
         continue;
@@ -994,7 +998,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     __nv_bfloat16* hr16w = m.held(m.hr16, N * H);
     if (M > 0) {
       if (pairs)
-        mul_r_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
+        mul_r_bf16x2_kernel<<<padded_blocks(M), kPaddedThreads, 0, s>>>(
             M, Z, H, reinterpret_cast<const float2*>(m.att.data()), reinterpret_cast<const __nv_bfloat162*>(base16),
             m.p("mx_proj.bias"), S_dev, reinterpret_cast<__nv_bfloat162*>(hr16w));
       else
@@ -1143,7 +1147,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   float* tq = ws.alloc<float>(N * Z);
   float* tk = ws.alloc<float>(N * Z);
   if (pairs)
-    gau_dbase_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
+    gau_dbase_bf16x2_kernel<<<padded_blocks(M), kPaddedThreads, 0, s>>>(
         M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"),
         reinterpret_cast<const float2*>(dq), reinterpret_cast<const float2*>(dk),
         reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const float2*>(m.att.data()),
