@@ -44,13 +44,10 @@ std::vector<float> random_vector(std::size_t n, float scale, unsigned seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to time\n");
-    return 0;
-  }
+  if (!cuda::announce_device()) return 0;
   const std::string device = cuda::device_description(0);
   std::FILE* json = argc > 1 ? std::fopen(argv[1], "w") : nullptr;
-  const int reps = argc > 2 ? std::atoi(argv[2]) : 10;
+  const int reps = cuda::positive_arg(argc, argv, 2, 10);
   // "profile": only the layer at B=16 L=4096, one warm-up and one timed forward+backward per variant (fp32 at
   // density 1; bf16 projections + attention at density 1 and 0.1), for a kernel-by-kernel profile under ncu.
   const bool profile = argc > 3 && std::string(argv[3]) == "profile";
@@ -60,8 +57,8 @@ int main(int argc, char** argv) {
   const bool attention_only = attention_profile || (argc > 3 && std::string(argv[3]) == "attention");
   const Shape sh;
   const int N = sh.B * sh.L;
-  std::printf("device: %s\nshape: B=%d L=%d (tokens %d) D=%d Z=%d H=%d W=%d, fp32 unless marked bf16, median of %d\n",
-              device.c_str(), sh.B, sh.L, N, sh.D, sh.Z, sh.H, sh.W, reps);
+  std::printf("shape: B=%d L=%d (tokens %d) D=%d Z=%d H=%d W=%d, fp32 unless marked bf16, median of %d\n", sh.B, sh.L,
+              N, sh.D, sh.Z, sh.H, sh.W, reps);
 
   cuda::Stream stream;
   void* s = stream.handle();

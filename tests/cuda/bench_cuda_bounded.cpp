@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -52,14 +51,11 @@ std::vector<std::uint16_t> random_bf16(std::size_t n, unsigned seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to time\n");
-    return 0;
-  }
+  if (!cuda::announce_device()) return 0;
   const std::string device = cuda::device_description(0);
   std::FILE* json = argc > 1 ? std::fopen(argv[1], "w") : nullptr;
-  const int reps = argc > 2 ? std::atoi(argv[2]) : 10;
-  std::printf("device: %s, median of %d\n", device.c_str(), reps);
+  const int reps = cuda::positive_arg(argc, argv, 2, 10);
+  std::printf("median of %d\n", reps);
   cuda::Stream stream;
   void* s = stream.handle();
 

@@ -6,6 +6,8 @@
 // clipping (AdamWConfig::clip_norm 1), and prints tokens per second.
 // Usage: sma_bench_cuda_lm [reps=15] [B=16] [L=1024] [graph]. "graph": also the step recorded as one CUDA graph and
 // replayed (set_step_graph; sma/cuda/step_graph.hpp), timed after the plain step on the same model.
+#include "bench_lm_config.hpp"
+
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -27,16 +29,7 @@ int main(int argc, char** argv) {
   const int B = cuda::positive_arg(argc, argv, 2, 16);
   const int L = cuda::positive_arg(argc, argv, 3, 1024);
   const bool graph = argc > 4 && std::string(argv[4]) == "graph";
-  SeqBoatLmConfig c;
-  c.vocab_size = 256;
-  c.embed_dim = 256;
-  c.hidden_dim = 512;
-  c.zdim = 128;
-  c.ndim = 16;
-  c.ffn_hidden_dim = 512;
-  c.layers = 4;
-  c.window_size = 256;
-  c.max_positions = std::max(1024, L);
+  const SeqBoatLmConfig c = cuda_bench::bench_lm_config(std::max(1024, L));
   SeqBoatLm<float> cpu(c, 1);
   // A fresh device copy of the same initial model for each precision and lr = 0 (the update's work is the same),
   // so that every step routes the same tokens.
@@ -63,19 +56,7 @@ int main(int argc, char** argv) {
     dev.set_optimizer(ac);
     const char* prec = cuda::set_precision(dev, mode);
     const float t_step = cuda::time_median_ms(step, s, reps, 3);
-    if (graph) {
-      step();
-      const double loss_plain = dev.read_loss(s).loss;
-      dev.set_step_graph(true);
-      // warm-up: a plain step (first at this shape with the graph on), the capture, a replay
-      const float t_graph = cuda::time_median_ms(step, s, reps, 3);
-      const cuda::StepGraphStats gs = dev.step_graph_stats();
-      const double loss_graph = dev.read_loss(s).loss;
-      dev.set_step_graph(false);
-      std::printf("lm %s B=%d L=%d graph-step %.3f ms against plain %.3f ms (median of %d; %lld plain, %lld captures, "
-                  "%lld replays) | loss plain %.9g graph %.9g (lr 0: equal when the graph is exact)\n",
-                  prec, B, L, t_graph, t_step, reps, gs.plain, gs.captures, gs.replays, loss_plain, loss_graph);
-    }
+    if (graph) cuda::time_step_graph(dev, step, s, reps, t_step, "lm", prec, B, L);
     const float t_fwd = cuda::time_median_ms(fwd, s, reps, 2);
     const float t_fb = cuda::time_median_ms(fwd_bwd, s, reps, 2);
     dev.zero_grad(s);

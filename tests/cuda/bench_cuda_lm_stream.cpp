@@ -5,6 +5,8 @@
 // timed (median over `reps` runs, CUDA events), as plain launches and as a CUDA graph; then greedy generation of
 // `steps` tokens (argmax on the device, the graph on; one read-back at the end).
 // Usage: sma_bench_cuda_lm_stream [reps=7] [steps=50]
+#include "bench_lm_config.hpp"
+
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -22,16 +24,7 @@ int main(int argc, char** argv) {
   if (!cuda::announce_device()) return 0;
   const int reps = cuda::positive_arg(argc, argv, 1, 7);
   const int steps = cuda::positive_arg(argc, argv, 2, 50);
-  SeqBoatLmConfig c;
-  c.vocab_size = 256;
-  c.embed_dim = 256;
-  c.hidden_dim = 512;
-  c.zdim = 128;
-  c.ndim = 16;
-  c.ffn_hidden_dim = 512;
-  c.layers = 4;
-  c.window_size = 256;
-  c.max_positions = 1024;
+  const SeqBoatLmConfig c = cuda_bench::bench_lm_config();
   SeqBoatLm<float> cpu(c, 1);
   cuda::SeqBoatLmDevice lm = cuda::SeqBoatLmDevice::from_cpu(cpu);
   const int V = static_cast<int>(c.vocab_size);

@@ -82,19 +82,7 @@ int main(int argc, char** argv) {
       continue;
     }
     const float t_step = cuda::time_median_ms(step, s, reps, 3);
-    if (graph) {
-      step();
-      const double loss_plain = dev.read_loss(s).loss;
-      dev.set_step_graph(true);
-      // warm-up: a plain step (first at this shape with the graph on), the capture, a replay
-      const float t_graph = cuda::time_median_ms(step, s, reps, 3);
-      const cuda::StepGraphStats gs = dev.step_graph_stats();
-      const double loss_graph = dev.read_loss(s).loss;
-      dev.set_step_graph(false);
-      std::printf("model %s B=%d L=%d graph-step %.3f ms against plain %.3f ms (median of %d; %lld plain, %lld "
-                  "captures, %lld replays) | loss plain %.9g graph %.9g (lr 0: equal when the graph is exact)\n",
-                  prec, B, L, t_graph, t_step, reps, gs.plain, gs.captures, gs.replays, loss_plain, loss_graph);
-    }
+    if (graph) cuda::time_step_graph(dev, step, s, reps, t_step, "model", prec, B, L);
     const float t_fwd = cuda::time_median_ms(fwd, s, reps, 2);
     const float t_fb = cuda::time_median_ms(fwd_bwd, s, reps, 2);
     dev.zero_grad(s);

@@ -12,6 +12,7 @@
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/loss.hpp>
 #include <sma/cuda/seqboat_layer.hpp>
+#include <sma/models/lm.hpp>
 #include <sma/models/seqboat.hpp>
 #include <sma/train/optimizer.hpp>
 
@@ -23,6 +24,37 @@
 #include <vector>
 
 namespace sma::cuda_test {
+
+/// The small classifier of the device model tests: 2 layers, D 24, Z 16, N 4, window 8.
+inline SeqBoatModelConfig small_model_config() {
+  SeqBoatModelConfig c;
+  c.d_input = 3;
+  c.d_output = 5;
+  c.d_model = 24;
+  c.n_layers = 2;
+  c.dropout = 0;
+  c.max_positions = 128;
+  c.d_qk = 16;
+  c.d_ema = 4;
+  c.mem_size = 8;
+  return c;
+}
+
+/// The small causal LM of the device LM tests: V 37, 2 layers with feed-forward blocks, D 24, window 8 (shorter than
+/// the activated counts of their rows).
+inline SeqBoatLmConfig small_lm_config() {
+  SeqBoatLmConfig c;
+  c.vocab_size = 37;
+  c.embed_dim = 24;
+  c.hidden_dim = 48;
+  c.zdim = 16;
+  c.ndim = 4;
+  c.ffn_hidden_dim = 40;
+  c.layers = 2;
+  c.window_size = 8;
+  c.max_positions = 128;
+  return c;
+}
 
 /// The Euclidean norm of a - b over n elements.
 inline double norm_diff(const float* a, const double* b, std::size_t n) {

@@ -25,20 +25,6 @@ using namespace sma;
 
 namespace {
 
-SeqBoatLmConfig small_config() {
-  SeqBoatLmConfig c;
-  c.vocab_size = 37;
-  c.embed_dim = 24;
-  c.hidden_dim = 48;
-  c.zdim = 16;
-  c.ndim = 4;
-  c.ffn_hidden_dim = 40;
-  c.layers = 2;
-  c.window_size = 8;
-  c.max_positions = 128;
-  return c;
-}
-
 // As the classifier's model test: the LM chains layers, blocks and norms whose sums the device and the float CPU path
 // take in different orders.
 constexpr double kFloor = 1e-5;
@@ -163,11 +149,11 @@ void check_lm(const char* name, const SeqBoatLmConfig& cfg, bool ragged, unsigne
 TEST_CASE("cuda SeqBoat LM matches the CPU LM (forward, loss, gradients, AdamW)", "[cuda][lm][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   {
-    SeqBoatLmConfig c = small_config();
+    SeqBoatLmConfig c = cuda_test::small_lm_config();
     check_lm("prenorm layernorm silu, ragged, gradient clipping", c, true, 3, /*clip=*/true);
   }
   {
-    SeqBoatLmConfig c = small_config();
+    SeqBoatLmConfig c = cuda_test::small_lm_config();
     c.prenorm = false;
     c.norm_type = NormType::rmsnorm;
     c.activation = Activation::gelu;
@@ -177,7 +163,7 @@ TEST_CASE("cuda SeqBoat LM matches the CPU LM (forward, loss, gradients, AdamW)"
     check_lm("postnorm rmsnorm gelu rotary relu2, unscaled embedding", c, false, 4);
   }
   {
-    SeqBoatLmConfig c = small_config();
+    SeqBoatLmConfig c = cuda_test::small_lm_config();
     c.ffn_hidden_dim = 0;
     c.layers = 1;
     c.norm_type = NormType::scalenorm;
@@ -187,9 +173,9 @@ TEST_CASE("cuda SeqBoat LM matches the CPU LM (forward, loss, gradients, AdamW)"
 
 TEST_CASE("cuda SeqBoat LM trains with RAdam and SGD as the CPU does", "[cuda][lm][optim]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  check_lm("prenorm layernorm silu, ragged, gradient clipping", small_config(), true, 3, /*clip=*/true,
+  check_lm("prenorm layernorm silu, ragged, gradient clipping", cuda_test::small_lm_config(), true, 3, /*clip=*/true,
            train::OptimizerKind::radam);
-  SeqBoatLmConfig c = small_config();
+  SeqBoatLmConfig c = cuda_test::small_lm_config();
   c.ffn_hidden_dim = 0;
   c.layers = 1;
   c.norm_type = NormType::scalenorm;
@@ -198,7 +184,7 @@ TEST_CASE("cuda SeqBoat LM trains with RAdam and SGD as the CPU does", "[cuda][l
 
 TEST_CASE("cuda SeqBoat LM: the embedding gradient is the same on every run", "[cuda][lm][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  SeqBoatLmConfig c = small_config();
+  SeqBoatLmConfig c = cuda_test::small_lm_config();
   c.vocab_size = 5;  // few tokens, long runs per token
   c.layers = 1;
   SeqBoatLm<float> m(c, 2);
@@ -228,15 +214,15 @@ TEST_CASE("cuda SeqBoat LM: the embedding gradient is the same on every run", "[
 
 TEST_CASE("cuda SeqBoat LM: unsupported configurations and misuse", "[cuda][lm][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  SeqBoatLmConfig c = small_config();
+  SeqBoatLmConfig c = cuda_test::small_lm_config();
   c.dropout = 0.1;
   SeqBoatLm<float> dr(c, 1);
   CHECK_THROWS_WITH(cuda::SeqBoatLmDevice::from_cpu(dr), Catch::Contains("dropout"));
-  c = small_config();
+  c = cuda_test::small_lm_config();
   c.norm_type = NormType::batchnorm;
   SeqBoatLm<float> bn(c, 1);
   CHECK_THROWS_WITH(cuda::SeqBoatLmDevice::from_cpu(bn), Catch::Contains("batchnorm"));
-  c = small_config();
+  c = cuda_test::small_lm_config();
   SeqBoatLm<float> ok(c, 1);
   cuda::SeqBoatLmDevice dev = cuda::SeqBoatLmDevice::from_cpu(ok);
   CHECK_THROWS_WITH(dev.backward_loss(), Catch::Contains("no forward"));
@@ -267,7 +253,7 @@ TEST_CASE("cuda SeqBoat LM: unsupported configurations and misuse", "[cuda][lm][
   dev.loss(bad_tgt.data(), -100, s);
   CHECK_THROWS_WITH(dev.read_loss(s), Catch::Contains("label 40 at row 4"));
   // An LM of another shape cannot take the device gradients.
-  SeqBoatLmConfig c2 = small_config();
+  SeqBoatLmConfig c2 = cuda_test::small_lm_config();
   c2.vocab_size = 50;
   SeqBoatLm<float> other(c2, 1);
   CHECK_THROWS_AS(dev.add_grads_to(other), ShapeError);

@@ -29,22 +29,8 @@ namespace {
 
 constexpr double kFloor = 1e-5;  // as test_cuda_lm.cpp: layers, blocks and norms summed in other orders
 
-SeqBoatLmConfig base_config() {
-  SeqBoatLmConfig c;
-  c.vocab_size = 37;
-  c.embed_dim = 24;
-  c.hidden_dim = 48;
-  c.zdim = 16;
-  c.ndim = 4;
-  c.ffn_hidden_dim = 40;
-  c.layers = 2;
-  c.window_size = 8;  // shorter than the activated counts
-  c.max_positions = 128;
-  return c;
-}
-
 SeqBoatLmConfig postnorm_rotary_config() {
-  SeqBoatLmConfig c = base_config();
+  SeqBoatLmConfig c = cuda_test::small_lm_config();
   c.prenorm = false;
   c.norm_type = NormType::rmsnorm;
   c.activation = Activation::gelu;
@@ -220,14 +206,14 @@ void check_case(const char* name, const SeqBoatLmConfig& cfg, unsigned seed) {
 
 TEST_CASE("device LM streamer equals the CPU LM streamer step by step", "[cuda][lm][stream]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  check_case("prenorm layernorm silu, simple bias, softmax", base_config(), 3);
+  check_case("prenorm layernorm silu, simple bias, softmax", cuda_test::small_lm_config(), 3);
   check_case("postnorm rmsnorm gelu, rotary, relu2, truncation 5, unscaled embedding", postnorm_rotary_config(), 5);
 }
 
 TEST_CASE("device LM streamer: reset of one row and of all", "[cuda][lm][stream]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   const int B = 3, L = 40;
-  Setup su(base_config(), 3, B, L);
+  Setup su(cuda_test::small_lm_config(), 3, B, L);
   cuda::SeqBoatLmDevice lm = cuda::SeqBoatLmDevice::from_cpu(su.mf);
   cuda::SeqBoatLmStreamerDevice dev(lm, B);
   Run run(su, dev);
@@ -258,7 +244,7 @@ TEST_CASE("device LM streamer: reset of one row and of all", "[cuda][lm][stream]
 
 TEST_CASE("device LM streamer: errors", "[cuda][lm][stream]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  Setup su(base_config(), 3, 3, 4);
+  Setup su(cuda_test::small_lm_config(), 3, 3, 4);
   cuda::SeqBoatLmDevice lm = cuda::SeqBoatLmDevice::from_cpu(su.mf);
   CHECK_THROWS_WITH(cuda::SeqBoatLmStreamerDevice(lm, 0), Catch::Contains("batch must be in 1 .. 65535, got 0"));
   CHECK_THROWS_WITH(cuda::SeqBoatLmStreamerDevice(lm, 65536), Catch::Contains("batch must be in"));
@@ -293,7 +279,7 @@ TEST_CASE("device LM streamer: errors", "[cuda][lm][stream]") {
 TEST_CASE("device LM streamer: a router shift changed between graph replays", "[cuda][lm][stream]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   const int B = 3;
-  Setup su(base_config(), 3, B, 6);
+  Setup su(cuda_test::small_lm_config(), 3, B, 6);
   cuda::SeqBoatLmDevice lm = cuda::SeqBoatLmDevice::from_cpu(su.mf);
   cuda::SeqBoatLmStreamerDevice dev(lm, B);
   dev.set_graph(true);

@@ -22,20 +22,6 @@ using namespace sma;
 
 namespace {
 
-SeqBoatModelConfig small_config() {
-  SeqBoatModelConfig c;
-  c.d_input = 3;
-  c.d_output = 5;
-  c.d_model = 24;
-  c.n_layers = 2;
-  c.dropout = 0;
-  c.max_positions = 128;
-  c.d_qk = 16;
-  c.d_ema = 4;
-  c.mem_size = 8;
-  return c;
-}
-
 // The accuracy rule with a floor of 1e-5 x max|reference| (the layer tests use 2e-6): the model chains two layers,
 // batchnorm statistics and the pooling, whose sums the device and the float CPU path take in different orders.
 constexpr double kFloor = 1e-5;
@@ -124,14 +110,14 @@ void check_model(const char* name, const SeqBoatModelConfig& cfg, unsigned seed,
 TEST_CASE("cuda SeqBoat model matches the CPU model (forward, loss, gradients, AdamW)", "[cuda][model][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   {
-    SeqBoatModelConfig c = small_config();
+    SeqBoatModelConfig c = cuda_test::small_model_config();
     c.norm_type = NormType::batchnorm;
     c.prenorm = false;
     c.bidirectional = true;
     check_model("batchnorm postnorm bidirectional simple relu2, ragged", c, 3);
   }
   {
-    SeqBoatModelConfig c = small_config();
+    SeqBoatModelConfig c = cuda_test::small_model_config();
     c.norm_type = NormType::layernorm;
     c.prenorm = true;
     c.bidirectional = false;
@@ -140,7 +126,7 @@ TEST_CASE("cuda SeqBoat model matches the CPU model (forward, loss, gradients, A
     check_model("layernorm prenorm causal rotary softmax, ragged", c, 4);
   }
   {
-    SeqBoatModelConfig c = small_config();
+    SeqBoatModelConfig c = cuda_test::small_model_config();
     c.norm_type = NormType::batchnorm;
     c.prenorm = true;  // the final norm is a batchnorm too
     c.bidirectional = false;
@@ -150,12 +136,12 @@ TEST_CASE("cuda SeqBoat model matches the CPU model (forward, loss, gradients, A
 
 TEST_CASE("cuda SeqBoat model trains with SGD and RAdam as the CPU does", "[cuda][model][optim]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  SeqBoatModelConfig c = small_config();
+  SeqBoatModelConfig c = cuda_test::small_model_config();
   c.norm_type = NormType::batchnorm;
   c.prenorm = false;
   c.bidirectional = true;
   check_model("batchnorm postnorm bidirectional simple relu2, ragged", c, 3, train::OptimizerKind::sgd, 2);
-  c = small_config();
+  c = cuda_test::small_model_config();
   c.norm_type = NormType::layernorm;
   c.prenorm = true;
   c.bidirectional = false;
@@ -166,7 +152,7 @@ TEST_CASE("cuda SeqBoat model trains with SGD and RAdam as the CPU does", "[cuda
 
 TEST_CASE("cuda SeqBoat model in eval mode uses the running statistics", "[cuda][model][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  SeqBoatModelConfig c = small_config();
+  SeqBoatModelConfig c = cuda_test::small_model_config();
   c.norm_type = NormType::batchnorm;
   SeqBoatModel<float> m(c, 9);
   // running statistics away from 0 / 1 so that eval differs from train; router logits widened (no near ties)
@@ -200,15 +186,15 @@ TEST_CASE("cuda SeqBoat model in eval mode uses the running statistics", "[cuda]
 
 TEST_CASE("cuda SeqBoat model: unsupported configurations and misuse", "[cuda][model][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
-  SeqBoatModelConfig c = small_config();
+  SeqBoatModelConfig c = cuda_test::small_model_config();
   c.dropout = 0.1;
   SeqBoatModel<float> dr(c, 1);
   CHECK_THROWS_WITH(cuda::SeqBoatModelDevice::from_cpu(dr), Catch::Contains("dropout"));
-  c = small_config();
+  c = cuda_test::small_model_config();
   c.d_qk = 160;
   SeqBoatModel<float> wide(c, 1);
   CHECK_THROWS_WITH(cuda::SeqBoatModelDevice::from_cpu(wide), Catch::Contains("zdim 160"));
-  c = small_config();
+  c = cuda_test::small_model_config();
   SeqBoatModel<float> ok(c, 1);
   cuda::SeqBoatModelDevice dev = cuda::SeqBoatModelDevice::from_cpu(ok);
   CHECK_THROWS_WITH(dev.backward_loss(), Catch::Contains("no forward"));
@@ -223,7 +209,7 @@ TEST_CASE("cuda SeqBoat model: unsupported configurations and misuse", "[cuda][m
   dev.loss(bad.data(), -100, stream.handle());
   CHECK_THROWS_WITH(dev.read_loss(stream.handle()), Catch::Contains("label 7 at row 1"));
   // A CPU model of another shape cannot take the device gradients.
-  SeqBoatModelConfig c2 = small_config();
+  SeqBoatModelConfig c2 = cuda_test::small_model_config();
   c2.d_output = 7;
   SeqBoatModel<float> other(c2, 1);
   CHECK_THROWS_AS(dev.add_grads_to(other), ShapeError);

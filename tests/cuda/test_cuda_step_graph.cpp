@@ -8,6 +8,7 @@
 // step is captured it cannot launch its chunk graphs and runs the products whole, which is bitwise the plain
 // product only when the plain step did not chunk it either; a last case chunks them and checks closeness only.
 #include "cuda_test_support.hpp"
+#include "model_test_support.hpp"
 
 #include <sma/cuda/seqboat_lm.hpp>
 #include <sma/cuda/seqboat_model.hpp>
@@ -34,16 +35,7 @@ struct MinGflop {
 bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
 SeqBoatModelConfig model_config() {
-  SeqBoatModelConfig c;
-  c.d_input = 3;
-  c.d_output = 5;
-  c.d_model = 24;
-  c.n_layers = 2;
-  c.dropout = 0;
-  c.max_positions = 128;
-  c.d_qk = 16;
-  c.d_ema = 4;
-  c.mem_size = 8;
+  SeqBoatModelConfig c = cuda_test::small_model_config();
   c.norm_type = NormType::batchnorm;  // running statistics and num_batches_tracked updated inside the graph
   c.prenorm = true;
   return c;

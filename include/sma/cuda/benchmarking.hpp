@@ -1,6 +1,7 @@
 // sma/cuda/benchmarking.hpp: what the device benchmarks share: the start of their mains (no device: say so and stop;
 // else name the device), their integer arguments, the precision modes, the median of CUDA-event timings of a
-// callable, the share of tokens a device layer routed, and steering its router to a target share.
+// callable, a training step timed as a replayed CUDA graph, the share of tokens a device layer routed, and steering
+// its router to a target share.
 // Host header, no CUDA header (definitions inline over sma::cuda's host API).
 #pragma once
 
@@ -58,6 +59,25 @@ inline float time_median_ms(const std::function<void()>& fn, void* stream, int r
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+/// The training step `step` of `dev` timed again as a replayed CUDA graph (set_step_graph; `plain_ms` is its plain
+/// median), then the graph switched off; prints one line "<what> <prec> B=.. L=.. graph-step .. against plain .."
+/// with the graph's counts and the loss of a plain and of a replayed step (equal when the graph is exact at lr 0).
+template <class DeviceModel>
+void time_step_graph(DeviceModel& dev, const std::function<void()>& step, void* stream, int reps, float plain_ms,
+                     const char* what, const char* prec, int B, int L) {
+  step();
+  const double loss_plain = dev.read_loss(stream).loss;
+  dev.set_step_graph(true);
+  // warm-up: a plain step (the first at this shape with the graph on), the capture, a replay
+  const float t_graph = time_median_ms(step, stream, reps, 3);
+  const auto gs = dev.step_graph_stats();
+  const double loss_graph = dev.read_loss(stream).loss;
+  dev.set_step_graph(false);
+  std::printf("%s %s B=%d L=%d graph-step %.3f ms against plain %.3f ms (median of %d; %lld plain, %lld captures, "
+              "%lld replays) | loss plain %.9g graph %.9g (lr 0: equal when the graph is exact)\n",
+              what, prec, B, L, t_graph, plain_ms, reps, gs.plain, gs.captures, gs.replays, loss_plain, loss_graph);
 }
 
 /// The share of the last forward's B*L tokens that the layer routed to the attention (waits for `stream`).
