@@ -407,21 +407,16 @@ __device__ inline PairCoefs pair_coefs(const Geometry& g, const Coefs& cf, int n
 /// Pair k of the flat (half, order pair) loop of the forward apply: coefficients and carried start states, a
 /// missing second order reading 0.
 struct PairLoad {
-  float q[kPair], w[kPair], v[kPair];
+  PairCoefs c;
+  float v[kPair];
 };
 template <int C>
 __device__ __forceinline__ PairLoad pair_load(const Geometry& g, const Coefs& cf, const Tile<C>& tl,
                                               const float* carry, int k, int pairs) {
   const int h = k / pairs, n0 = (k - h * pairs) * kPair, r = h * g.D + tl.d;
-  PairLoad pl;
+  PairLoad pl{pair_coefs(g, cf, n0, r), {}};
 #pragma unroll
-  for (int p = 0; p < kPair; ++p) {
-    const bool in = n0 + p < g.N;
-    const long long o = static_cast<long long>(n0 + p) * g.R + r;
-    pl.q[p] = in ? cf.q[o] : 0.f;
-    pl.w[p] = in ? cf.w[o] : 0.f;
-    pl.v[p] = in ? carry[tl.carry(g, n0 + p, r)] : 0.f;
-  }
+  for (int p = 0; p < kPair; ++p) pl.v[p] = n0 + p < g.N ? carry[tl.carry(g, n0 + p, r)] : 0.f;
   return pl;
 }
 
@@ -495,9 +490,10 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
   const int pairs = (g.N + kPair - 1) / kPair, steps = (g.bidir ? 2 : 1) * pairs;
   PairLoad next = pair_load(g, cf, tl, carry, 0, pairs);
   for (int k = 0; k < steps; ++k) {
-    const PairLoad pc = next;
+    const PairLoad pl = next;
     if (k + 1 < steps) next = pair_load(g, cf, tl, carry, k + 1, pairs);
-    float v[kPair] = {pc.v[0], pc.v[1]};
+    float v[kPair] = {pl.v[0], pl.v[1]};
+    const PairCoefs& pc = pl.c;
     if (k < pairs) {
 #pragma unroll
       for (int i = 0; i < C; ++i)

@@ -56,6 +56,18 @@ inline SeqBoatLmConfig small_lm_config() {
   return c;
 }
 
+/// small_lm_config post-norm: rmsnorm, gelu blocks, rotary positions, relu2 attention, unscaled embeddings.
+inline SeqBoatLmConfig postnorm_rotary_lm_config() {
+  SeqBoatLmConfig c = small_lm_config();
+  c.prenorm = false;
+  c.norm_type = NormType::rmsnorm;
+  c.activation = Activation::gelu;
+  c.rel_pos = ops::PositionEncoding::rotary;
+  c.attention_activation = ops::AttentionActivation::relu2;
+  c.scale_embedding = false;
+  return c;
+}
+
 /// The Euclidean norm of a - b over n elements.
 inline double norm_diff(const float* a, const double* b, std::size_t n) {
   double s = 0;

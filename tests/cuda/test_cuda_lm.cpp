@@ -153,13 +153,7 @@ TEST_CASE("cuda SeqBoat LM matches the CPU LM (forward, loss, gradients, AdamW)"
     check_lm("prenorm layernorm silu, ragged, gradient clipping", c, true, 3, /*clip=*/true);
   }
   {
-    SeqBoatLmConfig c = cuda_test::small_lm_config();
-    c.prenorm = false;
-    c.norm_type = NormType::rmsnorm;
-    c.activation = Activation::gelu;
-    c.rel_pos = ops::PositionEncoding::rotary;
-    c.attention_activation = ops::AttentionActivation::relu2;
-    c.scale_embedding = false;
+    const SeqBoatLmConfig c = cuda_test::postnorm_rotary_lm_config();
     check_lm("postnorm rmsnorm gelu rotary relu2, unscaled embedding", c, false, 4);
   }
   {

@@ -30,13 +30,7 @@ namespace {
 constexpr double kFloor = 1e-5;  // as test_cuda_lm.cpp: layers, blocks and norms summed in other orders
 
 SeqBoatLmConfig postnorm_rotary_config() {
-  SeqBoatLmConfig c = cuda_test::small_lm_config();
-  c.prenorm = false;
-  c.norm_type = NormType::rmsnorm;
-  c.activation = Activation::gelu;
-  c.rel_pos = ops::PositionEncoding::rotary;
-  c.attention_activation = ops::AttentionActivation::relu2;
-  c.scale_embedding = false;
+  SeqBoatLmConfig c = cuda_test::postnorm_rotary_lm_config();
   c.truncation = 5;
   return c;
 }
