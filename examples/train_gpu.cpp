@@ -2,11 +2,12 @@
 // read pixel by pixel (L = 784), AdamW with warm-up and cosine decay, every step queued on one stream with no
 // wait for the host. Built when the CUDA backend is (docs/cuda.md); without a GPU it says so and exits.
 //
-//   train_gpu [steps=1500] [batch=64] [bf16=0] [graph=1]
+//   train_gpu [steps=1500] [batch=64] [bf16=0] [graph=1] [dropout=0]
 //
 // bf16=1 runs the projections and the attention on tensor cores (fp32 accumulation, fp32 EMA and norms).
 // graph=1 records the training step once as a CUDA graph and replays it (set_step_graph: the same bits as plain
 // steps, without the launch gaps; x and y stay at the same device addresses, so one capture serves every step).
+// dropout: the layers' dropout rate in training (masks drawn on the device, fresh at every step, graph or not).
 // Data: Debian's dataset-fashion-mnist (or SMA_FASHION_MNIST_DIR).
 #include <sma/cuda/buffer.hpp>
 #include <sma/cuda/device.hpp>
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   const int batch = argc > 2 ? std::atoi(argv[2]) : 64;
   const bool bf16 = argc > 3 && std::atoi(argv[3]) != 0;
   const bool graph = argc <= 4 || std::atoi(argv[4]) != 0;
+  const double dropout = argc > 5 ? std::atof(argv[5]) : 0.0;
   if (cuda::device_count() == 0) {
     std::printf("train_gpu: no CUDA device, nothing to train (docs/cuda.md)\n");
     return 0;
@@ -61,7 +63,7 @@ int main(int argc, char** argv) {
   mc.d_qk = 64;
   mc.d_ema = 16;
   mc.mem_size = 128;
-  mc.dropout = 0.0;  // the device layers have no dropout yet
+  mc.dropout = dropout;
   mc.prenorm = true;
   mc.norm_type = NormType::layernorm;
   mc.max_positions = L;

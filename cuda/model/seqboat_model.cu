@@ -153,6 +153,7 @@ SeqBoatModelDevice::SeqBoatModelDevice(const SeqBoatModelDeviceConfig& cfg, std:
   m.loss_result = DeviceArray<double>(std::vector<double>{0, 0, 0, -1, 0});  // no loss yet, no bad label
   SMA_CUDA_CHECK(cublasCreate(&m.blas));
   set_training(true);
+  set_dropout_seed(0);
 }
 
 SeqBoatModelDevice::~SeqBoatModelDevice() = default;
@@ -171,6 +172,11 @@ void SeqBoatModelDevice::set_training(bool on) {
   for (auto& l : impl_->layers) l.set_training(on);
 }
 bool SeqBoatModelDevice::training() const { return impl_->training; }
+void SeqBoatModelDevice::set_dropout_seed(std::uint64_t seed, void* stream) {
+  // Layer i's own seed, so that no two layers draw the same masks.
+  for (std::size_t i = 0; i < impl_->layers.size(); ++i)
+    impl_->layers[i].set_dropout_seed(dropout_mix(seed ^ dropout_mix(i + 1)), stream);
+}
 void SeqBoatModelDevice::set_bf16_projections(bool on) {
   if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().bf16_projections)) {
     impl_->has_forward = false;

@@ -215,18 +215,48 @@ __device__ inline float dsilu_f(float v) {
   return sg * (1.f + v * (1.f - sg));
 }
 
+// One dropout site as a kernel sees it (sma/cuda/dropout.hpp): the key is derived once per thread from the layer's
+// draw counter; (i) is the mask's value for token-major element i, 1 when the layer runs without dropout.
+struct SiteMask {
+  std::uint64_t key = 0;
+  std::uint32_t threshold = 0;
+  float keep = 1.f;
+  bool on = false;
+  __device__ SiteMask(const DropoutArgs& a, DropoutSite site) : on(a.draw != nullptr) {
+    if (on) {
+      key = dropout_key(a.seed, *a.draw, site);
+      threshold = a.threshold;
+      keep = a.keep_scale;
+    }
+  }
+  __device__ float operator()(long long i) const {
+    return on ? dropout_scale(key, static_cast<std::uint64_t>(i), threshold, keep) : 1.f;
+  }
+};
+
+__global__ void advance_draw_kernel(std::uint64_t* draw) { ++*draw; }
+
+// The fp32 path's SiLU with the mx site's dropout: mx = silu(e) * mask.
+__global__ void silu_dropout_kernel(long long n, const float* __restrict__ e, float* __restrict__ mx, DropoutArgs dr) {
+  const SiteMask mask(dr, DropoutSite::mx);
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    mx[i] = silu_f(e[i]) * mask(i);
+}
+
 // The bf16 path's SiLU: mx16 = bf16(silu(e)) and, in the same pass, the router's two logits in fp32 (the router
 // decides on fp32 logits: in bf16 its probabilities round to ties), logits[t] = silu(e[t]) . w[0:2]^T + b[0:2].
-// One warp per token row.
+// One warp per token row. With dropout, mx (and so the logits) is taken after the mx site's mask.
 __global__ void silu_logits_kernel(long long rows, int D, const float* __restrict__ e, const float* __restrict__ w,
                                    const float* __restrict__ b, __nv_bfloat16* __restrict__ mx16,
-                                   float* __restrict__ logits) {
+                                   float* __restrict__ logits, DropoutArgs dr) {
   const int lane = threadIdx.x & 31;
+  const SiteMask mask(dr, DropoutSite::mx);
   for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
        t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
     float a0 = 0.f, a1 = 0.f;
     for (int c = lane; c < D; c += 32) {
-      const float v = silu_f(e[t * D + c]);
+      const float v = silu_f(e[t * D + c]) * mask(t * D + c);
       mx16[t * D + c] = __float2bfloat16_rn(v);
       a0 = fmaf(v, w[c], a0);
       a1 = fmaf(v, w[D + c], a1);
@@ -391,15 +421,16 @@ __device__ __forceinline__ void store_bf16_v(__nv_bfloat16* p, const float (&v)[
 // The layer's output, per token t: pre = hx[t] (row stride ldh; + hx_bias: the bf16 path's product has none) + gate *
 // (hc[slot] + h_bias) (activated tokens) + x[t]; out = silu(pre). Replaces the bias copy, extract_add and the
 // residual pass. One warp per token, V consecutive columns per lane and step (token_width: V divides D and ldh, and
-// every row start is aligned to V floats).
+// every row start is aligned to V floats). Dropout: on hc + h_bias (bidirectional) or on hx + gate * h (causal).
 template <int V>
 __global__ void output_kernel(long long rows, int D, int ldh, const float* __restrict__ x, const float* __restrict__ hx,
                               const float* __restrict__ hxbias, const float* __restrict__ hc,
                               const float* __restrict__ hbias,
                               const float* __restrict__ gate, const int* __restrict__ slot_of,
                               const std::uint8_t* __restrict__ key_valid, float* __restrict__ pre,
-                              float* __restrict__ out) {
+                              float* __restrict__ out, DropoutArgs dr, bool causal) {
   const int lane = threadIdx.x & 31;
+  const SiteMask mask(dr, causal ? DropoutSite::sum : DropoutSite::hc);
   for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
        t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
     const int slot = slot_of[t];
@@ -420,11 +451,12 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
         load_v<V>(hcr + c, h);
         load_v<V>(hbias + c, b);
 #pragma unroll
-        for (int k = 0; k < V; ++k) p[k] += g * (h[k] + b[k]);
+        for (int k = 0; k < V; ++k) p[k] += g * ((h[k] + b[k]) * (causal ? 1.f : mask(t * D + c + k)));
       }
       load_v<V>(x + t * D + c, xv);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
+        if (causal) p[k] *= mask(t * D + c + k);
         p[k] += xv[k];
         y[k] = silu_f(p[k]);
       }
@@ -438,7 +470,8 @@ __global__ void output_kernel(long long rows, int D, int ldh, const float* __res
 // dhc[slot] = gate dpre and dgate = <dpre, hc[slot] + h_bias>; dgate = 0 otherwise (dgate is read only for
 // activated tokens). dpre also goes to hx's gradient (dhu, row stride ldh, already offset to hx's columns), in fp32
 // or bf16. With dhc16 the slot gradient is written as bf16 only (rows past S are zeroed separately). V as in
-// output_kernel.
+// output_kernel. Dropout (output_kernel's masks re-derived): hx's gradient is dsum = dpre * mask (causal; dpre
+// itself stays the residual's), also written to `dsum` when given; dhc and dgate take the hc mask (bidirectional).
 template <int V>
 __global__ void output_backward_kernel(long long rows, int D, int ldh, const float* __restrict__ pre,
                                        const float* __restrict__ dact, const float* __restrict__ hc,
@@ -446,8 +479,10 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
                                        const int* __restrict__ slot_of, const std::uint8_t* __restrict__ key_valid,
                                        float* __restrict__ dpre, float* __restrict__ dgate, float* __restrict__ dhc,
                                        __nv_bfloat16* __restrict__ dhc16, float* __restrict__ dhu,
-                                       __nv_bfloat16* __restrict__ dhu16) {
+                                       __nv_bfloat16* __restrict__ dhu16, DropoutArgs dr, bool causal,
+                                       float* __restrict__ dsum) {
   const int lane = threadIdx.x & 31;
+  const SiteMask mask(dr, causal ? DropoutSite::sum : DropoutSite::hc);
   for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
        t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
     const int slot = slot_of[t];
@@ -463,6 +498,13 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
 #pragma unroll
       for (int k = 0; k < V; ++k) d[k] *= dsilu_f(pv[k]);
       store_v<V>(dpre + i, d);
+      float hm[V];  // the hc mask (bidirectional dropout), 1 otherwise
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (causal) d[k] *= mask(i + k);  // from here d is dsum
+        hm[k] = causal ? 1.f : mask(i + k);
+      }
+      if (dsum) store_v<V>(dsum + i, d);
       if (dhu16)
         store_bf16_v<V>(dhu16 + t * ldh + c, d);
       else
@@ -470,7 +512,7 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
       if (slot >= 0) {  // slots of inactive tokens (the uncompressed fallback) get a zero gradient
         float v[V];
 #pragma unroll
-        for (int k = 0; k < V; ++k) v[k] = on ? g * d[k] : 0.f;
+        for (int k = 0; k < V; ++k) v[k] = on ? g * d[k] * hm[k] : 0.f;
         if (dhc16)
           store_bf16_v<V>(dhc16 + so + c, v);
         else
@@ -482,7 +524,7 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
         load_v<V>(hbias + c, b);
 #pragma unroll
         for (int k = 0; k < V; ++k)
-          acc = fma(static_cast<double>(d[k]), static_cast<double>(h[k]) + b[k], acc);
+          acc = fma(static_cast<double>(d[k]) * hm[k], static_cast<double>(h[k]) + b[k], acc);
       }
     }
 #pragma unroll
@@ -519,12 +561,13 @@ __global__ void logits_to_bf16_kernel(long long rows, int ld, const float* __res
 
 // dmx = (dmx + dxc[slot] [+ dlogits[t] W[0:2]]) silu'(e) per token: the compression's backward, the router
 // logits' share of hx_proj's backward (bf16 path: a rank-2 product, cheaper here than as a product of its own)
-// and the SiLU's in one pass. V as in output_kernel.
+// and the SiLU's in one pass, through the mx site's dropout mask when there is one. V as in output_kernel.
 template <int V>
 __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, const float* __restrict__ dxc,
                            const int* __restrict__ slot_of, const float* __restrict__ dlogits,
-                           const float* __restrict__ w2, float* __restrict__ dmx) {
+                           const float* __restrict__ w2, float* __restrict__ dmx, DropoutArgs dr) {
   const int lane = threadIdx.x & 31;
+  const SiteMask mask(dr, DropoutSite::mx);
   for (long long t = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; t < rows;
        t += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
     const int slot = slot_of[t];
@@ -549,7 +592,7 @@ __global__ void dmx_kernel(long long rows, int D, const float* __restrict__ e, c
       }
       load_v<V>(e + i, ev);
 #pragma unroll
-      for (int k = 0; k < V; ++k) v[k] *= dsilu_f(ev[k]);
+      for (int k = 0; k < V; ++k) v[k] *= mask(i + k) * dsilu_f(ev[k]);
       store_v<V>(dmx + i, v);
     }
   }
@@ -637,6 +680,19 @@ struct SeqBoatLayerDevice::Impl {
   DeviceBuffer qp16, kp16, vp16, dop16;
   PaddedLayout pad_layout;          ///< the layout they were zeroed for (0 rows: not yet)
   bool padded_attention = false;    ///< the last forward used them (its backward does too)
+  DeviceArray<std::uint64_t> draw{1};  ///< the dropout draw counter (sma/cuda/dropout.hpp)
+  bool dropout_on = false;             ///< the last forward drew masks (its backward re-derives them)
+
+  /// The last forward's dropout for the kernels (no draw pointer: none).
+  DropoutArgs dropout_args() const {
+    DropoutArgs a;
+    if (!dropout_on) return a;
+    a.seed = cfg.dropout_seed;
+    a.draw = draw.data();
+    a.threshold = dropout_threshold(cfg.dropout);
+    a.keep_scale = static_cast<float>(1.0 / (1.0 - cfg.dropout));
+    return a;
+  }
 
   /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of
   /// rows past S are skipped, with no host wait).
@@ -831,6 +887,9 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
     if (it == impl_->value.end() || static_cast<int>(it->second.size()) != table)
       throw ShapeError(str_cat("SeqBoatLayerDevice: rel_pos_bias.rel_pos_bias must have ", table, " values"));
   }
+  if (!(cfg.dropout >= 0.f && cfg.dropout < 1.f))
+    throw ValueError(str_cat("SeqBoatLayerDevice: dropout must be in [0, 1), got ", cfg.dropout));
+  impl_->draw.fill_bytes(0);
   SMA_CUDA_CHECK(cublasCreate(&impl_->blas));
 }
 
@@ -845,6 +904,11 @@ void SeqBoatLayerDevice::set_host_compressed_length(bool on) {
   impl_->cfg.host_compressed_length = on;
 }
 void SeqBoatLayerDevice::set_training(bool on) { impl_->cfg.training = on; }
+void SeqBoatLayerDevice::set_dropout_seed(std::uint64_t seed, void* stream) {
+  impl_->cfg.dropout_seed = seed;
+  impl_->draw.fill_bytes(0, stream);
+}
+std::uint64_t SeqBoatLayerDevice::dropout_draw(void* stream) const { return impl_->draw.download(stream)[0]; }
 void SeqBoatLayerDevice::set_bf16_attention(bool on) {
   if (impl_->has_forward && on != impl_->cfg.attention.bf16) impl_->has_forward = false;  // no mixed backward
   impl_->cfg.attention.bf16 = on;
@@ -887,6 +951,12 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   m.has_padding = padding != nullptr;
   if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
+  m.dropout_on = c.training && c.dropout > 0.f;
+  if (m.dropout_on) {
+    advance_draw_kernel<<<1, 1, 0, s>>>(m.draw.data());
+    SMA_CUDA_CHECK_LAUNCH();
+  }
+  const DropoutArgs dr = m.dropout_args();
 
   // 1. pre-norm, EMA, SiLU.
   const float* xin = m.x.data();
@@ -903,7 +973,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   int ld_logits = ldh;
   if (bf) {
     silu_logits_kernel<<<warp_grid(N), 32 * kWarpRows, 0, s>>>(N, D, m.ema_out.data(), m.p("hx_proj.weight"),
-                                                               m.p("hx_proj.bias"), mx16, m.logits.data());
+                                                               m.p("hx_proj.bias"), mx16, m.logits.data(), dr);
     SMA_CUDA_CHECK_LAUNCH();
     // hx alone (N x D, row stride D): the logits are above, so every operand is 16-byte aligned (with the 2 + D
     // columns cuBLAS falls back to slow 4-byte-aligned kernels).
@@ -912,7 +982,12 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     logits = m.logits.data();
     ld_logits = 2;
   } else {
-    silu_forward(N * D, m.ema_out.data(), m.mx.data(), s);
+    if (m.dropout_on) {
+      silu_dropout_kernel<<<grid(N * D), 256, 0, s>>>(N * D, m.ema_out.data(), m.mx.data(), dr);
+      SMA_CUDA_CHECK_LAUNCH();
+    } else {
+      silu_forward(N * D, m.ema_out.data(), m.mx.data(), s);
+    }
     copy_cols_kernel<<<row_grid(N), kRowThreads, 0, s>>>(N, 2 + D, m.p("hx_proj.bias"), 0, 0, m.hu.data(), ldh, 0);
     SMA_CUDA_CHECK_LAUNCH();
     gemm_proj(m.blas, bf, ws, s, false, true, static_cast<int>(N), 2 + D, D, m.mx.data(), D, m.p("hx_proj.weight"),
@@ -1031,7 +1106,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
     with_width(w, [&](auto v) {
       output_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
           N, D, ldx, m.x.data(), hx, hxb, m.hc.data(), m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
-          m.pre.data(), act);
+          m.pre.data(), act, dr, !c.bidirectional);
     });
     SMA_CUDA_CHECK_LAUNCH();
   }
@@ -1055,6 +1130,9 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   const bool pairs = bf && Z % 2 == 0 && H % 2 == 0;  // the bf16 passes over the base on column pairs
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
   const CompressionView pv = m.plan->view();
+  const DropoutArgs dr = m.dropout_args();
+  // hx's gradient differs from dpre under the causal dropout; the bf16 path sums it for hx_proj's bias.
+  float* dsum = bf && m.dropout_on && !c.bidirectional ? ws.alloc<float>(N * D) : nullptr;
 
   // 1. post-norm, final SiLU and the extraction: dpre, dgate, dhc (by slot) and dhu[:, 2:] = dpre in one pass.
   const long long M = m.rows_c;
@@ -1079,12 +1157,12 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   {
     const int ldx = bf ? D : ldh;
     float* dhx = bf ? nullptr : dhu + 2;
-    const int w = token_width(D, {ldx}, {m.pre.data(), dact, m.hc.data(), m.p("h_proj.bias"), dpre, dhc, dhx},
+    const int w = token_width(D, {ldx}, {m.pre.data(), dact, m.hc.data(), m.p("h_proj.bias"), dpre, dhc, dhx, dsum},
                               {dhc16, dhu16});
     with_width(w, [&](auto v) {
       output_backward_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
           N, D, ldx, m.pre.data(), dact, m.hc.data(), m.p("h_proj.bias"), m.gate.data(), pv.slot, pv.key_valid,
-          dpre, dgate, dhc, dhc16, dhx, dhu16);
+          dpre, dgate, dhc, dhc16, dhx, dhu16, dr, !c.bidirectional, dsum);
     });
     SMA_CUDA_CHECK_LAUNCH();
   }
@@ -1191,7 +1269,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
     // hx's rows of hx_proj (aligned products), then the logits' two rows: dW[0:2] += dlogits^T mx (a small
     // product) and their share of dmx in dmx_kernel.
     column_sum_add(N, 2, dlogits, 2, nullptr, m.g("hx_proj.bias"), s);
-    column_sum_add(N, D, dpre, D, nullptr, m.g("hx_proj.bias") + 2, s);
+    column_sum_add(N, D, dsum ? dsum : dpre, D, nullptr, m.g("hx_proj.bias") + 2, s);
     gemm_proj(m.blas, bf, ws, s, true, false, D, D, static_cast<int>(N), nullptr, D, nullptr, D, 1.f,
               m.g("hx_proj.weight") + 2 * D, D, dhu16, b16(m.mx16));
     gemm_proj(m.blas, bf, ws, s, false, false, static_cast<int>(N), D, D, nullptr, D, m.p("hx_proj.weight") + 2 * D, D,
@@ -1211,7 +1289,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   // 4. compression backward + SiLU, EMA, pre-norm, residual.
   with_width(token_width(D, {}, {m.ema_out.data(), dxc, m.p("hx_proj.weight"), dmx}), [&](auto v) {
     dmx_kernel<decltype(v)::value><<<warp_grid(N), 32 * kWarpRows, 0, s>>>(
-        N, D, m.ema_out.data(), dxc, pv.slot, bf ? dlogits : nullptr, m.p("hx_proj.weight"), dmx);
+        N, D, m.ema_out.data(), dxc, pv.slot, bf ? dlogits : nullptr, m.p("hx_proj.weight"), dmx, dr);
   });
   SMA_CUDA_CHECK_LAUNCH();
   const float* xin = c.prenorm ? m.xin.data() : m.x.data();

@@ -1,7 +1,8 @@
 // sma_bench_cuda_model: one AdamW training step (forward, softmax cross-entropy, backward, update) of the SeqBoat
 // classifier on the device, at the official CIFAR quickstart configuration: 8 layers, D 160, Z 96, H 320, N 16,
 // W 128, batchnorm post-norm, simple bias (max_positions 1024), bidirectional, relu2, B 50 x L 1024, d_input 3,
-// d_output 10; dropout 0 (the device layer has none). Times each step with CUDA events (median of the repetitions
+// d_output 10; dropout 0, or the quickstart's 0.1 with SMA_BENCH_DROPOUT=0.1 (the device layers draw their masks
+// themselves). Times each step with CUDA events (median of the repetitions
 // after warm-up), in fp32, with bf16 projections, and with bf16 projections and bf16 attention, plus the forward alone and the step's parts.
 // Usage: sma_bench_cuda_model [reps=15] [profile [mode] | graph]. "profile": 1 warm-up step and 1 step in one
 // precision (mode 0 fp32, 1 bf16 projections, 2 and bf16 attention), for nsys/ncu. "graph": also the step recorded
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
@@ -33,7 +35,7 @@ int main(int argc, char** argv) {
   c.d_output = 10;
   c.d_model = 160;
   c.n_layers = 8;
-  c.dropout = 0;
+  c.dropout = std::getenv("SMA_BENCH_DROPOUT") ? std::atof(std::getenv("SMA_BENCH_DROPOUT")) : 0.0;
   c.prenorm = false;
   c.max_positions = 1024;
   c.d_qk = 96;
@@ -97,8 +99,8 @@ int main(int argc, char** argv) {
       per += (i ? "," : "") + std::to_string(share).substr(0, 5);
     }
     std::printf("model %s B=%d L=%d step %.3f ms (median of %d) forward %.3f ms forward+loss+backward %.3f ms "
-                "adamw %.3f ms | loss %.4f density %.3f [%s]\n",
-                prec, B, L, t_step, reps, t_fwd, t_fb, t_opt, lv.loss, dens / dev.n_layers(), per.c_str());
+                "adamw %.3f ms | loss %.4f density %.3f [%s] dropout %.2f\n",
+                prec, B, L, t_step, reps, t_fwd, t_fb, t_opt, lv.loss, dens / dev.n_layers(), per.c_str(), c.dropout);
   }
   return 0;
 }

@@ -10,6 +10,7 @@
 
 #include <sma/cuda/benchmarking.hpp>
 #include <sma/cuda/device.hpp>
+#include <sma/cuda/dropout.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/seqboat_layer.hpp>
 #include <sma/models/seqboat.hpp>
@@ -394,9 +395,14 @@ TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][s
   cuda::DeviceArray<float> one(std::vector<float>(static_cast<std::size_t>(c.embed_dim), 0.f));
   CHECK_THROWS_WITH(bdev.forward(1, 1, one.data(), nullptr, one.data()), Catch::Contains("more than one value"));
   c = base_config();
-  c.dropout = 0.1;
+  c.attention_dropout = 0.1;
   SeqBoatLayer<float> dr(c, 1);
-  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(dr), Catch::Contains("dropout"));
+  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(dr), Catch::Contains("attention_dropout"));
+  CHECK(cuda::SeqBoatLayerDevice::from_cpu(dr, true).config().dropout == 0.f);  // dropout_as_eval
+  c = base_config();
+  c.hidden_dropout = 0.2;
+  SeqBoatLayer<float> hd(c, 1);
+  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(hd), Catch::Contains("hidden_dropout"));
   SeqBoatLayer<float> ok(base_config(), 1);
   cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(ok);
   CHECK_THROWS_WITH(dev.backward(nullptr, nullptr), Catch::Contains("no forward"));
@@ -542,4 +548,187 @@ TEST_CASE("cuda column sums: fp32 and bf16, bounded by a device row count", "[cu
   float* none_out[1] = {nullptr};
   CHECK_THROWS_AS(cuda::column_sums_add(4, 4, 1, none, none_out), ValueError);
   CHECK_THROWS_AS(cuda::column_sums_add(4, 4, 5, none, none_out), ValueError);
+}
+
+namespace {
+
+// SeqBoatLayer's step-by-step training forward (forward_generic) with the device's dropout masks (draw 1 of `seed`,
+// sma/cuda/dropout.hpp) in place of its own draws, through the layer's own sub-layers; fills the Cache so that the
+// CPU layer's backward (backward_generic) runs with those masks.
+template <class T>
+Tensor3<T> forward_with_device_masks(SeqBoatLayer<T>& layer, Context& ctx, const Tensor3<T>& x,
+                                     typename SeqBoatLayer<T>::Cache& c, std::uint64_t seed, double p) {
+  const SeqBoatLayerConfig& cfg = layer.config();
+  const Index B = x.dimension(0), L = x.dimension(1), D = cfg.embed_dim;
+  const std::uint32_t threshold = cuda::dropout_threshold(p);
+  const float keep = static_cast<float>(1.0 / (1.0 - p));
+  const auto mask = [&](cuda::DropoutSite site, Index rows, const std::vector<Index>* token_of) {
+    const std::uint64_t key = cuda::dropout_key(seed, 1, site);
+    Matrix<T> m(rows, D);
+    for (Index r = 0; r < rows; ++r) {
+      const Index t = token_of ? (*token_of)[static_cast<std::size_t>(r)] : r;
+      for (Index d = 0; d < D; ++d)
+        m(r, d) = cuda::dropout_scale(key, static_cast<std::uint64_t>(t * D + d), threshold, keep);
+    }
+    return m;
+  };
+  c.batch = B;
+  c.length = L;
+  const Tensor3<T>* xin = &x;
+  if (cfg.prenorm) {
+    c.norm_io = layer.norm().forward(ctx, x, c.norm);
+    xin = &c.norm_io;
+  }
+  c.ema_out = layer.ssm().forward(ctx, *xin, c.ssm);
+  c.mx = silu(as_matrix(c.ema_out));
+  c.mx_mask = mask(cuda::DropoutSite::mx, B * L, nullptr);
+  c.mx.array() *= c.mx_mask.array();
+  c.hu = layer.hx_proj().forward_rows(cmap(c.mx));
+  c.u = c.hu.leftCols(2);
+  layer.router().forward(ctx, cmap(c.u), B, L, c.router);
+  c.comp = plan_compression(c.router.active, cfg.routing);
+  Matrix<T> sum = c.hu.rightCols(D);
+  c.hc.resize(0, D);
+  c.hc_mask.resize(0, 0);
+  if (!c.comp.empty()) {
+    const Matrix<T> xc = compress<T>(cmap(c.mx), c.comp);
+    c.hc = layer.gau().forward(ctx, cmap(xc), c.comp, c.gau);
+    if (cfg.direction == Direction::bidirectional) {
+      c.hc_mask = mask(cuda::DropoutSite::hc, c.hc.rows(), &c.comp.token);
+      c.hc.array() *= c.hc_mask.array();
+    }
+    extract_add<T>(cmap(c.hc), c.comp, c.router.gate.data(), map(sum));
+  }
+  c.sum_mask.resize(0, 0);
+  if (cfg.direction == Direction::causal) {
+    c.sum_mask = mask(cuda::DropoutSite::sum, B * L, nullptr);
+    sum.array() *= c.sum_mask.array();
+  }
+  c.pre = Tensor3<T>(B, L, D);
+  as_matrix(c.pre) = sum + as_matrix(x);
+  Tensor3<T> out(B, L, D);
+  as_matrix(out) = silu(as_matrix(c.pre));
+  c.fused = false;
+  c.saved_for_backward = true;
+  if (!cfg.prenorm) {
+    c.norm_io = out;
+    return layer.norm().forward(ctx, c.norm_io, c.norm);
+  }
+  return out;
+}
+
+void check_dropout_layer(const char* name, SeqBoatLayerConfig cfg, bool bf16) {
+  INFO("case " << name << (bf16 ? " (bf16 projections)" : ""));
+  const int B = 3, L = 41;
+  const double p = 0.3;
+  const std::uint64_t seed = 1234;
+  cfg.dropout = p;
+  SeqBoatLayer<double> ld(cfg, 11);
+  SeqBoatLayer<float> lf(cfg, 11);
+  auto pd = cuda_test::params_of<double>(ld);
+  auto pf = cuda_test::params_of<float>(lf);
+  std::mt19937 rng(77);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const Index D = cfg.embed_dim;
+  cuda_test::widen_router_margin(pd, "", D, rng, nd);
+  cuda_test::share_values(pd, pf);
+  for (auto& [n, q] : pd) {
+    q->zero_grad();
+    pf.at(n)->zero_grad();
+  }
+  Tensor3<double> x(B, L, D), dy(B, L, D);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(nd(rng));
+  for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(nd(rng));
+  const Tensor3<float> xf = x.cast<float>(), dyf = dy.cast<float>();
+  cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(lf);
+  REQUIRE(dev.config().dropout == static_cast<float>(p));
+  Context ctx(Mode::train);
+  typename SeqBoatLayer<double>::Cache cd;
+  typename SeqBoatLayer<float>::Cache cf;
+  const Tensor3<double> yd = forward_with_device_masks(ld, ctx, x, cd, seed, p);
+  const Tensor3<float> yf = forward_with_device_masks(lf, ctx, xf, cf, seed, p);
+  const Tensor3<double> dxd = ld.backward(ctx, dy, cd);
+  const Tensor3<float> dxf = lf.backward(ctx, dyf, cf);
+  // The masks drop about p of the elements.
+  const double dropped = static_cast<double>((cd.mx_mask.array() == 0).count()) / cd.mx_mask.size();
+  INFO("mx elements dropped: " << dropped);
+  CHECK(std::abs(dropped - p) < 0.05);
+
+  const std::size_t n = static_cast<std::size_t>(B) * L * D;
+  cuda::Stream stream;
+  dev.set_bf16_projections(bf16);
+  dev.set_dropout_seed(seed, stream.handle());
+  CHECK(dev.dropout_draw(stream.handle()) == 0);
+  cuda::DeviceArray<float> d_x(std::vector<float>(xf.data(), xf.data() + n));
+  cuda::DeviceArray<float> d_dy(std::vector<float>(dyf.data(), dyf.data() + n));
+  cuda::DeviceArray<float> d_out(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
+  cuda::DeviceArray<float> d_dx(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()));
+  dev.forward(B, L, d_x.data(), nullptr, d_out.data(), stream.handle());
+  dev.backward(d_dy.data(), d_dx.data(), stream.handle());
+  CHECK(dev.dropout_draw(stream.handle()) == 1);
+  const std::vector<std::uint8_t> act = dev.active(stream.handle());
+  int differ = 0;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < L; ++t) differ += cd.router.active(b, t) != act[static_cast<std::size_t>(b) * L + t];
+  REQUIRE(differ == 0);
+  const std::vector<float> out = d_out.download(stream.handle()), dx = d_dx.download(stream.handle());
+  if (bf16) {
+    const double e_out = rel_norm_err(out.data(), yd.data(), n), e_dx = rel_norm_err(dx.data(), dxd.data(), n);
+    INFO("bf16: out rel err " << e_out << ", dx rel err " << e_dx);
+    CHECK(e_out < 1e-2);
+    CHECK(e_dx < 1e-2);
+    for (auto& [pn, q] : pd) {
+      const std::vector<float> g = dev.grad(pn, stream.handle());
+      const double e = rel_norm_err(g.data(), q->grad(), g.size());
+      INFO("bf16: d " << pn << " rel err " << e);
+      CHECK(e < 0.15);
+    }
+  } else {
+    const auto ao = cuda_test::accuracy(out.data(), yf.data(), yd.data(), n);
+    INFO("out: " << ao);
+    CHECK(ao.ok());
+    const auto ax = cuda_test::accuracy(dx.data(), dxf.data(), dxd.data(), n);
+    INFO("dx: " << ax);
+    CHECK(ax.ok());
+    for (auto& [pn, q] : pd) {
+      const std::vector<float> g = dev.grad(pn, stream.handle());
+      const auto a = cuda_test::accuracy(g.data(), pf.at(pn)->grad(), q->grad(), g.size());
+      INFO("d " << pn << ": " << a);
+      CHECK(a.ok());
+    }
+  }
+  // The next training forward draws new masks; the seed again gives the first draw's bits; eval mode has none.
+  cuda::DeviceArray<float> d_out2(n);
+  dev.forward(B, L, d_x.data(), nullptr, d_out2.data(), stream.handle());
+  CHECK(d_out2.download(stream.handle()) != out);
+  dev.set_dropout_seed(seed, stream.handle());
+  dev.forward(B, L, d_x.data(), nullptr, d_out2.data(), stream.handle());
+  CHECK(d_out2.download(stream.handle()) == out);
+  dev.set_training(false);
+  dev.forward(B, L, d_x.data(), nullptr, d_out2.data(), stream.handle());
+  CHECK(dev.dropout_draw(stream.handle()) == 1);
+  Context eval(Mode::eval);
+  typename SeqBoatLayer<float>::Cache ce;
+  const Tensor3<float> ye = lf.forward(eval, xf, ce);
+  const std::vector<float> oe = d_out2.download(stream.handle());
+  const Tensor3<double> yed = ye.cast<double>();
+  const double e_eval = rel_norm_err(oe.data(), yed.data(), n);
+  INFO("eval: rel err " << e_eval);
+  CHECK(e_eval < (bf16 ? 1e-2 : 1e-5));
+}
+
+}  // namespace
+
+TEST_CASE("cuda SeqBoat layer: dropout with the device's masks matches the CPU layer given the same masks",
+          "[cuda][seqboat][dropout][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  SeqBoatLayerConfig c = base_config();
+  check_dropout_layer("causal layernorm prenorm", c, false);
+  c.direction = Direction::bidirectional;
+  c.prenorm = false;
+  c.norm_type = NormType::rmsnorm;
+  check_dropout_layer("bidirectional rmsnorm postnorm", c, false);
+  check_dropout_layer("bidirectional rmsnorm postnorm", c, true);
+  c = base_config();
+  check_dropout_layer("causal layernorm prenorm", c, true);
 }

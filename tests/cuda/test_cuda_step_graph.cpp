@@ -70,10 +70,12 @@ void require_same_params(Dev& plain, Dev& graph, void* s) {
   }
 }
 
-/// `exact`: bitwise agreement required; otherwise the losses within 1e-3 relative.
-void check_classifier(const char* name, bool bf16, bool exact) {
+/// `exact`: bitwise agreement required; otherwise the losses within 1e-3 relative. With `dropout`, both copies draw
+/// the same masks only if every replay advances the layers' draw counters as a plain step does.
+void check_classifier(const char* name, bool bf16, bool exact, double dropout = 0) {
   INFO("classifier case " << name);
-  const SeqBoatModelConfig cfg = model_config();
+  SeqBoatModelConfig cfg = model_config();
+  cfg.dropout = dropout;
   SeqBoatModel<float> cpu(cfg, 5);
   for_each_param(cpu, [&](const std::string& n, Param<float>& p) {  // router margins widened (no near ties)
     if (n.find("hx_proj.weight") != std::string::npos)
@@ -133,6 +135,9 @@ void check_classifier(const char* name, bool bf16, bool exact) {
     CHECK(same_bits(plain.optimizer().last_grad_norm(s), graph.optimizer().last_grad_norm(s)));
     require_same_params(plain, graph, s);
   }
+  if (dropout > 0)  // one draw per training forward: the steps and the forward between them
+    for (cuda::SeqBoatModelDevice* d : {&plain, &graph})
+      CHECK(d->layer(0).dropout_draw(s) == steps.size() + 1);
 }
 
 }  // namespace
@@ -142,6 +147,8 @@ TEST_CASE("cuda step graph: the classifier's graph steps equal the plain steps b
   MinGflop plain_products(1e9);
   check_classifier("fp32", false, true);
   check_classifier("bf16 projections and attention", true, true);
+  check_classifier("fp32 with dropout", false, true, 0.2);
+  check_classifier("bf16 with dropout", true, true, 0.2);
 }
 
 TEST_CASE("cuda step graph: with chunked products (whole while captured) the classifier stays close",

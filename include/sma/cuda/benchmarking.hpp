@@ -76,7 +76,7 @@ void time_step_graph(DeviceModel& dev, const std::function<void()>& step, void* 
   const double loss_graph = dev.read_loss(stream).loss;
   dev.set_step_graph(false);
   std::printf("%s %s B=%d L=%d graph-step %.3f ms against plain %.3f ms (median of %d; %lld plain, %lld captures, "
-              "%lld replays) | loss plain %.9g graph %.9g (lr 0: equal when the graph is exact)\n",
+              "%lld replays) | loss plain %.9g graph %.9g (lr 0, no dropout: equal when the graph is exact)\n",
               what, prec, B, L, t_graph, plain_ms, reps, gs.plain, gs.captures, gs.replays, loss_plain, loss_graph);
 }
 

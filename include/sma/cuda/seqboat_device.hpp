@@ -4,9 +4,11 @@
 #pragma once
 
 #include <sma/cuda/compress.hpp>
+#include <sma/cuda/dropout.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/local_attention.hpp>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -28,9 +30,17 @@ struct SeqBoatDeviceConfig {
   bool prenorm = true;
   float norm_eps = 1e-5f;
   float norm_momentum = 0.1f;  ///< batchnorm's running-statistics momentum
-  /// Train mode (batchnorm: batch statistics, running statistics updated) or eval mode (running statistics).
-  /// Nothing else in the layer depends on the mode (there is no dropout on the device).
+  /// Train mode (batchnorm: batch statistics, running statistics updated; dropout) or eval mode (running
+  /// statistics, no dropout).
   bool training = true;
+  /// SeqBoatLayerConfig::dropout, in [0, 1): in train mode, on silu(EMA output), and on the GAU's output
+  /// (bidirectional) or on hx + gate * h (causal), as the CPU layer places it. The masks are a function of
+  /// (dropout_seed, the layer's draw counter, site, element) (sma/cuda/dropout.hpp), not the CPU layer's
+  /// std::mt19937_64 draws; every training forward advances the counter on the device (so a step graph's replays
+  /// draw fresh masks) and its backward re-derives the same masks. The GAU's attention_dropout and hidden_dropout
+  /// are not on the device.
+  float dropout = 0.f;
+  std::uint64_t dropout_seed = 0;
   CompressionSemantics routing = CompressionSemantics::reference;
   float router_shift = 0.f;
   /// The three projections (hx_proj, mx_proj, h_proj; forward and backward products) with bf16 operands on the
@@ -65,9 +75,10 @@ class SeqBoatLayerDevice {
   SeqBoatLayerDevice(SeqBoatLayerDevice&&) noexcept;
   SeqBoatLayerDevice& operator=(SeqBoatLayerDevice&&) noexcept;
 
-  /// The device copy of a CPU layer (its configuration and current parameter values). Throws ValueError for what
-  /// the device layer does not support: dropout rates > 0 unless `dropout_as_eval` (then the layer runs as the CPU
-  /// layer does with its dropout rates at 0). The layer starts in train mode.
+  /// The device copy of a CPU layer (its configuration, dropout included, and current parameter values). Throws
+  /// ValueError for what the device layer does not support: attention_dropout or hidden_dropout > 0, unless
+  /// `dropout_as_eval` (then every dropout rate is taken as 0, as the CPU layer in eval mode). The layer starts in
+  /// train mode.
   static SeqBoatLayerDevice from_cpu(SeqBoatLayer<float>& cpu, bool dropout_as_eval = false);
 
   const SeqBoatDeviceConfig& config() const;
@@ -84,6 +95,12 @@ class SeqBoatLayerDevice {
   /// SeqBoatDeviceConfig::training, switchable between calls (a backward uses the forward's statistics).
   void set_training(bool on);
   bool training() const;
+  /// Sets SeqBoatDeviceConfig::dropout_seed and restarts the draw counter (queued on `stream`), so that the next
+  /// training forwards draw the same masks as after any other call with this seed.
+  void set_dropout_seed(std::uint64_t seed, void* stream = nullptr);
+  /// The draw counter (the last training forward with dropout used this draw; 0: none since set_dropout_seed),
+  /// read after the work queued on `stream`.
+  std::uint64_t dropout_draw(void* stream = nullptr) const;
 
   /// out (B, L, D) = layer(x); keeps what backward needs (x and padding are copied).
   void forward(int batch, int length, const float* x, const std::uint8_t* padding, float* out, void* stream = nullptr);

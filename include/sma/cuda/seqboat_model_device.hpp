@@ -55,9 +55,13 @@ class SeqBoatModelDevice {
   const SeqBoatModelDeviceConfig& config() const;
   int n_layers() const;
   SeqBoatLayerDevice& layer(int i);
-  /// Train mode (batchnorm batch statistics, running statistics updated) or eval mode, for every norm.
+  /// Train mode (batchnorm batch statistics, running statistics updated; the layers' dropout) or eval mode, for
+  /// every layer and norm.
   void set_training(bool on);
   bool training() const;
+  /// Seeds every layer's dropout (each layer its own seed derived from `seed`; SeqBoatLayerDevice::
+  /// set_dropout_seed) and restarts their draw counters. The constructor seeds with 0.
+  void set_dropout_seed(std::uint64_t seed, void* stream = nullptr);
   /// bf16 projections in every layer (SeqBoatDeviceConfig::bf16_projections).
   void set_bf16_projections(bool on);
   /// bf16 attention in every layer (SeqBoatLayerDevice::set_bf16_attention).
