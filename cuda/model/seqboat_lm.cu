@@ -12,6 +12,7 @@
 
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
+#include "../common/site_mask.cuh"
 #include "../common/workspace.cuh"
 #include "lm_rows.cuh"
 #include "param_table.cuh"
@@ -132,19 +133,31 @@ __device__ float activate_grad(DeviceActivation a, float x) {
   return 1.f;
 }
 
+// y = f(x), times the block's hidden dropout mask when `dr` has a draw.
 __global__ void activation_forward_kernel(long long n, DeviceActivation a, const float* __restrict__ x,
-                                          float* __restrict__ y) {
+                                          float* __restrict__ y, DropoutArgs dr = {}) {
+  const SiteMask mask(dr, DropoutSite::ffn_hidden);
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
-    y[i] = activate(a, x[i]);
+    y[i] = activate(a, x[i]) * mask(i);
 }
 
-// d *= f'(x), in place.
+// d *= f'(x) (and the hidden dropout mask), in place.
 __global__ void activation_backward_kernel(long long n, DeviceActivation a, const float* __restrict__ x,
-                                           float* __restrict__ d) {
+                                           float* __restrict__ d, DropoutArgs dr = {}) {
+  const SiteMask mask(dr, DropoutSite::ffn_hidden);
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
-    d[i] *= activate_grad(a, x[i]);
+    d[i] *= mask(i) * activate_grad(a, x[i]);
+}
+
+// The block's output dropout: out = x + o * mask (forward), or out = d * mask (backward, x null).
+__global__ void output_dropout_kernel(long long n, const float* __restrict__ x, const float* __restrict__ o,
+                                      float* __restrict__ out, DropoutArgs dr) {
+  const SiteMask mask(dr, DropoutSite::ffn_out);
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    out[i] = (x ? x[i] : 0.f) + o[i] * mask(i);
 }
 
 void ensure(DeviceArray<float>& a, long long n) {
@@ -152,11 +165,18 @@ void ensure(DeviceArray<float>& a, long long n) {
 }
 
 // A normalised feed-forward block (sma::Ffn) whose parameters live in the model's table under `prefix`; its
-// forward is the row pass ffn_forward_rows on copies it keeps for the backward.
+// forward is the row pass ffn_forward_rows on copies it keeps for the backward, or, with dropout in training, the
+// same pass with the masks (hidden: after the activation; output: on fc2's output before the residual).
 struct FfnBlock : detail::FfnRowPass {
   float *dnw = nullptr, *dnb = nullptr, *dw1 = nullptr, *db1 = nullptr, *dw2 = nullptr, *db2 = nullptr;
   long long rows = 0;
   DeviceArray<float> x, in1, pre, h, z, mean, rstd;  // x: the input; in1: fc1's input (prenorm: norm(x)); z: x + o
+  float p_out = 0.f, p_hidden = 0.f;  // the dropout rates (SeqBoatLmDeviceConfig::dropout, activation_dropout)
+  std::uint64_t seed = 0;
+  DeviceArray<std::uint64_t> draw{std::vector<std::uint64_t>{0}};
+  bool dropout_on = false;  // the last forward drew masks
+  DropoutArgs out_args() const { return dropout_on ? dropout_args(seed, draw.data(), p_out) : DropoutArgs{}; }
+  DropoutArgs hidden_args() const { return dropout_on ? dropout_args(seed, draw.data(), p_hidden) : DropoutArgs{}; }
 
   void resize(long long n) {
     if (n == rows) return;
@@ -171,17 +191,36 @@ struct FfnBlock : detail::FfnRowPass {
   const float* fc1_input() const { return prenorm ? in1.data() : x.data(); }
 
   // y (rows, D) from x (rows, D); y may not alias x.
-  void forward(cublasHandle_t blas, long long n, const float* xin, float* y, cudaStream_t s) {
+  void forward(cublasHandle_t blas, long long n, const float* xin, float* y, bool training, cudaStream_t s) {
     resize(n);
     SMA_CUDA_CHECK(cudaMemcpyAsync(x.data(), xin, n * D * sizeof(float), cudaMemcpyDeviceToDevice, s));
-    detail::FfnRowScratch t;
-    t.in1 = prenorm ? in1.data() : nullptr;
-    t.z = prenorm ? nullptr : z.data();
-    t.pre = pre.data();
-    t.h = h.data();
-    t.mean = mean.data();
-    t.rstd = rstd.data();
-    detail::ffn_forward_rows(blas, *this, n, x.data(), y, t, s);
+    dropout_on = training && (p_out > 0.f || p_hidden > 0.f);
+    if (!dropout_on) {
+      detail::FfnRowScratch t;
+      t.in1 = prenorm ? in1.data() : nullptr;
+      t.z = prenorm ? nullptr : z.data();
+      t.pre = pre.data();
+      t.h = h.data();
+      t.mean = mean.data();
+      t.rstd = rstd.data();
+      return detail::ffn_forward_rows(blas, *this, n, x.data(), y, t, s);
+    }
+    advance_draw_kernel<<<1, 1, 0, s>>>(draw.data());
+    SMA_CUDA_CHECK_LAUNCH();
+    const int N = static_cast<int>(n);
+    if (prenorm) norm_forward(norm, n, D, eps, x.data(), nw, nb, in1.data(), mean.data(), rstd.data(), s);
+    detail::bias_rows(n, H, b1, nullptr, pre.data(), s);
+    detail::gemm_rm(blas, false, true, N, H, D, fc1_input(), D, w1, D, 1.f, pre.data(), H);
+    activation_forward_kernel<<<grid(n * H), 256, 0, s>>>(n * H, act, pre.data(), h.data(), hidden_args());
+    SMA_CUDA_CHECK_LAUNCH();
+    detail::StreamWorkspace ws(s);
+    float* o = ws.alloc<float>(n * D);  // b2 + h W2^T, then x + o * mask
+    detail::bias_rows(n, D, b2, nullptr, o, s);
+    detail::gemm_rm(blas, false, true, N, D, H, h.data(), H, w2, H, 1.f, o, D);
+    float* sum = prenorm ? y : z.data();
+    output_dropout_kernel<<<grid(n * D), 256, 0, s>>>(n * D, x.data(), o, sum, out_args());
+    SMA_CUDA_CHECK_LAUNCH();
+    if (!prenorm) norm_forward(norm, n, D, eps, z.data(), nw, nb, y, mean.data(), rstd.data(), s);
   }
 
   // dx (rows, D) from dy (rows, D) of the last forward (dx may not alias dy); parameter gradients ADDED.
@@ -195,11 +234,18 @@ struct FfnBlock : detail::FfnRowPass {
       norm_backward(norm, n, D, z.data(), nw, mean.data(), rstd.data(), dy, t, dnw, dnb, s);
       dz = t;
     }
-    detail::gemm_rm(blas, true, false, D, H, N, dz, D, h.data(), H, 1.f, dw2, H);
-    column_sum_add(n, D, dz, D, nullptr, db2, s);
+    const float* dout = dz;  // gradient at fc2's output: dz through the output dropout
+    if (dropout_on && p_out > 0.f) {
+      float* t = ws.alloc<float>(n * D);
+      output_dropout_kernel<<<grid(n * D), 256, 0, s>>>(n * D, nullptr, dz, t, out_args());
+      SMA_CUDA_CHECK_LAUNCH();
+      dout = t;
+    }
+    detail::gemm_rm(blas, true, false, D, H, N, dout, D, h.data(), H, 1.f, dw2, H);
+    column_sum_add(n, D, dout, D, nullptr, db2, s);
     float* dpre = ws.alloc<float>(n * H);
-    detail::gemm_rm(blas, false, false, N, H, D, dz, D, w2, H, 0.f, dpre, H);
-    activation_backward_kernel<<<grid(n * H), 256, 0, s>>>(n * H, act, pre.data(), dpre);
+    detail::gemm_rm(blas, false, false, N, H, D, dout, D, w2, H, 0.f, dpre, H);
+    activation_backward_kernel<<<grid(n * H), 256, 0, s>>>(n * H, act, pre.data(), dpre, hidden_args());
     SMA_CUDA_CHECK_LAUNCH();
     detail::gemm_rm(blas, true, false, H, D, N, dpre, H, fc1_input(), D, 1.f, dw1, D);
     column_sum_add(n, H, dpre, H, nullptr, db1, s);
@@ -386,6 +432,8 @@ SeqBoatLmDevice::SeqBoatLmDevice(const SeqBoatLmDeviceConfig& cfg, std::vector<S
     f.dw2 = m.params.g(pre + "fc2.weight");
     f.b2 = m.params.p(pre + "fc2.bias");
     f.db2 = m.params.g(pre + "fc2.bias");
+    f.p_out = cfg.dropout;
+    f.p_hidden = cfg.activation_dropout;
     m.ffns.push_back(std::move(f));
   }
   std::map<std::string, DeviceParamRef> layer_refs;
@@ -399,6 +447,7 @@ SeqBoatLmDevice::SeqBoatLmDevice(const SeqBoatLmDeviceConfig& cfg, std::vector<S
   m.bad_token = DeviceArray<unsigned long long>(std::vector<unsigned long long>{kNoBadToken});
   SMA_CUDA_CHECK(cublasCreate(&m.blas));
   set_training(true);
+  set_dropout_seed(0);
 }
 
 SeqBoatLmDevice::~SeqBoatLmDevice() = default;
@@ -420,6 +469,16 @@ void SeqBoatLmDevice::set_training(bool on) {
   for (auto& l : impl_->layers) l.set_training(on);
 }
 bool SeqBoatLmDevice::training() const { return impl_->training; }
+void SeqBoatLmDevice::set_dropout_seed(std::uint64_t seed, void* stream) {
+  // Every layer and block its own seed, so that no two draw the same masks.
+  Impl& m = *impl_;
+  for (std::size_t i = 0; i < m.layers.size(); ++i)
+    m.layers[i].set_dropout_seed(dropout_mix(seed ^ dropout_mix(2 * i + 1)), stream);
+  for (std::size_t i = 0; i < m.ffns.size(); ++i) {
+    m.ffns[i].seed = dropout_mix(seed ^ dropout_mix(2 * i + 2));
+    m.ffns[i].draw.fill_bytes(0, stream);
+  }
+}
 void SeqBoatLmDevice::set_bf16_projections(bool on) {
   if (on != (impl_->layers.empty() ? false : impl_->layers[0].config().bf16_projections)) {
     impl_->has_forward = false;
@@ -481,7 +540,7 @@ void SeqBoatLmDevice::forward(int batch, int length, const int* tokens, const st
     m.layers[i].forward(batch, length, cur, pad, nxt, stream);
     std::swap(cur, nxt);
     if (!m.ffns.empty()) {
-      m.ffns[i].forward(m.blas, N, cur, nxt, s);
+      m.ffns[i].forward(m.blas, N, cur, nxt, m.training, s);
       std::swap(cur, nxt);
     }
   }

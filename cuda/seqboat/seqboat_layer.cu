@@ -12,6 +12,7 @@
 
 #include "../common/check.cuh"
 #include "../common/gemm.cuh"
+#include "../common/site_mask.cuh"
 #include "../common/workspace.cuh"
 #include "padded_operands.cuh"
 
@@ -214,27 +215,6 @@ __device__ inline float dsilu_f(float v) {
   const float sg = 1.f / (1.f + expf(-v));
   return sg * (1.f + v * (1.f - sg));
 }
-
-// One dropout site as a kernel sees it (sma/cuda/dropout.hpp): the key is derived once per thread from the layer's
-// draw counter; (i) is the mask's value for token-major element i, 1 when the layer runs without dropout.
-struct SiteMask {
-  std::uint64_t key = 0;
-  std::uint32_t threshold = 0;
-  float keep = 1.f;
-  bool on = false;
-  __device__ SiteMask(const DropoutArgs& a, DropoutSite site) : on(a.draw != nullptr) {
-    if (on) {
-      key = dropout_key(a.seed, *a.draw, site);
-      threshold = a.threshold;
-      keep = a.keep_scale;
-    }
-  }
-  __device__ float operator()(long long i) const {
-    return on ? dropout_scale(key, static_cast<std::uint64_t>(i), threshold, keep) : 1.f;
-  }
-};
-
-__global__ void advance_draw_kernel(std::uint64_t* draw) { ++*draw; }
 
 // The fp32 path's SiLU with the mx site's dropout: mx = silu(e) * mask.
 __global__ void silu_dropout_kernel(long long n, const float* __restrict__ e, float* __restrict__ mx, DropoutArgs dr) {
@@ -685,13 +665,7 @@ struct SeqBoatLayerDevice::Impl {
 
   /// The last forward's dropout for the kernels (no draw pointer: none).
   DropoutArgs dropout_args() const {
-    DropoutArgs a;
-    if (!dropout_on) return a;
-    a.seed = cfg.dropout_seed;
-    a.draw = draw.data();
-    a.threshold = dropout_threshold(cfg.dropout);
-    a.keep_scale = static_cast<float>(1.0 / (1.0 - cfg.dropout));
-    return a;
+    return dropout_on ? cuda::dropout_args(cfg.dropout_seed, draw.data(), cfg.dropout) : DropoutArgs{};
   }
 
   /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of

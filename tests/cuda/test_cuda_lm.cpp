@@ -209,9 +209,10 @@ TEST_CASE("cuda SeqBoat LM: the embedding gradient is the same on every run", "[
 TEST_CASE("cuda SeqBoat LM: unsupported configurations and misuse", "[cuda][lm][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   SeqBoatLmConfig c = cuda_test::small_lm_config();
-  c.dropout = 0.1;
+  c.attention_dropout = 0.1;  // the layers' and blocks' dropout are on the device, the GAU's are not
   SeqBoatLm<float> dr(c, 1);
-  CHECK_THROWS_WITH(cuda::SeqBoatLmDevice::from_cpu(dr), Catch::Contains("dropout"));
+  CHECK_THROWS_WITH(cuda::SeqBoatLmDevice::from_cpu(dr), Catch::Contains("attention_dropout"));
+  CHECK(cuda::SeqBoatLmDevice::from_cpu(dr, true).config().dropout == 0.f);
   c = cuda_test::small_lm_config();
   c.norm_type = NormType::batchnorm;
   SeqBoatLm<float> bn(c, 1);
@@ -261,4 +262,81 @@ TEST_CASE("cuda SeqBoat LM: unsupported configurations and misuse", "[cuda][lm][
   // A layer of another width cannot join the LM.
   CHECK_THROWS_WITH(cuda::SeqBoatLmDevice(mc, cuda_test::narrow_layers(c.layer_config()), {}, {}),
                     Catch::Contains("embed_dim 8"));
+}
+
+namespace {
+
+// The LM's loss on the device with the dropout masks of draw 1 of seed 5 (each call reseeds, so every copy draws the
+// same masks), for the CPU model's current values; with `grads` also every gradient.
+double device_lm_loss(SeqBoatLm<float>& cpu, int B, int L, const cuda::DeviceArray<int>& tok,
+                      const cuda::DeviceArray<int>& tgt, bool training,
+                      std::map<std::string, std::vector<float>>* grads = nullptr) {
+  cuda::SeqBoatLmDevice dev = cuda::SeqBoatLmDevice::from_cpu(cpu);
+  cuda::Stream stream;
+  void* s = stream.handle();
+  dev.set_training(training);
+  dev.set_dropout_seed(5, s);
+  dev.zero_grad(s);
+  dev.forward(B, L, tok.data(), nullptr, nullptr, s);
+  dev.loss(tgt.data(), -100, s);
+  if (grads) {
+    dev.backward_loss(s);
+    for (const std::string& n : dev.param_names()) (*grads)[n] = dev.grad(n, s);
+  }
+  return dev.read_loss(s).loss;
+}
+
+}  // namespace
+
+// The feed-forward blocks' dropout (output and activation) and the layers' on the device: with the masks held
+// fixed, the backward must be the derivative of the forward. A central difference of the fp32 loss along a random
+// direction in the blocks' parameters (one layer, so no routing decision depends on them) against the gradient.
+TEST_CASE("cuda SeqBoat LM: with dropout the backward is the derivative of the forward (fixed masks)",
+          "[cuda][lm][dropout][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  for (const bool prenorm : {true, false}) {
+    SeqBoatLmConfig c = prenorm ? cuda_test::small_lm_config() : cuda_test::postnorm_rotary_lm_config();
+    INFO((prenorm ? "prenorm" : "postnorm"));
+    c.layers = 1;
+    c.dropout = 0.25;
+    c.activation_dropout = 0.2;
+    SeqBoatLm<float> cpu(c, 3);
+    const int B = 2, L = 30, V = static_cast<int>(c.vocab_size);
+    std::mt19937 rng(4);
+    std::vector<int> tok(static_cast<std::size_t>(B) * L), tgt(tok.size());
+    for (int& t : tok) t = static_cast<int>(rng() % static_cast<unsigned>(V));
+    for (std::size_t i = 0; i < tok.size(); ++i) tgt[i] = tok[(i + 1) % tok.size()];
+    cuda::DeviceArray<int> d_tok(tok), d_tgt(tgt);
+    std::map<std::string, std::vector<float>> g;
+    const double l0 = device_lm_loss(cpu, B, L, d_tok, d_tgt, true, &g);
+    const double l_eval = device_lm_loss(cpu, B, L, d_tok, d_tgt, false);
+    INFO("loss with dropout " << l0 << ", in eval mode " << l_eval);
+    CHECK(std::abs(l0 - l_eval) > 1e-4);  // the masks change the loss
+    // Direction: random over the block's parameters.
+    auto params = cuda_test::params_of<float>(cpu);
+    std::map<std::string, std::vector<float>> dir, base;
+    std::normal_distribution<float> nd(0.f, 1.f);
+    double analytic = 0;
+    for (auto& [n, p] : params) {
+      if (n.find(".nffn.") == std::string::npos) continue;
+      std::vector<float>& v = dir[n];
+      v.resize(static_cast<std::size_t>(p->size()));
+      base[n].assign(p->data(), p->data() + p->size());
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        v[i] = nd(rng);
+        analytic += static_cast<double>(v[i]) * g.at(n)[i];
+      }
+    }
+    REQUIRE(dir.size() >= 4);
+    const float eps = 1e-2f;
+    double lp = 0, lm = 0;
+    for (const float sign : {1.f, -1.f}) {
+      for (auto& [n, v] : dir)
+        for (std::size_t i = 0; i < v.size(); ++i) params.at(n)->data()[i] = base[n][i] + sign * eps * v[i];
+      (sign > 0 ? lp : lm) = device_lm_loss(cpu, B, L, d_tok, d_tgt, true);
+    }
+    const double fd = (lp - lm) / (2.0 * eps);
+    INFO("directional derivative: analytic " << analytic << ", central difference " << fd);
+    CHECK(std::abs(fd - analytic) <= 0.02 * std::abs(analytic) + 2e-4);
+  }
 }

@@ -23,11 +23,13 @@
 
 namespace sma::cuda {
 
-/// Where in the layer a mask applies (SeqBoatLayerConfig::dropout's three places).
+/// Where a mask applies: SeqBoatLayerConfig::dropout's three places, and a feed-forward block's two (sma::Ffn).
 enum class DropoutSite : std::uint32_t {
-  mx = 1,   ///< silu(EMA output), before hx_proj and the compression
-  hc = 2,   ///< bidirectional: the GAU's output (with h_proj's bias) before the gated extraction
-  sum = 3,  ///< causal: hx + gate * h before the residual
+  mx = 1,          ///< silu(EMA output), before hx_proj and the compression
+  hc = 2,          ///< bidirectional: the GAU's output (with h_proj's bias) before the gated extraction
+  sum = 3,         ///< causal: hx + gate * h before the residual
+  ffn_hidden = 4,  ///< the block's activation output (Ffn's hidden_dropout; the LM's activation_dropout)
+  ffn_out = 5,     ///< fc2's output before the residual (Ffn's dropout)
 };
 
 SMA_CUDA_HD std::uint64_t dropout_mix(std::uint64_t z) {
@@ -38,7 +40,7 @@ SMA_CUDA_HD std::uint64_t dropout_mix(std::uint64_t z) {
 
 /// One (seed, draw, site)'s key; a kernel computes it once and hashes each element index with it.
 SMA_CUDA_HD std::uint64_t dropout_key(std::uint64_t seed, std::uint64_t draw, DropoutSite site) {
-  return dropout_mix(seed ^ dropout_mix(draw * 4 + static_cast<std::uint32_t>(site)));
+  return dropout_mix(seed ^ dropout_mix(draw * 8 + static_cast<std::uint32_t>(site)));
 }
 
 /// 32 uniform bits for element `index`.

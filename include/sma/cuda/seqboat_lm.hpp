@@ -18,11 +18,9 @@ namespace sma::cuda {
 
 inline SeqBoatLmDevice SeqBoatLmDevice::from_cpu(SeqBoatLm<float>& cpu, bool dropout_as_eval) {
   const SeqBoatLmConfig& c = cpu.config();
-  if (!dropout_as_eval && (c.dropout > 0 || c.activation_dropout > 0))
-    throw ValueError(str_cat("SeqBoatLmDevice::from_cpu: dropout ", c.dropout, " and activation_dropout ",
-                             c.activation_dropout, " must be 0 (the device has no dropout; dropout_as_eval runs the "
-                             "model as with rates 0)"));
   SeqBoatLmDeviceConfig d;
+  d.dropout = dropout_as_eval ? 0.f : static_cast<float>(c.dropout);
+  d.activation_dropout = dropout_as_eval ? 0.f : static_cast<float>(c.activation_dropout);
   d.vocab_size = static_cast<int>(c.vocab_size);
   d.d_model = static_cast<int>(c.embed_dim);
   d.ffn_hidden = cpu.has_ffn() ? static_cast<int>(c.ffn_hidden_dim) : 0;

@@ -16,8 +16,9 @@
 // TOKENS   a token outside [0, V) cannot throw without a wait for the host: the forward records the first one
 //          (its flat index and value), embeds it as zeros and leaves it out of the embedding's gradient;
 //          read_loss() and check_tokens() throw ValueError naming it.
-// LIMITS   the layer's (fp32 or bf16 projections / attention, Z <= 128); no dropout (from_cpu throws for rates
-//          > 0 unless dropout_as_eval); layernorm, rmsnorm or scalenorm (batchnorm throws in from_cpu).
+// LIMITS   the layer's (fp32 or bf16 projections / attention, Z <= 128; dropout and the blocks' dropout and
+//          activation_dropout with device-drawn masks, but no attention or hidden dropout: from_cpu throws for
+//          those unless dropout_as_eval); layernorm, rmsnorm or scalenorm (batchnorm throws in from_cpu).
 // ERRORS   ValueError (configuration, sizes, null pointers, backward without forward, train_step without optimiser,
 //          bad tokens or targets when read), ShapeError (parameter sizes), KeyError (unknown parameter name),
 //          CudaError (failed CUDA/cuBLAS call).
@@ -55,6 +56,10 @@ struct SeqBoatLmDeviceConfig {
   NormKind norm = NormKind::layernorm;     ///< the feed-forward blocks' and the final norm's kind
   float norm_eps = 1e-5f;
   float embed_scale = 1.f;                 ///< sqrt(D) when the CPU model scales its embeddings
+  /// The feed-forward blocks' dropout in training (SeqBoatLmConfig::dropout on fc2's output, activation_dropout
+  /// after the activation), with device-drawn masks as the layers' (sma/cuda/dropout.hpp); the layers take
+  /// their own rate from their configuration.
+  float dropout = 0.f, activation_dropout = 0.f;
 };
 
 class SeqBoatLmDevice {
@@ -78,6 +83,9 @@ class SeqBoatLmDevice {
   const SeqBoatLayerDevice& layer(int i) const;
   void set_training(bool on);
   bool training() const;
+  /// Seeds the dropout of every layer and feed-forward block (each its own seed derived from `seed`) and restarts
+  /// their draw counters (SeqBoatLayerDevice::set_dropout_seed). The constructor seeds with 0.
+  void set_dropout_seed(std::uint64_t seed, void* stream = nullptr);
   /// bf16 projections / attention in every layer (SeqBoatLayerDevice's switches).
   void set_bf16_projections(bool on);
   void set_bf16_attention(bool on);
