@@ -22,6 +22,7 @@
 // further for the key-major tiles). Rows past those are neither read nor written.
 #pragma once
 
+#include "common/bf16_fill.cuh"
 #include "common/bounded_gemm.cuh"
 #include "launch.cuh"
 #include "tile.cuh"
@@ -136,18 +137,9 @@ __global__ void zero_padded_tails_kernel(PaddedTails t, long long rows, int wpad
   const long long end = min(rows, detail::bounded_rows(S, chunk, rows - 2LL * wpad) + 2LL * wpad);
   __nv_bfloat16* dst = t.dst[blockIdx.y];
   const long long w = t.width[blockIdx.y];
-  const long long begin = (wpad + static_cast<long long>(S)) * w, stop = end * w;
-  if (begin >= stop) return;
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  const long long first = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
-  const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
-  const auto addr = reinterpret_cast<std::uintptr_t>(dst + begin);
-  const long long head = min(stop - begin, static_cast<long long>(((16 - addr % 16) % 16) / 2));
-  const long long body = (stop - begin - head) / 8;
-  for (long long i = first; i < head; i += stride) dst[begin + i] = zero;
-  uint4* v = reinterpret_cast<uint4*>(dst + begin + head);
-  for (long long i = first; i < body; i += stride) v[i] = make_uint4(0u, 0u, 0u, 0u);
-  for (long long i = begin + head + 8 * body + first; i < stop; i += stride) dst[i] = zero;
+  detail::zero_bf16_range(dst, (wpad + static_cast<long long>(S)) * w, end * w,
+                          blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x,
+                          static_cast<long long>(gridDim.x) * blockDim.x);
 }
 
 /// Everything the band kernels need besides LocalAttentionParams. chunk: slots per chunk of the bounded band

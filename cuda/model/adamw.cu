@@ -45,14 +45,9 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const RangeDesc* __rest
   const float decay = r.decay ? 1.f - sc.lr_wd : 1.f;
   const float gs = grad_scale ? *grad_scale : 1.f;
   for (long long i = ch.start + threadIdx.x; i < end; i += kThreads) {
-    const long long k = r.moment_offset + i;
-    const float g = grad_scale ? r.g[i] * gs : r.g[i];
-    const float mk = a.b1 * m[k] + (1.f - a.b1) * g;
-    const float vk = a.b2 * v[k] + (1.f - a.b2) * g * g;
-    m[k] = mk;
-    v[k] = vk;
-    const float denom = sqrtf(vk) * sc.inv_sqrt_bc2 + a.eps;
-    r.w[i] = r.w[i] * decay - sc.lr * (mk * sc.inv_bc1) / denom;
+    const chunked::AdamMoments mv = chunked::adam_moments(r, i, m, v, a.b1, a.b2, grad_scale, gs);
+    const float denom = sqrtf(mv.v) * sc.inv_sqrt_bc2 + a.eps;
+    r.w[i] = r.w[i] * decay - sc.lr * (mv.m * sc.inv_bc1) / denom;
     if (a.zero_grads) r.g[i] = 0.f;
   }
 }

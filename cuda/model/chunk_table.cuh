@@ -10,6 +10,8 @@
 #include <sma/cuda/adamw.hpp>
 #include <sma/cuda/buffer.hpp>
 
+#include <cuda_runtime.h>
+
 #include <vector>
 
 namespace sma::cuda::chunked {
@@ -29,6 +31,22 @@ struct ChunkDesc {
   int range;
   long long start;
 };
+
+/// Adam's moments (AdamW's and RAdam's) for element i of range r: the gradient, times the clipping scale *grad_scale
+/// when there is one (gs: its value), into m and v at the element's state slot; returns the new (m, v).
+struct AdamMoments {
+  float m, v;
+};
+__device__ __forceinline__ AdamMoments adam_moments(const RangeDesc& r, long long i, float* m, float* v, float b1,
+                                                    float b2, const float* grad_scale, float gs) {
+  const long long k = r.moment_offset + i;
+  const float g = grad_scale ? r.g[i] * gs : r.g[i];
+  const float mk = b1 * m[k] + (1.f - b1) * g;
+  const float vk = b2 * v[k] + (1.f - b2) * g * g;
+  m[k] = mk;
+  v[k] = vk;
+  return {mk, vk};
+}
 
 class ChunkTable {
  public:

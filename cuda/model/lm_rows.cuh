@@ -3,6 +3,7 @@
 // and the streamer's step over B rows (cuda/model/seqboat_lm_stream.cu). Definitions in cuda/model/seqboat_lm.cu.
 #pragma once
 
+#include <sma/cuda/dropout.hpp>
 #include <sma/cuda/layer_ops.hpp>
 #include <sma/cuda/seqboat_lm_device.hpp>
 
@@ -37,12 +38,15 @@ struct FfnRowPass {
 /// (fc1's input, norm(x)), z (rows, D) when post-norm (x + the block's output, the norm's input).
 struct FfnRowScratch {
   float *in1 = nullptr, *pre = nullptr, *h = nullptr, *z = nullptr, *mean = nullptr, *rstd = nullptr;
+  float* o = nullptr;  ///< (rows, D) fc2's output before the output dropout (only with that dropout)
 };
 
-/// y (rows, D) = the block applied to x (rows, D); y may not alias x. Queued on s (cuBLAS on `blas`, whose stream
+/// y (rows, D) = the block applied to x (rows, D); y may not alias x. With masks (`hidden`, `out` with a draw:
+/// training) the block's dropout, the output one needing t.o. Queued on s (cuBLAS on `blas`, whose stream
 /// the caller has set to s); nothing allocated.
 void ffn_forward_rows(cublasHandle_t blas, const FfnRowPass& f, long long rows, const float* x, float* y,
-                      const FfnRowScratch& t, cudaStream_t s);
+                      const FfnRowScratch& t, cudaStream_t s, const DropoutArgs& hidden = {},
+                      const DropoutArgs& out = {});
 
 /// The row passes of an LM's parameters, read in place (valid while the LM lives): the embedding (V, D) and its
 /// scale, each layer's feed-forward block (empty without blocks), the final norm's weight and bias (prenorm; the

@@ -101,14 +101,9 @@ __global__ void __launch_bounds__(kThreads) radam_kernel(const RangeDesc* __rest
   const float lr_wd = r.decay ? a.lr_wd : 0.f;
   const float gs = grad_scale ? *grad_scale : 1.f;
   for (long long i = ch.start + threadIdx.x; i < end; i += kThreads) {
-    const long long k = r.moment_offset + i;
-    const float g = grad_scale ? r.g[i] * gs : r.g[i];
-    const float mk = a.b1 * m[k] + (1.f - a.b1) * g;
-    const float vk = a.b2 * v[k] + (1.f - a.b2) * g * g;
-    m[k] = mk;
-    v[k] = vk;
-    const float mhat = mk * a.inv_bc1;
-    const float upd = a.adaptive ? a.lr_rect * mhat / (sqrtf(vk) * a.inv_sqrt_bc2 + a.eps) : a.lr * mhat;
+    const AdamMoments mv = adam_moments(r, i, m, v, a.b1, a.b2, grad_scale, gs);
+    const float mhat = mv.m * a.inv_bc1;
+    const float upd = a.adaptive ? a.lr_rect * mhat / (sqrtf(mv.v) * a.inv_sqrt_bc2 + a.eps) : a.lr * mhat;
     // w - (lr wd w + upd) rather than w (1 - lr wd) - upd: the small terms' rounding errors stay far below w's
     // last bit, so the one rounding of w is the CPU's (which computes in double) nearly always; the other order
     // rounds twice and drifts by a few ulp over a few steps.

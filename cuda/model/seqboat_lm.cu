@@ -195,32 +195,20 @@ struct FfnBlock : detail::FfnRowPass {
     resize(n);
     SMA_CUDA_CHECK(cudaMemcpyAsync(x.data(), xin, n * D * sizeof(float), cudaMemcpyDeviceToDevice, s));
     dropout_on = training && (p_out > 0.f || p_hidden > 0.f);
-    if (!dropout_on) {
-      detail::FfnRowScratch t;
-      t.in1 = prenorm ? in1.data() : nullptr;
-      t.z = prenorm ? nullptr : z.data();
-      t.pre = pre.data();
-      t.h = h.data();
-      t.mean = mean.data();
-      t.rstd = rstd.data();
-      return detail::ffn_forward_rows(blas, *this, n, x.data(), y, t, s);
+    if (dropout_on) {
+      advance_draw_kernel<<<1, 1, 0, s>>>(draw.data());
+      SMA_CUDA_CHECK_LAUNCH();
     }
-    advance_draw_kernel<<<1, 1, 0, s>>>(draw.data());
-    SMA_CUDA_CHECK_LAUNCH();
-    const int N = static_cast<int>(n);
-    if (prenorm) norm_forward(norm, n, D, eps, x.data(), nw, nb, in1.data(), mean.data(), rstd.data(), s);
-    detail::bias_rows(n, H, b1, nullptr, pre.data(), s);
-    detail::gemm_rm(blas, false, true, N, H, D, fc1_input(), D, w1, D, 1.f, pre.data(), H);
-    activation_forward_kernel<<<grid(n * H), 256, 0, s>>>(n * H, act, pre.data(), h.data(), hidden_args());
-    SMA_CUDA_CHECK_LAUNCH();
     detail::StreamWorkspace ws(s);
-    float* o = ws.alloc<float>(n * D);  // b2 + h W2^T, then x + o * mask
-    detail::bias_rows(n, D, b2, nullptr, o, s);
-    detail::gemm_rm(blas, false, true, N, D, H, h.data(), H, w2, H, 1.f, o, D);
-    float* sum = prenorm ? y : z.data();
-    output_dropout_kernel<<<grid(n * D), 256, 0, s>>>(n * D, x.data(), o, sum, out_args());
-    SMA_CUDA_CHECK_LAUNCH();
-    if (!prenorm) norm_forward(norm, n, D, eps, z.data(), nw, nb, y, mean.data(), rstd.data(), s);
+    detail::FfnRowScratch t;
+    t.in1 = prenorm ? in1.data() : nullptr;
+    t.z = prenorm ? nullptr : z.data();
+    t.pre = pre.data();
+    t.h = h.data();
+    t.mean = mean.data();
+    t.rstd = rstd.data();
+    t.o = out_args().draw ? ws.alloc<float>(n * D) : nullptr;
+    detail::ffn_forward_rows(blas, *this, n, x.data(), y, t, s, hidden_args(), out_args());
   }
 
   // dx (rows, D) from dy (rows, D) of the last forward (dx may not alias dy); parameter gradients ADDED.
@@ -266,6 +254,27 @@ const char* norm_weight_name(NormKind k) { return k == NormKind::scalenorm ? "no
 
 namespace detail {
 
+/// Layer i's feed-forward block of an LM configured as c, its parameters found by name with `param` (the norm's bias
+/// only for layernorm): the same pass for the model's blocks and the streamer's.
+template <class Lookup>
+FfnRowPass ffn_row_pass(const SeqBoatLmDeviceConfig& c, int i, Lookup&& param) {
+  const std::string pre = str_cat("decoder.layers.", i, ".nffn.");
+  FfnRowPass f;
+  f.D = c.d_model;
+  f.H = c.ffn_hidden;
+  f.prenorm = c.prenorm;
+  f.norm = c.norm;
+  f.eps = c.norm_eps;
+  f.act = c.activation;
+  f.nw = param(pre + norm_weight_name(c.norm));
+  f.nb = c.norm == NormKind::layernorm ? param(pre + "norm.norm.bias") : nullptr;
+  f.w1 = param(pre + "fc1.weight");
+  f.b1 = param(pre + "fc1.bias");
+  f.w2 = param(pre + "fc2.weight");
+  f.b2 = param(pre + "fc2.bias");
+  return f;
+}
+
 void embed_rows(long long rows, int D, int V, float scale, const int* tokens, const std::uint8_t* pad,
                 const float* E, float* h, unsigned long long* bad, cudaStream_t s) {
   const long long n = rows * D;
@@ -275,7 +284,7 @@ void embed_rows(long long rows, int D, int V, float scale, const int* tokens, co
 }
 
 void ffn_forward_rows(cublasHandle_t blas, const FfnRowPass& f, long long rows, const float* x, float* y,
-                      const FfnRowScratch& t, cudaStream_t s) {
+                      const FfnRowScratch& t, cudaStream_t s, const DropoutArgs& hidden, const DropoutArgs& out) {
   if (rows <= 0) return;
   const int N = static_cast<int>(rows);
   const float* fc1_in = x;
@@ -285,11 +294,18 @@ void ffn_forward_rows(cublasHandle_t blas, const FfnRowPass& f, long long rows, 
   }
   bias_rows(rows, f.H, f.b1, nullptr, t.pre, s);
   gemm_rm(blas, false, true, N, f.H, f.D, fc1_in, f.D, f.w1, f.D, 1.f, t.pre, f.H);
-  activation_forward_kernel<<<grid(rows * f.H), 256, 0, s>>>(rows * f.H, f.act, t.pre, t.h);
+  activation_forward_kernel<<<grid(rows * f.H), 256, 0, s>>>(rows * f.H, f.act, t.pre, t.h, hidden);
   SMA_CUDA_CHECK_LAUNCH();
-  float* o = f.prenorm ? y : t.z;  // o = x + b2 + h W2^T
-  bias_rows(rows, f.D, f.b2, x, o, s);
-  gemm_rm(blas, false, true, N, f.D, f.H, t.h, f.H, f.w2, f.H, 1.f, o, f.D);
+  float* o = f.prenorm ? y : t.z;  // o = x + b2 + h W2^T, or x + (b2 + h W2^T) * mask
+  if (out.draw) {
+    bias_rows(rows, f.D, f.b2, nullptr, t.o, s);
+    gemm_rm(blas, false, true, N, f.D, f.H, t.h, f.H, f.w2, f.H, 1.f, t.o, f.D);
+    output_dropout_kernel<<<grid(rows * f.D), 256, 0, s>>>(rows * f.D, x, t.o, o, out);
+    SMA_CUDA_CHECK_LAUNCH();
+  } else {
+    bias_rows(rows, f.D, f.b2, x, o, s);
+    gemm_rm(blas, false, true, N, f.D, f.H, t.h, f.H, f.w2, f.H, 1.f, o, f.D);
+  }
   if (!f.prenorm) norm_forward(f.norm, rows, f.D, f.eps, t.z, f.nw, f.nb, y, t.mean, t.rstd, s);
 }
 
@@ -302,22 +318,8 @@ LmRowPasses lm_row_passes(const SeqBoatLmDevice& lm) {
     w = lm.param_data(prefix + norm_weight_name(c.norm));
     b = c.norm == NormKind::layernorm ? lm.param_data(prefix + "norm.norm.bias") : nullptr;
   };
-  for (int i = 0; c.ffn_hidden > 0 && i < lm.n_layers(); ++i) {
-    const std::string pre = str_cat("decoder.layers.", i, ".nffn.");
-    FfnRowPass f;
-    f.D = c.d_model;
-    f.H = c.ffn_hidden;
-    f.prenorm = c.prenorm;
-    f.norm = c.norm;
-    f.eps = c.norm_eps;
-    f.act = c.activation;
-    norm_of(pre, f.nw, f.nb);
-    f.w1 = lm.param_data(pre + "fc1.weight");
-    f.b1 = lm.param_data(pre + "fc1.bias");
-    f.w2 = lm.param_data(pre + "fc2.weight");
-    f.b2 = lm.param_data(pre + "fc2.bias");
-    r.ffns.push_back(f);
-  }
+  for (int i = 0; c.ffn_hidden > 0 && i < lm.n_layers(); ++i)
+    r.ffns.push_back(ffn_row_pass(c, i, [&](const std::string& n) { return lm.param_data(n); }));
   if (c.prenorm) norm_of("decoder.final_", r.final_w, r.final_b);
   return r;
 }
@@ -414,23 +416,13 @@ SeqBoatLmDevice::SeqBoatLmDevice(const SeqBoatLmDeviceConfig& cfg, std::vector<S
   for (std::size_t i = 0; H > 0 && i < m.layers.size(); ++i) {
     const std::string pre = str_cat("decoder.layers.", i, ".nffn.");
     FfnBlock f;
-    f.D = cfg.d_model;
-    f.H = cfg.ffn_hidden;
-    f.prenorm = cfg.prenorm;
-    f.norm = cfg.norm;
-    f.eps = cfg.norm_eps;
-    f.act = cfg.activation;
-    f.nw = m.params.p(pre + norm_weight_name(cfg.norm));
+    static_cast<detail::FfnRowPass&>(f) =
+        detail::ffn_row_pass(cfg, static_cast<int>(i), [&](const std::string& n) { return m.params.p(n); });
     f.dnw = m.params.g(pre + norm_weight_name(cfg.norm));
-    f.nb = m.params.p(pre + "norm.norm.bias");
     f.dnb = m.params.g(pre + "norm.norm.bias");
-    f.w1 = m.params.p(pre + "fc1.weight");
     f.dw1 = m.params.g(pre + "fc1.weight");
-    f.b1 = m.params.p(pre + "fc1.bias");
     f.db1 = m.params.g(pre + "fc1.bias");
-    f.w2 = m.params.p(pre + "fc2.weight");
     f.dw2 = m.params.g(pre + "fc2.weight");
-    f.b2 = m.params.p(pre + "fc2.bias");
     f.db2 = m.params.g(pre + "fc2.bias");
     f.p_out = cfg.dropout;
     f.p_hidden = cfg.activation_dropout;

@@ -11,6 +11,7 @@
 #include <sma/core/error.hpp>
 
 #include "../common/check.cuh"
+#include "../common/bf16_fill.cuh"
 #include "../common/gemm.cuh"
 #include "../common/site_mask.cuh"
 #include "../common/workspace.cuh"
@@ -513,22 +514,12 @@ __global__ void output_backward_kernel(long long rows, int D, int ldh, const flo
   }
 }
 
-// Zeros for rows [S, rows) of a (rows, cols) bf16 matrix with row stride cols: the tail is one contiguous range,
-// cleared with 16-byte stores (one block per row with 2-byte stores took 33 us per layer at the training shape).
+// Zeros for rows [S, rows) of a (rows, cols) bf16 matrix with row stride cols: the tail is one contiguous range.
 __global__ void zero_tail_bf16_kernel(long long rows, int cols, const int* __restrict__ bound,
                                       __nv_bfloat16* __restrict__ dst) {
-  const long long begin = min(rows, static_cast<long long>(*bound)) * cols, end = rows * cols;
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  const long long first = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
-  const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
-  // Elements before the first 16-byte boundary and after the last one one by one, the rest 8 at a time.
-  const auto addr = reinterpret_cast<std::uintptr_t>(dst + begin);
-  const long long head = min(end - begin, static_cast<long long>(((16 - addr % 16) % 16) / 2));
-  const long long body = (end - begin - head) / 8;
-  for (long long i = first; i < head; i += stride) dst[begin + i] = zero;
-  uint4* v = reinterpret_cast<uint4*>(dst + begin + head);
-  for (long long i = first; i < body; i += stride) v[i] = make_uint4(0u, 0u, 0u, 0u);
-  for (long long i = begin + head + 8 * body + first; i < end; i += stride) dst[i] = zero;
+  detail::zero_bf16_range(dst, min(rows, static_cast<long long>(*bound)) * cols, rows * cols,
+                          blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x,
+                          static_cast<long long>(gridDim.x) * blockDim.x);
 }
 
 // dlogits (rows, 2) into columns 0..1 of the bf16 hx_proj gradient.
