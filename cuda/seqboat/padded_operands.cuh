@@ -5,6 +5,7 @@
 // A header of its own so that tests/cuda/emulation/emulate_padded.cpp can run them on the host.
 #pragma once
 
+#include "../common/site_mask.cuh"
 #include "../local_attention/rotary.cuh"
 
 #include <cuda_bf16.h>
@@ -61,7 +62,8 @@ __global__ void __launch_bounds__(kPaddedThreads) gau_act_padded_kernel(
     long long rows, int Z, int H, const __nv_bfloat16* __restrict__ base, const float* __restrict__ bias,
     const float* __restrict__ gamma, const float* __restrict__ beta, const int* __restrict__ positions,
     double theta, long long off, __nv_bfloat16* __restrict__ qp, __nv_bfloat16* __restrict__ kp,
-    __nv_bfloat16* __restrict__ vp, const int* __restrict__ bound) {
+    __nv_bfloat16* __restrict__ vp, const int* __restrict__ bound, DropoutArgs hidden = {}) {
+  const SiteMask vmask(hidden, DropoutSite::gau_v);  // the GAU's hidden dropout on v
   extern __shared__ double gau_inv[];
   if constexpr (kRot) attn::rotary_frequencies(gau_inv, Z, theta);
   const int P = Z + 2 * H, Zp = (Z + 1) / 2, Hp = (H + 1) / 2;
@@ -94,7 +96,7 @@ __global__ void __launch_bounds__(kPaddedThreads) gau_act_padded_kernel(
         store_pair_bf16(qp + (off + row) * Z, Z, c, q0, q1, two);
         store_pair_bf16(kp + (off + row) * Z, Z, c, k0, k1, two);
       } else {
-        store_pair_bf16(vp + (off + row) * H, H, c, a[0], a[1], two);
+        store_pair_bf16(vp + (off + row) * H, H, c, a[0] * vmask(row * H + c), a[1] * vmask(row * H + c + 1), two);
       }
     }
   }

@@ -53,8 +53,10 @@ __global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, in
                                                               const float* __restrict__ gamma,
                                                               const float* __restrict__ beta, float* __restrict__ q,
                                                               float* __restrict__ k, float* __restrict__ r,
-                                                              float* __restrict__ v, const int* __restrict__ bound) {
+                                                              float* __restrict__ v, const int* __restrict__ bound,
+                                                              DropoutArgs hidden) {
   const int P = Z + 2 * H;
+  const SiteMask vmask(hidden, DropoutSite::gau_v);
   if (bound) rows = min(rows, static_cast<long long>(*bound));
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
     const TB* br = base + row * P;
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(kRowThreads) gau_act_kernel(long long rows, in
       } else if (c < Z + H) {
         r[row * H + (c - Z)] = a;
       } else {
-        v[row * H + (c - Z - H)] = a;
+        v[row * H + (c - Z - H)] = a * vmask(row * H + (c - Z - H));
       }
     }
   }
@@ -89,8 +91,9 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
                                                                 const float* __restrict__ dv, float* __restrict__ dbase,
                                                                 __nv_bfloat16* __restrict__ dbase16,
                                                                 float* __restrict__ tq, float* __restrict__ tk,
-                                                                const int* __restrict__ bound) {
+                                                                const int* __restrict__ bound, DropoutArgs hidden) {
   const int P = Z + 2 * H;
+  const SiteMask vmask(hidden, DropoutSite::gau_v);
   const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
     if (row >= live) {
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
         const long long j = row * H + (c - Z);
         d = ld_f(dhr + j) * att[j] * dsilu;
       } else {
-        d = dv[row * H + (c - Z - H)] * dsilu;
+        d = dv[row * H + (c - Z - H)] * vmask(row * H + (c - Z - H)) * dsilu;
       }
       if (dbase16)
         dbase16[i] = __float2bfloat16_rn(d);
@@ -130,8 +133,9 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_bf16x2_kernel(
     const float* __restrict__ gamma, const float2* __restrict__ dq, const float2* __restrict__ dk,
     const __nv_bfloat162* __restrict__ dhr16, const float2* __restrict__ att, const float2* __restrict__ dv,
     __nv_bfloat162* __restrict__ dbase16, float2* __restrict__ tq, float2* __restrict__ tk,
-    const int* __restrict__ bound) {
+    const int* __restrict__ bound, DropoutArgs hidden) {
   const int P2 = (Z + 2 * H) / 2, Z2 = Z / 2, H2 = H / 2;
+  const SiteMask vmask(hidden, DropoutSite::gau_v);
   const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
   const __nv_bfloat162 zero = __floats2bfloat162_rn(0.f, 0.f);
   const int lane = threadIdx.x & 31;
@@ -164,8 +168,9 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_bf16x2_kernel(
         const float2 g = __bfloat1622float2(dhr16[j]), a = att[j];
         d = make_float2(g.x * a.x * ds[0], g.y * a.y * ds[1]);
       } else {
+        const long long j = row * H + 2 * (c2 - Z2 - H2);
         const float2 g = dv[row * H2 + (c2 - Z2 - H2)];
-        d = make_float2(g.x * ds[0], g.y * ds[1]);
+        d = make_float2(g.x * vmask(j) * ds[0], g.y * vmask(j + 1) * ds[1]);
       }
       dbase16[row * P2 + c2] = __floats2bfloat162_rn(d.x, d.y);
     }
@@ -297,8 +302,9 @@ __device__ inline float2 r2_of(const __nv_bfloat162* base2, const float* bias, l
 __global__ void __launch_bounds__(kRowThreads) gau_act_bf16x2_kernel(
     long long rows, int Z, int H, const __nv_bfloat162* __restrict__ base2, const float* __restrict__ bias,
     const float* __restrict__ gamma, const float* __restrict__ beta, float2* __restrict__ q, float2* __restrict__ k,
-    float2* __restrict__ v, const int* __restrict__ bound) {
+    float2* __restrict__ v, const int* __restrict__ bound, DropoutArgs hidden) {
   const int Z2 = Z / 2, H2 = H / 2, P2 = Z2 + 2 * H2;
+  const SiteMask vmask(hidden, DropoutSite::gau_v);
   if (bound) rows = min(rows, static_cast<long long>(*bound));
   for (long long row = blockIdx.x; row < rows; row += gridDim.x)
     for (int j = threadIdx.x; j < Z2 + H2; j += blockDim.x) {  // the z and v columns (r is not stored)
@@ -310,7 +316,8 @@ __global__ void __launch_bounds__(kRowThreads) gau_act_bf16x2_kernel(
         q[row * Z2 + j] = make_float2(a0 * gamma[c] + beta[c], a1 * gamma[c + 1] + beta[c + 1]);
         k[row * Z2 + j] = make_float2(a0 * gamma[Z + c] + beta[Z + c], a1 * gamma[Z + c + 1] + beta[Z + c + 1]);
       } else {
-        v[row * H2 + (j - Z2)] = make_float2(a0, a1);
+        const long long i = row * H + 2 * (j - Z2);
+        v[row * H2 + (j - Z2)] = make_float2(a0 * vmask(i), a1 * vmask(i + 1));
       }
     }
 }
@@ -654,9 +661,12 @@ struct SeqBoatLayerDevice::Impl {
   DeviceArray<std::uint64_t> draw{1};  ///< the dropout draw counter (sma/cuda/dropout.hpp)
   bool dropout_on = false;             ///< the last forward drew masks (its backward re-derives them)
 
-  /// The last forward's dropout for the kernels (no draw pointer: none).
+  /// The last forward's dropout (and the GAU's hidden dropout) for the kernels (no draw pointer: none).
   DropoutArgs dropout_args() const {
     return dropout_on ? cuda::dropout_args(cfg.dropout_seed, draw.data(), cfg.dropout) : DropoutArgs{};
+  }
+  DropoutArgs hidden_args() const {
+    return dropout_on ? cuda::dropout_args(cfg.dropout_seed, draw.data(), cfg.hidden_dropout) : DropoutArgs{};
   }
 
   /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of
@@ -852,8 +862,9 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
     if (it == impl_->value.end() || static_cast<int>(it->second.size()) != table)
       throw ShapeError(str_cat("SeqBoatLayerDevice: rel_pos_bias.rel_pos_bias must have ", table, " values"));
   }
-  if (!(cfg.dropout >= 0.f && cfg.dropout < 1.f))
-    throw ValueError(str_cat("SeqBoatLayerDevice: dropout must be in [0, 1), got ", cfg.dropout));
+  if (!(cfg.dropout >= 0.f && cfg.dropout < 1.f) || !(cfg.hidden_dropout >= 0.f && cfg.hidden_dropout < 1.f))
+    throw ValueError(str_cat("SeqBoatLayerDevice: dropout and hidden_dropout must be in [0, 1), got ", cfg.dropout,
+                             " and ", cfg.hidden_dropout));
   impl_->draw.fill_bytes(0);
   SMA_CUDA_CHECK(cublasCreate(&impl_->blas));
 }
@@ -916,7 +927,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   m.has_padding = padding != nullptr;
   if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
-  m.dropout_on = c.training && c.dropout > 0.f;
+  m.dropout_on = c.training && (c.dropout > 0.f || c.hidden_dropout > 0.f);
   if (m.dropout_on) {
     advance_draw_kernel<<<1, 1, 0, s>>>(m.draw.data());
     SMA_CUDA_CHECK_LAUNCH();
@@ -1008,26 +1019,26 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
       if (c.attention.position == Position::rotary)  // each block computes the Z/2 frequencies first: fewer blocks
         gau_act_padded_kernel<true><<<padded_blocks(M), kPaddedThreads, Z / 2 * sizeof(double), s>>>(
             M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), pv.positions, c.attention.rotary_theta,
-            lay.offset, qp, kp, vp, S_dev);
+            lay.offset, qp, kp, vp, S_dev, m.hidden_args());
       else
         gau_act_padded_kernel<false><<<padded_blocks(M), kPaddedThreads, 0, s>>>(
             M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"), nullptr, 0.0, lay.offset, qp, kp, vp,
-            S_dev);
+            S_dev, m.hidden_args());
     } else if (pairs)
       gau_act_bf16x2_kernel<<<row_grid(M), kRowThreads, 0, s>>>(
           M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"), m.p("beta"),
           reinterpret_cast<float2*>(m.q.data()), reinterpret_cast<float2*>(m.k.data()),
-          reinterpret_cast<float2*>(m.v.data()), S_dev);
+          reinterpret_cast<float2*>(m.v.data()), S_dev, m.hidden_args());
     else
       gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"),
                                                        m.p("beta"), m.q.data(), m.k.data(), nullptr, m.v.data(),
-                                                       S_dev);
+                                                       S_dev, m.hidden_args());
   } else {
     gemm_proj(m.blas, bf, ws, s, false, true, Mi, P, D, m.xc.data(), D, m.p("mx_proj.weight"), D, 0.f, m.base.data(),
               P);
     gau_act_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
                                                        m.p("beta"), m.q.data(), m.k.data(), m.r.data(), m.v.data(),
-                                                       nullptr);
+                                                       nullptr, m.hidden_args());
   }
   SMA_CUDA_CHECK_LAUNCH();
   local_attention_forward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"), m.att.data(),
@@ -1195,14 +1206,15 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
         reinterpret_cast<const float2*>(dq), reinterpret_cast<const float2*>(dk),
         reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const float2*>(m.att.data()),
         reinterpret_cast<const float2*>(dv), reinterpret_cast<__nv_bfloat162*>(dbase16), reinterpret_cast<float2*>(tq),
-        reinterpret_cast<float2*>(tk), bound);
+        reinterpret_cast<float2*>(tk), bound, m.hidden_args());
   else if (bf)
     gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), dq, dk,
-                                                         dhr16, m.att.data(), dv, dbase, dbase16, tq, tk, bound);
+                                                         dhr16, m.att.data(), dv, dbase, dbase16, tq, tk, bound,
+                                                         m.hidden_args());
   else
     gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
                                                          dq, dk, dhr, m.att.data(), dv, dbase, dbase16, tq, tk,
-                                                         bound);
+                                                         bound, m.hidden_args());
   SMA_CUDA_CHECK_LAUNCH();
   float* dgamma = m.g("gamma");
   float* dbeta = m.g("beta");

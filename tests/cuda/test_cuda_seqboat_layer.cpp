@@ -406,9 +406,9 @@ TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][s
   CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(dr), Catch::Contains("attention_dropout"));
   CHECK(cuda::SeqBoatLayerDevice::from_cpu(dr, true).config().dropout == 0.f);  // dropout_as_eval
   c = base_config();
-  c.hidden_dropout = 0.2;
+  c.hidden_dropout = 0.2;  // on the device (the hidden dropout case below)
   SeqBoatLayer<float> hd(c, 1);
-  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(hd), Catch::Contains("hidden_dropout"));
+  CHECK(cuda::SeqBoatLayerDevice::from_cpu(hd).config().hidden_dropout == 0.2f);
   SeqBoatLayer<float> ok(base_config(), 1);
   cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(ok);
   CHECK_THROWS_WITH(dev.backward(nullptr, nullptr), Catch::Contains("no forward"));
@@ -713,4 +713,127 @@ TEST_CASE("cuda SeqBoat layer: dropout with the device's masks matches the CPU l
   check_dropout_layer("bidirectional rmsnorm postnorm", c, true);
   c = base_config();
   check_dropout_layer("causal layernorm prenorm", c, true);
+}
+
+namespace {
+
+// A device copy of `cpu` run once (train or eval mode; bf16 projections and attention or fp32) with the masks of
+// draw 1 of seed 9: its output, sum(dy * out) in double, and with `backward` dx and every gradient.
+struct DeviceRun {
+  std::vector<float> out, dx;
+  std::vector<std::uint8_t> active;
+  std::map<std::string, std::vector<float>> grads;
+  double objective = 0;
+};
+
+DeviceRun run_device(SeqBoatLayer<float>& cpu, int B, int L, const std::vector<float>& x, const std::vector<float>& dy,
+                     bool bf16, bool train, bool backward) {
+  cuda::SeqBoatLayerDevice dev = cuda::SeqBoatLayerDevice::from_cpu(cpu);
+  cuda::Stream stream;
+  void* s = stream.handle();
+  dev.set_training(train);
+  dev.set_bf16_projections(bf16);
+  dev.set_bf16_attention(bf16);
+  dev.set_dropout_seed(9, s);
+  cuda::DeviceArray<float> d_x(x), d_dy(dy), d_out(x.size()), d_dx(x.size());
+  dev.forward(B, L, d_x.data(), nullptr, d_out.data(), s);
+  DeviceRun r;
+  if (backward) {
+    dev.backward(d_dy.data(), d_dx.data(), s);
+    r.dx = d_dx.download(s);
+    for (const std::string& n : dev.param_names()) r.grads[n] = dev.grad(n, s);
+  }
+  r.out = d_out.download(s);
+  r.active = dev.active(s);
+  for (std::size_t i = 0; i < x.size(); ++i) r.objective += static_cast<double>(dy[i]) * r.out[i];
+  return r;
+}
+
+}  // namespace
+
+// The GAU's hidden dropout (on v) with the layer's dropout, the masks held fixed (draw 1 of one seed): the gradient
+// along a random direction of the GAU's parameters (after the routing, so no decision moves) against a central
+// difference of sum(dy * out) in fp32; the bf16 path (padded operands) against the fp32 path with the same masks.
+TEST_CASE("cuda SeqBoat layer: the GAU's hidden dropout (fixed masks: central difference, bf16 against fp32)",
+          "[cuda][seqboat][dropout][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  for (const bool bidirectional : {false, true}) {
+    INFO((bidirectional ? "bidirectional rmsnorm post-norm" : "causal layernorm pre-norm"));
+    SeqBoatLayerConfig cfg = base_config();
+    if (bidirectional) {
+      cfg.direction = Direction::bidirectional;
+      cfg.norm_type = NormType::rmsnorm;
+      cfg.prenorm = false;
+    }
+    cfg.hidden_dropout = 0.3;
+    cfg.dropout = 0.1;
+    SeqBoatLayer<float> cpu(cfg, 21);
+    auto params = cuda_test::params_of<float>(cpu);
+    const Index D = cfg.embed_dim;
+    std::mt19937 rng(31);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (Index i = 0; i < 2 * D; ++i) params.at("hx_proj.weight")->data()[i] *= 4.f;  // no near-tie decisions
+    // At their initial values (gamma small, beta and the biases 0) the attention is nearly 0 and so is every
+    // gradient of the GAU; larger ones make the derivative below well above the fp32 difference's noise.
+    for (const char* n : {"gamma", "beta", "mx_proj.bias", "h_proj.bias"})
+      for (Index i = 0; i < params.at(n)->size(); ++i)
+        params.at(n)->data()[i] = (std::string(n) == "gamma" ? 1.f : 0.f) + 0.5f * nd(rng);
+    for (Index i = 0; i < params.at("h_proj.weight")->size(); ++i) params.at("h_proj.weight")->data()[i] *= 3.f;
+    const int B = 3, L = 41;
+    std::vector<float> x(static_cast<std::size_t>(B) * L * D), dy(x.size());
+    for (float& v : x) v = nd(rng);
+    for (float& v : dy) v = nd(rng);
+    const DeviceRun base = run_device(cpu, B, L, x, dy, false, true, true);
+    CHECK(run_device(cpu, B, L, x, dy, false, false, false).out != base.out);  // the masks change the output
+    {  // and the hidden mask alone does too: the same layer without hidden dropout
+      SeqBoatLayerConfig c0 = cfg;
+      c0.hidden_dropout = 0;
+      SeqBoatLayer<float> cpu0(c0, 21);
+      auto p0 = cuda_test::params_of<float>(cpu0);
+      for (auto& [n, q] : params) std::copy(q->data(), q->data() + q->size(), p0.at(n)->data());
+      CHECK(run_device(cpu0, B, L, x, dy, false, true, false).out != base.out);
+    }
+    std::map<std::string, std::vector<float>> dir, orig;
+    double analytic = 0;
+    for (const char* n : {"mx_proj.weight", "mx_proj.bias", "h_proj.weight"}) {
+      Param<float>& p = *params.at(n);
+      orig[n].assign(p.data(), p.data() + p.size());
+      std::vector<float>& v = dir[n];
+      v.resize(static_cast<std::size_t>(p.size()));
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        v[i] = nd(rng);
+        analytic += static_cast<double>(v[i]) * base.grads.at(n)[i];
+      }
+    }
+    const float eps = 1e-2f;
+    double obj[2] = {};
+    for (int k = 0; k < 2; ++k) {
+      const float sign = k == 0 ? 1.f : -1.f;
+      for (auto& [n, v] : dir)
+        for (std::size_t i = 0; i < v.size(); ++i) params.at(n)->data()[i] = orig[n][i] + sign * eps * v[i];
+      const DeviceRun r = run_device(cpu, B, L, x, dy, false, true, false);
+      REQUIRE(r.active == base.active);
+      obj[k] = r.objective;
+    }
+    for (auto& [n, v] : orig) std::copy(v.begin(), v.end(), params.at(n)->data());
+    const double fd = (obj[0] - obj[1]) / (2.0 * eps);
+    INFO("directional derivative: analytic " << analytic << ", central difference " << fd);
+    REQUIRE(std::abs(analytic) > 0.05);  // far above the difference's noise (about 3e-4 here)
+    CHECK(std::abs(fd - analytic) <= 0.02 * std::abs(analytic));
+    // bf16 projections and attention with the same masks (indexed by token and by compressed row, not by path).
+    const DeviceRun b16 = run_device(cpu, B, L, x, dy, true, true, true);
+    REQUIRE(b16.active == base.active);
+    const std::size_t n = x.size();
+    std::vector<double> ref(base.out.begin(), base.out.end()), dref(base.dx.begin(), base.dx.end());
+    const double e_out = rel_norm_err(b16.out.data(), ref.data(), n), e_dx = rel_norm_err(b16.dx.data(), dref.data(), n);
+    INFO("bf16 against fp32: out " << e_out << ", dx " << e_dx);
+    CHECK(e_out < 1e-2);
+    CHECK(e_dx < 1e-2);
+    for (const auto& [name, g] : base.grads) {
+      std::vector<double> gd(g.begin(), g.end());
+      const double e = rel_norm_err(b16.grads.at(name).data(), gd.data(), g.size());
+      INFO("bf16 against fp32: d " << name << " " << e);
+      CHECK(e < 0.15);
+    }
+  }
 }

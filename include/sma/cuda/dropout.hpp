@@ -7,7 +7,8 @@
 // MASK     element i of site s in draw k of a layer seeded with `seed` is dropped when
 //          bits(key(seed, k, s), i) < threshold(p) (about p of all elements); kept ones are scaled by 1 / (1 - p)
 //          (inverted dropout, as PyTorch's nn.Dropout). Element indices are token-major: t * D + c for token t =
-//          b * L + l of the (B, L, D) activations (the GAU's output too is indexed by its token, not its slot).
+//          b * L + l of the (B, L, D) activations (the GAU's output too is indexed by its token, not its slot);
+//          the GAU's v, which exists only for compressed rows, by its row: s * H + j.
 // MATHS    splitmix64's finaliser (a bijection of 64-bit words with full avalanche) over a Weyl sequence of the
 //          element index; the CPU layers draw their masks from std::mt19937_64 instead, so the two masks differ.
 // Host header; no CUDA header is included (SMA_CUDA_HD adds __host__ __device__ under nvcc only).
@@ -30,6 +31,7 @@ enum class DropoutSite : std::uint32_t {
   sum = 3,         ///< causal: hx + gate * h before the residual
   ffn_hidden = 4,  ///< the block's activation output (Ffn's hidden_dropout; the LM's activation_dropout)
   ffn_out = 5,     ///< fc2's output before the residual (Ffn's dropout)
+  gau_v = 6,       ///< the GAU's v (its hidden_dropout), indexed by compressed row: s H + j
 };
 
 SMA_CUDA_HD std::uint64_t dropout_mix(std::uint64_t z) {

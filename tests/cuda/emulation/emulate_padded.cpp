@@ -7,7 +7,7 @@
 // device's rounding with the pad pass rests on the shared code (attn::rotate_pair_bf16_path, the same fp32
 // expressions) and is checked on a GPU by the "padded attention operands" tests.
 // Build and run from the repository root (a minute on 2 cores):
-//   g++ -std=c++20 -O1 -I tests/cuda/emulation -I cuda tests/cuda/emulation/emulate_padded.cpp -pthread \
+//   g++ -std=c++20 -O1 -I tests/cuda/emulation -I cuda -I include tests/cuda/emulation/emulate_padded.cpp -pthread \
 //       -o /tmp/emulate_padded && /tmp/emulate_padded
 #include <cuda_runtime.h>
 // The kernels' dynamic shared table (extern __shared__) becomes a namespace-scope array: CTAs run one at a time.
