@@ -805,7 +805,7 @@ TEST_CASE("cuda SeqBoat layer: the GAU's hidden dropout (fixed masks: central di
         analytic += static_cast<double>(v[i]) * base.grads.at(n)[i];
       }
     }
-    const float eps = 1e-2f;
+    const float eps = 5e-3f;  // small against the raised parameters (third-order terms), large against fp32 noise
     double obj[2] = {};
     for (int k = 0; k < 2; ++k) {
       const float sign = k == 0 ? 1.f : -1.f;
@@ -818,7 +818,7 @@ TEST_CASE("cuda SeqBoat layer: the GAU's hidden dropout (fixed masks: central di
     for (auto& [n, v] : orig) std::copy(v.begin(), v.end(), params.at(n)->data());
     const double fd = (obj[0] - obj[1]) / (2.0 * eps);
     INFO("directional derivative: analytic " << analytic << ", central difference " << fd);
-    REQUIRE(std::abs(analytic) > 0.05);  // far above the difference's noise (about 3e-4 here)
+    REQUIRE(std::abs(analytic) > 0.05);  // far above the difference's fp32 noise (below 1e-3 here)
     CHECK(std::abs(fd - analytic) <= 0.02 * std::abs(analytic));
     // bf16 projections and attention with the same masks (indexed by token and by compressed row, not by path).
     const DeviceRun b16 = run_device(cpu, B, L, x, dy, true, true, true);
