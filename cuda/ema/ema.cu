@@ -424,14 +424,13 @@ __device__ __forceinline__ PairLoad pair_load(const Geometry& g, const Coefs& cf
 /// order) loop, k = h N + n.
 struct OrderLoad {
   float q, w, l0, m0;
-  long long at;
 };
 template <int C>
 __device__ __forceinline__ OrderLoad order_load(const Geometry& g, const Coefs& cf, const Tile<C>& tl,
                                                 const float* cl, const float* cm, int k) {
   const int h = k / g.N, n = k - h * g.N, r = h * g.D + tl.d;
   const long long o = static_cast<long long>(n) * g.R + r, at = tl.carry(g, n, r);
-  return OrderLoad{cf.q[o], cf.w[o], cl[at], cm[at], at};
+  return OrderLoad{cf.q[o], cf.w[o], cl[at], cm[at]};
 }
 
 // Forward pass 1: each segment's end state from a zero start, v = sum_i q^(C-1-i) xm[i] in the row's direction.
@@ -563,64 +562,88 @@ __global__ void __launch_bounds__(32 * kSegsPerBlock)
 }
 
 // Backward pass 3. Per order, from the carried (lambda, mu), one pass against the direction: dx += w lambda,
-// dw += xm lambda, dq += xm mu. The per-segment sums of xm lambda and xm mu are written over cm and cl (each slot is
-// read by this thread only), the omega partial sum G x per segment.
+// dw += xm lambda, dq += xm mu. The per-segment sums of xm lambda and xm mu go to shared memory, and the block adds
+// its kSegsPerBlock segments' sums in a fixed order into one partial per (batch row, segment block, order, kernel
+// row) in pw / pq: a quarter of the per-segment partials' traffic (written here, read by param_grad_kernel). The
+// omega partial sum G x per segment as before. Dynamic shared memory: tile_apply_smem(g) bytes.
 // Four blocks per SM (at most 128 registers at C = 32, with 72 bytes of spills) rather than the compiler's three
 // at 154 registers: 225 against 271 us per launch at the training step's shape (H200, ncu), since the kernel is
 // bound by the latency of its chains and more warps hide it.
 template <int C>
 __global__ void __launch_bounds__(32 * kSegsPerBlock, 4)
     tile_bwd_apply_kernel(Geometry g, Coefs cf, const float* __restrict__ x, const std::uint8_t* __restrict__ pad,
-                          const float* __restrict__ dy, const float* __restrict__ omega, float* cl, float* cm,
-                          float* __restrict__ dx, const float* __restrict__ residual,
-                          float* __restrict__ domega_part) {
-  Tile<C> tl;
-  if (!make_tile(g, tl)) return;
-  float xm[C], gy[C], acc[C];
-  tl.load(g, x, xm);
-  tl.load(g, dy, gy);
-  const unsigned long long pm = tl.pad_bits(g, pad);
-  float dom = 0.f;
-#pragma unroll
-  for (int i = 0; i < C; ++i) {
-    dom = fmaf(gy[i], xm[i], dom);  // d omega: the unmasked input
-    if ((pm >> i) & 1ULL) xm[i] = 0.f;
-    acc[i] = 0.f;
-  }
-  // One (half, order) after another; the next one's coefficients and carried states are loaded before this one's
-  // chains run, so their latency hides behind the chains (few warps fit beside this kernel's registers).
+                          const float* __restrict__ dy, const float* __restrict__ omega, const float* cl,
+                          const float* cm, float* __restrict__ dx, const float* __restrict__ residual,
+                          float* __restrict__ domega_part, float* __restrict__ pw, float* __restrict__ pq) {
+  extern __shared__ float seg_sums[];  // [2][orders][kSegsPerBlock][32]: sums of xm lambda, then of xm mu
   const int orders = (g.bidir ? 2 : 1) * g.N;
-  OrderLoad next = order_load(g, cf, tl, cl, cm, 0);
-  for (int k = 0; k < orders; ++k) {
-    const OrderLoad cur = next;
-    if (k + 1 < orders) next = order_load(g, cf, tl, cl, cm, k + 1);
-    const float q = cur.q, w = cur.w;
-    float l = cur.l0, m = cur.m0, gw = 0.f, gq = 0.f;
-    const auto step = [&](int i) {
-      m = fmaf(q, m, l);
-      l = fmaf(q, l, gy[i]);
-      acc[i] = fmaf(w, l, acc[i]);
-      gw = fmaf(xm[i], l, gw);
-      gq = fmaf(xm[i], m, gq);
-    };
-    if (k < g.N) {  // against the direction; two loops, so that every register index is a constant
+  const auto slot = [&](int which, int k, int y) {
+    return ((which * orders + k) * kSegsPerBlock + y) * 32 + static_cast<int>(threadIdx.x);
+  };
+  Tile<C> tl;
+  if (make_tile(g, tl)) {
+    float xm[C], gy[C], acc[C];
+    tl.load(g, x, xm);
+    tl.load(g, dy, gy);
+    const unsigned long long pm = tl.pad_bits(g, pad);
+    float dom = 0.f;
 #pragma unroll
-      for (int i = C - 1; i >= 0; --i) step(i);
-    } else {
-#pragma unroll
-      for (int i = 0; i < C; ++i) step(i);
+    for (int i = 0; i < C; ++i) {
+      dom = fmaf(gy[i], xm[i], dom);  // d omega: the unmasked input
+      if ((pm >> i) & 1ULL) xm[i] = 0.f;
+      acc[i] = 0.f;
     }
-    cm[cur.at] = gw;
-    cl[cur.at] = gq;
+    // One (half, order) after another; the next one's coefficients and carried states are loaded before this
+    // one's chains run, so their latency hides behind the chains (few warps fit beside this kernel's registers).
+    OrderLoad next = order_load(g, cf, tl, cl, cm, 0);
+    for (int k = 0; k < orders; ++k) {
+      const OrderLoad cur = next;
+      if (k + 1 < orders) next = order_load(g, cf, tl, cl, cm, k + 1);
+      const float q = cur.q, w = cur.w;
+      float l = cur.l0, m = cur.m0, gw = 0.f, gq = 0.f;
+      const auto step = [&](int i) {
+        m = fmaf(q, m, l);
+        l = fmaf(q, l, gy[i]);
+        acc[i] = fmaf(w, l, acc[i]);
+        gw = fmaf(xm[i], l, gw);
+        gq = fmaf(xm[i], m, gq);
+      };
+      if (k < g.N) {  // against the direction; two loops, so that every register index is a constant
+#pragma unroll
+        for (int i = C - 1; i >= 0; --i) step(i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < C; ++i) step(i);
+      }
+      seg_sums[slot(0, k, threadIdx.y)] = gw;
+      seg_sums[slot(1, k, threadIdx.y)] = gq;
+    }
+    const float om = omega[tl.d];
+#pragma unroll
+    for (int i = 0; i < C; ++i)
+      if (i < tl.steps) {
+        const long long at = tl.at(g, i);
+        dx[at] = fmaf(om, gy[i], ((pm >> i) & 1ULL) ? 0.f : acc[i]) + (residual ? residual[at] : 0.f);
+      }
+    domega_part[(static_cast<long long>(tl.b) * g.nseg + tl.seg) * g.D + tl.d] = dom;
+  } else {
+    for (int k = 0; k < orders; ++k) seg_sums[slot(0, k, threadIdx.y)] = seg_sums[slot(1, k, threadIdx.y)] = 0.f;
   }
-  const float om = omega[tl.d];
+  __syncthreads();
+  const int d = blockIdx.x * 32 + threadIdx.x;
+  if (d >= g.D) return;
+  for (int k = threadIdx.y; k < orders; k += kSegsPerBlock) {
+    float sw = 0.f, sq = 0.f;
 #pragma unroll
-  for (int i = 0; i < C; ++i)
-    if (i < tl.steps) {
-      const long long at = tl.at(g, i);
-      dx[at] = fmaf(om, gy[i], ((pm >> i) & 1ULL) ? 0.f : acc[i]) + (residual ? residual[at] : 0.f);
+    for (int y = 0; y < kSegsPerBlock; ++y) {
+      sw += seg_sums[slot(0, k, y)];
+      sq += seg_sums[slot(1, k, y)];
     }
-  domega_part[(static_cast<long long>(tl.b) * g.nseg + tl.seg) * g.D + tl.d] = dom;
+    const int h = k / g.N, n = k - h * g.N, r = h * g.D + d;
+    const long long at = ((static_cast<long long>(blockIdx.z) * gridDim.y + blockIdx.y) * g.N + n) * g.R + r;
+    pw[at] = sw;
+    pq[at] = sq;
+  }
 }
 
 // Deterministic column sums of per-segment partials: `parts` rows of `cols` floats, summed in double. A block
@@ -648,9 +671,9 @@ __device__ inline bool column_sum(const float* __restrict__ part, long long part
 // (docs/maths/ema.md#parameters); gradients are ADDED.
 __global__ void __launch_bounds__(32 * kReduceRows)
     param_grad_kernel(Geometry g, EmaParams prm, const float* __restrict__ gw_part,
-                      const float* __restrict__ gq_part, EmaGrads grads) {
+                      const float* __restrict__ gq_part, long long parts, EmaGrads grads) {
   __shared__ double shw[kReduceRows][32], shq[kReduceRows][32];
-  const long long parts = static_cast<long long>(g.B) * g.nseg, cols = static_cast<long long>(g.R) * g.N;
+  const long long cols = static_cast<long long>(g.R) * g.N;
   long long i;
   double sw = 0, sq = 0;
   const bool mine = column_sum(gw_part, parts, cols, shw, i, sw);
@@ -788,23 +811,39 @@ void tile_forward(const Geometry& g, const Coefs& cf, const EmaParams& prm, cons
   SMA_CUDA_CHECK_LAUNCH();
 }
 
+/// The backward apply kernel's shared memory: the per-segment dw / dq sums of a block, 2 x orders x kSegsPerBlock x
+/// 32 floats.
+std::size_t tile_apply_smem(const Geometry& g) {
+  return static_cast<std::size_t>(2) * (g.bidir ? 2 : 1) * g.N * kSegsPerBlock * 32 * sizeof(float);
+}
+constexpr std::size_t kMaxApplySmem = 200 * 1024;  // beyond it (N above about 100) the generic kernels run
+
+/// The register-tile backward; writes the dw / dq partials per segment block into pw / pq (B ceil(nseg /
+/// kSegsPerBlock) N R floats each) and returns their row count.
 template <int C>
-void tile_backward(const Geometry& g, const Coefs& cf, const EmaParams& prm, const float* x, const std::uint8_t* pad,
-                   const float* dy, float* dx, const float* residual, float* cv, float* cl, float* dom,
-                   cudaStream_t s) {
+long long tile_backward(const Geometry& g, const Coefs& cf, const EmaParams& prm, const float* x,
+                        const std::uint8_t* pad, const float* dy, float* dx, const float* residual, float* cv,
+                        float* cl, float* dom, float* pw, float* pq, cudaStream_t s) {
   tile_bwd_local_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, dy, cl, cv);
   SMA_CUDA_CHECK_LAUNCH();
   run_carry(g, cf, cl, cv, 1, s);  // (lambda, mu) as the generic path's (v, u), against the direction
-  // cl: lambda carries, then the per-segment sums of xm mu; cv: mu carries, then the sums of xm lambda.
-  tile_bwd_apply_kernel<C><<<tile_grid(g), tile_block(), 0, s>>>(g, cf, x, pad, dy, prm.omega, cl, cv, dx, residual,
-                                                                 dom);
+  const std::size_t smem = tile_apply_smem(g);
+  if (smem > 48 * 1024)
+    SMA_CUDA_CHECK(cudaFuncSetAttribute(tile_bwd_apply_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  tile_bwd_apply_kernel<C><<<tile_grid(g), tile_block(), smem, s>>>(g, cf, x, pad, dy, prm.omega, cl, cv, dx,
+                                                                    residual, dom, pw, pq);
   SMA_CUDA_CHECK_LAUNCH();
+  return static_cast<long long>(g.B) * tile_grid(g).y;
 }
 
-void reduce_grads(const Geometry& g, const EmaParams& prm, const float* gw, const float* gq, const float* dom,
-                  const EmaGrads& grads, cudaStream_t s) {
+/// `parts`: the rows of the dw / dq partials (B nseg per segment; the register-tile path's B ceil(nseg /
+/// kSegsPerBlock) per segment block).
+void reduce_grads(const Geometry& g, const EmaParams& prm, const float* gw, const float* gq, long long parts,
+                  const float* dom, const EmaGrads& grads, cudaStream_t s) {
   const long long rn = static_cast<long long>(g.R) * g.N;
-  param_grad_kernel<<<static_cast<unsigned>((rn + 31) / 32), dim3(32, kReduceRows), 0, s>>>(g, prm, gw, gq, grads);
+  param_grad_kernel<<<static_cast<unsigned>((rn + 31) / 32), dim3(32, kReduceRows), 0, s>>>(g, prm, gw, gq, parts,
+                                                                                          grads);
   SMA_CUDA_CHECK_LAUNCH();
   omega_grad_kernel<<<static_cast<unsigned>((g.D + 31) / 32), dim3(32, kReduceRows), 0, s>>>(g, dom, grads.omega);
   SMA_CUDA_CHECK_LAUNCH();
@@ -855,7 +894,8 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
     throw ValueError("sma::cuda::ema_backward: a gradient pointer is null");
   if (cfg.batch == 0 || cfg.length == 0) return;  // nothing to add
   if (!x || !dout || !dx) throw ValueError("sma::cuda::ema_backward: x, dout or dx is null");
-  const int tile = tile_segment_length(cfg, true);
+  int tile = tile_segment_length(cfg, true);
+  if (tile > 0 && tile_apply_smem(geometry(cfg, tile)) > kMaxApplySmem) tile = 0;
   const Geometry g = geometry(cfg, tile > 0 ? tile : generic_segment_length(cfg));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   detail::StreamWorkspace ws(s);
@@ -865,12 +905,14 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   float* cu = ws.alloc<float>(cn);
   float* dom = ws.alloc<float>(static_cast<long long>(g.B) * g.nseg * g.D);
   if (tile > 0) {
-    // cv: then the per-segment sums of G v (= xm lambda); cu: those of lambda v_prev (= xm mu).
-    if (tile == 16)
-      tile_backward<16>(g, cf, prm, x, padding, dout, dx, residual, cv, cu, dom, s);
-    else
-      tile_backward<32>(g, cf, prm, x, padding, dout, dx, residual, cv, cu, dom, s);
-    reduce_grads(g, prm, cv, cu, dom, grads, s);
+    // cl / cv: the carries of lambda and mu; pw / pq: the per-segment-block sums of xm lambda and xm mu.
+    const long long pn = static_cast<long long>(g.B) * tile_grid(g).y * g.N * g.R;
+    float* pw = ws.alloc<float>(pn);
+    float* pq = ws.alloc<float>(pn);
+    const long long parts = tile == 16
+                                ? tile_backward<16>(g, cf, prm, x, padding, dout, dx, residual, cv, cu, dom, pw, pq, s)
+                                : tile_backward<32>(g, cf, prm, x, padding, dout, dx, residual, cv, cu, dom, pw, pq, s);
+    reduce_grads(g, prm, pw, pq, parts, dom, grads, s);
     return;
   }
   float* cg = ws.alloc<float>(cn);
@@ -892,7 +934,7 @@ void ema_backward(const EmaConfig& cfg, const EmaParams& prm, const float* x, co
   else
     bwd_apply_kernel<16><<<grid, block, 0, s>>>(g, cf, x, padding, dout, prm.omega, cv, cu, cg, dx, residual, dom);
   SMA_CUDA_CHECK_LAUNCH();
-  reduce_grads(g, prm, cv, cu, dom, grads, s);
+  reduce_grads(g, prm, cv, cu, static_cast<long long>(g.B) * g.nseg, dom, grads, s);
 }
 
 }  // namespace sma::cuda

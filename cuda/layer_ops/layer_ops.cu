@@ -675,7 +675,19 @@ void column_sums_add(long long rows, int cols, int n, const float* const* a, flo
   column_partial_set_kernel<<<dim3((cols + 31) / 32, chunks, n), dim3(32, kColGroups), 0, s>>>(rows, cols, set, bound,
                                                                                                part);
   SMA_CUDA_CHECK_LAUNCH();
-  column_finish_set_kernel<<<(n * cols + 7) / 8, 256, 0, s>>>(chunks, cols, n, part, set);
+  column_partials_finish(chunks, cols, n, part, out, s);
+}
+
+void column_partials_finish(int chunks, int cols, int n, const double* partial, float* const* out, void* stream) {
+  if (chunks <= 0 || cols <= 0 || n == 0) return;
+  if (n < 0 || n > 4 || !partial || !out)
+    throw ValueError(str_cat("sma::cuda::column_partials_finish: ", n, " matrices (1 to 4) or null pointers"));
+  ColumnSet set{};
+  for (int i = 0; i < n; ++i) {
+    if (!out[i]) throw ValueError(str_cat("sma::cuda::column_partials_finish: output ", i, " is null"));
+    set.out[i] = out[i];
+  }
+  column_finish_set_kernel<<<(n * cols + 7) / 8, 256, 0, as_stream(stream)>>>(chunks, cols, n, partial, set);
   SMA_CUDA_CHECK_LAUNCH();
 }
 

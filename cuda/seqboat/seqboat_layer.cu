@@ -125,45 +125,67 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_kernel(long long rows, 
     }
   }
 }
-
-// gau_dbase_kernel on the bf16 path with Z and H even: each thread takes two adjacent columns (bf16x2 and float2
-// loads and stores), which halves the load instructions of the layer's largest element-wise backward pass.
-__global__ void __launch_bounds__(kRowThreads) gau_dbase_bf16x2_kernel(
+// gau_dbase_kernel for the bf16 path on column pairs (Z and H even), a warp per row (padded_operands.cuh). The
+// gamma and beta gradients' column sums (dq z, dk z, dq, dk over the compressed rows) are taken here instead of
+// being written as tq, tk and summed again: each lane adds its columns over its warp's rows, the block adds its
+// warps in order, and the block writes one double partial row per sum, gb_part[(i gridDim.x + block) Z + c] for
+// i = dq z, dk z, dq, dk, which column_partials_finish adds in a fixed order. Z <= 128 (the layer's limit): a lane
+// holds at most two column pairs of z.
+__global__ void __launch_bounds__(kPaddedThreads) gau_dbase_bf16x2_kernel(
     long long rows, int Z, int H, const __nv_bfloat162* __restrict__ base16, const float* __restrict__ bias,
     const float* __restrict__ gamma, const float2* __restrict__ dq, const float2* __restrict__ dk,
     const __nv_bfloat162* __restrict__ dhr16, const float2* __restrict__ att, const float2* __restrict__ dv,
-    __nv_bfloat162* __restrict__ dbase16, float2* __restrict__ tq, float2* __restrict__ tk,
-    const int* __restrict__ bound, DropoutArgs hidden) {
+    __nv_bfloat162* __restrict__ dbase16, double* __restrict__ gb_part, const int* __restrict__ bound,
+    DropoutArgs hidden) {
+  constexpr int kZPairsPerLane = 2;  // Z <= 128: Z / 2 <= 64 pairs over 32 lanes
+  __shared__ float warp_sums[kPaddedRows][4][128];
   const int P2 = (Z + 2 * H) / 2, Z2 = Z / 2, H2 = H / 2;
   const SiteMask vmask(hidden, DropoutSite::gau_v);
   const long long live = bound ? min(rows, static_cast<long long>(*bound)) : rows;
   const __nv_bfloat162 zero = __floats2bfloat162_rn(0.f, 0.f);
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  float sums[4][kZPairsPerLane][2] = {};  // dq z, dk z, dq, dk for the lane's z column pairs
+  // b (with the bias), silu'(b) and silu(b) of column pair c2 of a row.
+  const auto act = [&](long long row, int c2, float (&b)[2], float (&ds)[2], float (&z)[2]) {
+    const float2 b0 = __bfloat1622float2(base16[row * P2 + c2]);
+    b[0] = b0.x + bias[2 * c2];
+    b[1] = b0.y + bias[2 * c2 + 1];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float sg = 1.f / (1.f + expf(-b[e]));
+      ds[e] = sg * (1.f + b[e] * (1.f - sg));
+      z[e] = b[e] * sg;
+    }
+  };
   for (long long row = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) / 32; row < rows;
        row += static_cast<long long>(gridDim.x) * blockDim.x / 32) {  // a warp per row (as padded_operands.cuh)
     if (row >= live) {
       for (int c2 = lane; c2 < P2; c2 += 32) dbase16[row * P2 + c2] = zero;
       continue;
     }
-    for (int c2 = lane; c2 < P2; c2 += 32) {
-      const int c = 2 * c2;
-      const float2 b0 = __bfloat1622float2(base16[row * P2 + c2]);
-      const float b[2] = {b0.x + bias[c], b0.y + bias[c + 1]};
-      float ds[2], z[2];
+#pragma unroll
+    for (int j = 0; j < kZPairsPerLane; ++j) {  // the z columns: constant register indices for the sums
+      const int c2 = lane + 32 * j, c = 2 * c2;
+      if (c2 >= Z2) continue;
+      float b[2], ds[2], z[2];
+      act(row, c2, b, ds, z);
+      const float2 gq = dq[row * Z2 + c2], gk = dk[row * Z2 + c2];
+      const float g[2][2] = {{gq.x, gq.y}, {gk.x, gk.y}};
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float sg = 1.f / (1.f + expf(-b[e]));
-        ds[e] = sg * (1.f + b[e] * (1.f - sg));
-        z[e] = b[e] * sg;
+        sums[0][j][e] += g[0][e] * z[e];
+        sums[1][j][e] += g[1][e] * z[e];
+        sums[2][j][e] += g[0][e];
+        sums[3][j][e] += g[1][e];
       }
+      dbase16[row * P2 + c2] = __floats2bfloat162_rn((gq.x * gamma[c] + gk.x * gamma[Z + c]) * ds[0],
+                                                     (gq.y * gamma[c + 1] + gk.y * gamma[Z + c + 1]) * ds[1]);
+    }
+    for (int c2 = Z2 + lane; c2 < P2; c2 += 32) {  // r and v
+      float b[2], ds[2], z[2];
+      act(row, c2, b, ds, z);
       float2 d;
-      if (c < Z) {
-        const float2 gq = dq[row * Z2 + c2], gk = dk[row * Z2 + c2];
-        tq[row * Z2 + c2] = make_float2(gq.x * z[0], gq.y * z[1]);
-        tk[row * Z2 + c2] = make_float2(gk.x * z[0], gk.y * z[1]);
-        d = make_float2((gq.x * gamma[c] + gk.x * gamma[Z + c]) * ds[0],
-                        (gq.y * gamma[c + 1] + gk.y * gamma[Z + c + 1]) * ds[1]);
-      } else if (c < Z + H) {
+      if (c2 < Z2 + H2) {
         const long long j = row * H2 + (c2 - Z2);
         const float2 g = __bfloat1622float2(dhr16[j]), a = att[j];
         d = make_float2(g.x * a.x * ds[0], g.y * a.y * ds[1]);
@@ -174,6 +196,24 @@ __global__ void __launch_bounds__(kRowThreads) gau_dbase_bf16x2_kernel(
       }
       dbase16[row * P2 + c2] = __floats2bfloat162_rn(d.x, d.y);
     }
+  }
+  // The block's sums: each warp its row of shared memory, then the warps added in order.
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < kZPairsPerLane; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 2 * (lane + 32 * j) + e;
+        if (c < Z) warp_sums[warp][i][c] = sums[i][j][e];
+      }
+  __syncthreads();
+  for (int k = threadIdx.x; k < 4 * Z; k += blockDim.x) {
+    const int i = k / Z, c = k - i * Z;
+    double t = 0;
+#pragma unroll
+    for (int w = 0; w < kPaddedRows; ++w) t += warp_sums[w][i][c];
+    gb_part[(static_cast<long long>(i) * gridDim.x + blockIdx.x) * Z + c] = t;
   }
 }
 
@@ -1198,30 +1238,35 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
                            m.g("rel_pos_bias.rel_pos_bias"), s);
   float* dbase = bf ? nullptr : ws.alloc<float>(N * P);
   __nv_bfloat16* dbase16 = bf ? m.held(m.dbase16, N * P) : nullptr;
-  float* tq = ws.alloc<float>(N * Z);
-  float* tk = ws.alloc<float>(N * Z);
-  if (pairs)
-    gau_dbase_bf16x2_kernel<<<padded_blocks(M), kPaddedThreads, 0, s>>>(
+  // The gamma and beta gradients: column sums of (dq z, dk z, dq, dk); the column-pair pass takes them itself.
+  float* dgamma = m.g("gamma");
+  float* dbeta = m.g("beta");
+  float* gb_out[4] = {dgamma, dgamma + Z, dbeta, dbeta + Z};
+  if (pairs && Z <= 128) {  // the pass's lanes hold at most 64 z column pairs (the layer takes Z <= 128 anyway)
+    const unsigned blocks = padded_blocks(M);
+    double* gb_part = ws.alloc<double>(4LL * blocks * Z);
+    gau_dbase_bf16x2_kernel<<<blocks, kPaddedThreads, 0, s>>>(
         M, Z, H, reinterpret_cast<const __nv_bfloat162*>(base16), m.p("mx_proj.bias"), m.p("gamma"),
         reinterpret_cast<const float2*>(dq), reinterpret_cast<const float2*>(dk),
         reinterpret_cast<const __nv_bfloat162*>(dhr16), reinterpret_cast<const float2*>(m.att.data()),
-        reinterpret_cast<const float2*>(dv), reinterpret_cast<__nv_bfloat162*>(dbase16), reinterpret_cast<float2*>(tq),
-        reinterpret_cast<float2*>(tk), bound, m.hidden_args());
-  else if (bf)
-    gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), dq, dk,
-                                                         dhr16, m.att.data(), dv, dbase, dbase16, tq, tk, bound,
-                                                         m.hidden_args());
-  else
-    gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"), m.p("gamma"),
-                                                         dq, dk, dhr, m.att.data(), dv, dbase, dbase16, tq, tk,
-                                                         bound, m.hidden_args());
-  SMA_CUDA_CHECK_LAUNCH();
-  float* dgamma = m.g("gamma");
-  float* dbeta = m.g("beta");
-  {
+        reinterpret_cast<const float2*>(dv), reinterpret_cast<__nv_bfloat162*>(dbase16), gb_part, bound,
+        m.hidden_args());
+    SMA_CUDA_CHECK_LAUNCH();
+    column_partials_finish(static_cast<int>(blocks), Z, 4, gb_part, gb_out, s);
+  } else {
+    float* tq = ws.alloc<float>(N * Z);
+    float* tk = ws.alloc<float>(N * Z);
+    if (bf)
+      gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, base16, m.p("mx_proj.bias"), m.p("gamma"), dq,
+                                                           dk, dhr16, m.att.data(), dv, dbase, dbase16, tq, tk, bound,
+                                                           m.hidden_args());
+    else
+      gau_dbase_kernel<<<row_grid(M), kRowThreads, 0, s>>>(M, Z, H, m.base.data(), m.p("mx_proj.bias"),
+                                                           m.p("gamma"), dq, dk, dhr, m.att.data(), dv, dbase,
+                                                           dbase16, tq, tk, bound, m.hidden_args());
+    SMA_CUDA_CHECK_LAUNCH();
     const float* a[4] = {tq, tk, dq, dk};
-    float* out[4] = {dgamma, dgamma + Z, dbeta, dbeta + Z};
-    column_sums_add(M, Z, 4, a, out, s, bound);
+    column_sums_add(M, Z, 4, a, gb_out, s, bound);
   }
   // mx_proj: dW += dbase^T xc, db += colsum(dbase), dxc = dbase W (added to the tokens' dmx below).
   gemm_proj(m.blas, bf, ws, s, true, false, P, D, Mi, dbase, P, m.xc.data(), D, 1.f, m.g("mx_proj.weight"), D, dbase16,

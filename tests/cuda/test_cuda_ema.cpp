@@ -166,7 +166,8 @@ TEST_CASE("cuda ema register-tile path: segment lengths, odd N, partial warps", 
       {2, 100, 33, 5, true, 0, true, 21},    // odd N (a lone last order), D one past a warp, partial segment
       {3, 129, 64, 1, false, 0, true, 22},   // N = 1
       {2, 64, 160, 16, true, 0, false, 23},  // the training shape's D, exact segments
-      {1, 300, 17, 33, true, 0, true, 24},   // N > 32
+      {1, 300, 17, 33, true, 0, true, 24},   // N > 32 (the backward apply's shared memory above 48 KB)
+      {1, 90, 9, 112, true, 0, false, 26},   // 224 orders: past the apply's shared memory, the generic backward
       {2, 250, 40, 16, false, 250, true, 25},  // truncation = L: still the tile path
   };
   // The segment length is read from the environment on every call; each one runs every case.

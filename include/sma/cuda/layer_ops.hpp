@@ -77,6 +77,10 @@ void column_sum_add(long long rows, int cols, const float* a, int lda, const flo
 /// one partial and one finishing launch instead of n of each; bound as column_sum_add. Same sums, same order.
 void column_sums_add(long long rows, int cols, int n, const float* const* a, float* const* out, void* stream = nullptr,
                      const int* bound = nullptr);
+/// The finishing half of column_sums_add for partial sums that a producer kernel wrote itself: out[i][c] += the sum
+/// over k < chunks of partial[(i chunks + k) cols + c] (double), in a fixed order, for n <= 4 matrices.
+void column_partials_finish(int chunks, int cols, int n, const double* partial, float* const* out,
+                            void* stream = nullptr);
 /// column_sum_add over a bf16 matrix (a16: bf16 values as 16-bit words, row stride lda), no b.
 void column_sum_add_bf16(long long rows, int cols, const void* a16, int lda, float* out, void* stream = nullptr,
                          const int* bound = nullptr);
