@@ -7,7 +7,8 @@
 //               (Summing it inside this kernel by a binary search per entry and row doubled the kernel's time.)
 //   dk kernel   64 keys per CTA: S^T, dA^T, dS^T, dk = dS^T Q'.
 //   dv kernel   64 keys x kBlockN columns per CTA: S^T, A^T, dv = A^T dout.
-// dS_ij = relu2: 2 relu(s) dA; laplace: phi'(s) dA; softmax: a (dA - delta_i), delta_i = dout_i . out_i.
+// dS_ij = relu2: 2 relu(s) dA; laplace: phi'(s) dA; softmax: a (dA - delta_i), delta_i = dout_i . out_i; with
+// attention dropout dA = m (dout V^T) and dv = (m A)^T dout (m: WeightDropout, recomputed).
 #pragma once
 
 #include "tile.cuh"
@@ -27,7 +28,8 @@ __device__ __forceinline__ float pair_weight(int act, float x, float lse) {
   return act == kSoftmax ? expf(x - lse) : activate(act, x);
 }
 
-template <class Tr>
+/// kDropout: attention dropout on (second instantiations of the kernels, which keep their registers without it).
+template <class Tr, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attention_dq_kernel(const LocalAttentionBackwardParams p) {
   constexpr int M = Tr::kBlockM, C = Tr::kChunk, NS = Tr::kNsZ;
   __shared__ __align__(16) float stage[Tr::kStageFloats];
@@ -85,6 +87,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
     float s[4][4], da[4][4];
     tile_dot<Tr>(s, stage, p.q, q0, nq, p.scale, p.k, kc, nk, 1.f, p.z, p.vec_z, tm, tn);
     tile_dot<Tr>(da, stage, p.dout, q0, nq, 1.f, p.v, kc, nk, 1.f, p.h, p.vec_h, tm, tn);
+    const WeightDropout drop(p);  // per chunk, so that its registers live only here
     float g[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -93,8 +96,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
       for (int j = 0; j < 4; ++j) {
         const int c = 4 * tn + j, kj = kc + c;
         const bool vis = r < nq && k_ok[c] && in_window(p, qi, q_rb[r], q_re[r], kj);
-        g[i][j] = vis ? score_grad(p.activation, s[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]), da[i][j],
-                                   q_lse[r], q_delta[r])
+        g[i][j] = vis ? score_grad(p.activation, s[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]),
+                                   kDropout ? da[i][j] * drop(qi, kj) : da[i][j], q_lse[r], q_delta[r])
                       : 0.f;
       }
     }
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
 
 /// Key-major kernels: 64 keys per CTA, walking the queries that can see them. kDv: dv over kBlockN columns of H
 /// (gridDim.y splits H); otherwise dk over all of Z.
-template <class Tr, bool kDv>
+template <class Tr, bool kDv, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attention_dkv_kernel(const LocalAttentionBackwardParams p) {
   constexpr int M = Tr::kBlockM, C = Tr::kChunk, NS = kDv ? Tr::kNsH : Tr::kNsZ;
   __shared__ __align__(16) float stage[Tr::kStageFloats];
@@ -201,6 +204,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
     // st[i][j]: key 4tm+i, query 4tn+j.
     float st[4][4];
     tile_dot<Tr>(st, stage, p.k, j0, nkeys, 1.f, p.q, qc, nqc, p.scale, p.z, p.vec_z, tm, tn);
+    const WeightDropout drop(p);  // per chunk, as in the dq kernel
     float g[4][4];
     if (kDv) {
 #pragma unroll
@@ -212,6 +216,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
           const bool vis = c < nkeys && r < nqc && k_ok[c] && in_window(p, qi, q_rb[r], q_re[r], kj);
           g[i][j] = vis ? pair_weight(p.activation, st[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]), q_lse[r])
                         : 0.f;
+          if constexpr (kDropout) g[i][j] *= drop(qi, kj);  // dv = (m A)^T dout
         }
       }
     } else {
@@ -224,8 +229,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksBwd) local_attenti
         for (int j = 0; j < 4; ++j) {
           const int r = 4 * tn + j, qi = qc + r;
           const bool vis = c < nkeys && r < nqc && k_ok[c] && in_window(p, qi, q_rb[r], q_re[r], kj);
-          g[i][j] = vis ? score_grad(p.activation, st[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]), dat[i][j],
-                                     q_lse[r], q_delta[r])
+          g[i][j] = vis ? score_grad(p.activation, st[i][j] + bias_value(p, qi, kj, q_pos[r], k_pos[c]),
+                                     kDropout ? dat[i][j] * drop(qi, kj) : dat[i][j], q_lse[r], q_delta[r])
                         : 0.f;
         }
       }

@@ -167,6 +167,7 @@ __global__ void band_forward_kernel(const LocalAttentionParams p, const BandPara
   const int S = p.offsets[p.batch];
   const int lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
   const int n = band_row_bound(g, S);
+  const WeightDropout drop(p);
   for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < n; i += warps) {
     __nv_bfloat16* prow = pq + static_cast<long long>(i) * g.width;
     if (i >= S) {
@@ -206,14 +207,16 @@ __global__ void band_forward_kernel(const LocalAttentionParams p, const BandPara
       for (int c = lane; c < g.width; c += 32) {
         bool vis;
         const float x = score(c, vis);
-        prow[c] = __float2bfloat16_rn(vis ? expf(x - m) * inv : 0.f);
+        const float a = vis ? expf(x - m) * inv : 0.f;
+        prow[c] = __float2bfloat16_rn(drop.on && vis ? a * drop(i, base + c) : a);
       }
       if (lane == 0 && p.row_stat) p.row_stat[i] = l > 0.f ? m + logf(l) : INFINITY;
     } else {
       for (int c = lane; c < g.width; c += 32) {
         bool vis;
         const float x = score(c, vis);
-        prow[c] = __float2bfloat16_rn(vis ? activate(p.activation, x) : 0.f);
+        const float a = vis ? activate(p.activation, x) : 0.f;
+        prow[c] = __float2bfloat16_rn(drop.on && vis ? a * drop(i, base + c) : a);
       }
     }
   }

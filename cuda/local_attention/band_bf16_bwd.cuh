@@ -24,6 +24,7 @@ __global__ void band_backward_kernel(const LocalAttentionBackwardParams p, const
   const int lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
   const int n = min(g.nb * kBandRows, band_row_bound(g, S) + g.wpad);
   const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
+  const WeightDropout drop(p);
   for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < n; i += warps) {
     const long long o = static_cast<long long>(i) * g.width;
     if (i >= S) {
@@ -47,8 +48,10 @@ __global__ void band_backward_kernel(const LocalAttentionBackwardParams p, const
       float a = 0.f, ds = 0.f;
       if (j >= lo && j < hi && (!p.key_valid || p.key_valid[j])) {
         const float x = sband[o + c] + bias_value(p, i, j, pos_i, p.positions ? p.positions[j] : 0);
+        const float m = drop.on ? drop(i, j) : 1.f;  // dA = m (dout V^T); dv = (m A)^T dout
         a = pair_weight(p.activation, x, lse);
-        ds = score_grad(p.activation, x, dband[o + c], lse, delta);
+        ds = score_grad(p.activation, x, drop.on ? dband[o + c] * m : dband[o + c], lse, delta);
+        if (drop.on) a *= m;
       }
       aq[o + c] = __float2bfloat16_rn(a);
       dsq[o + c] = __float2bfloat16_rn(ds);

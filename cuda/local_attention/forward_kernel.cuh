@@ -1,14 +1,16 @@
 // cuda/local_attention/forward_kernel.cuh: the fused forward. One CTA = 64 queries x kBlockN output columns; it
 // walks the queries' visible key range in chunks of 64 keys: scores (q'k'^T, staged over Z) -> bias, mask and
 // activation in registers (softmax: online max/sum, FlashAttention style) -> weights to shared memory -> out += P V
-// (V streamed 16 rows at a time). Nothing larger than a 64 x 64 tile exists at any time.
+// (V streamed 16 rows at a time); attention dropout multiplies the weights by their mask before P V. Nothing larger
+// than a 64 x 64 tile exists at any time.
 #pragma once
 
 #include "tile.cuh"
 
 namespace sma::cuda::attn {
 
-template <class Tr>
+// kDropout: attention dropout on (a second instantiation, so that the kernel without it keeps its registers).
+template <class Tr, bool kDropout = false>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksFwd) local_attention_forward_kernel(const LocalAttentionParams p) {
   constexpr int M = Tr::kBlockM, C = Tr::kChunk, NS = Tr::kNsH;
   __shared__ __align__(16) float stage[Tr::kStageFloats];
@@ -97,6 +99,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksFwd) local_attenti
       } else {
 #pragma unroll
         for (int j = 0; j < 4; ++j) w[i][j] = vis[j] ? activate(p.activation, x[j]) : 0.f;
+      }
+      if constexpr (kDropout) {  // after the softmax sums: out = sum_j m_ij a_ij v_j, statistics undropped
+        const WeightDropout drop(p);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[i][j] *= drop(qi, kc + 4 * tn + j);
       }
     }
     store_transposed<Tr>(pt, w, tm, tn);

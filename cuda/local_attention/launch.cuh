@@ -50,6 +50,8 @@ inline void validate(const LocalAttentionConfig& cfg, const LocalAttentionInputs
   const int a = static_cast<int>(cfg.activation), ps = static_cast<int>(cfg.position);
   if (a < 0 || a > 2) throw ValueError(str_cat(where, ": unknown activation ", a));
   if (ps < 0 || ps > 3) throw ValueError(str_cat(where, ": unknown position encoding ", ps));
+  if (!(cfg.dropout >= 0 && cfg.dropout < 1))
+    throw ValueError(str_cat(where, ": dropout must be in [0, 1), got ", cfg.dropout));
   if (cfg.window < 1) throw ValueError(str_cat(where, ": window must be >= 1, got ", cfg.window));
   if (cfg.position == Position::simple && cfg.max_positions < 1)
     throw ValueError(str_cat(where, ": max_positions must be >= 1 for simple positions, got ", cfg.max_positions));
@@ -107,6 +109,13 @@ inline LocalAttentionParams make_params(const LocalAttentionConfig& cfg, const L
   p.k = in.k;
   p.v = in.v;
   p.bias_table = p.table_size > 0 ? bias_table : nullptr;
+  if (cfg.dropout > 0) {
+    p.drop_seed = cfg.dropout_seed;
+    p.drop_draw = cfg.dropout_draw;
+    // As ops::detail::DropoutMask: p 2^53 truncated; a rate too small to give 1 drops nothing, as on the CPU.
+    p.drop_threshold = static_cast<std::uint64_t>(cfg.dropout * 9007199254740992.0);
+    p.drop_keep = static_cast<float>(1.0 / (1.0 - cfg.dropout));
+  }
   return p;
 }
 

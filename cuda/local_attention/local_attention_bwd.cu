@@ -62,11 +62,16 @@ void local_attention_backward(const LocalAttentionConfig& cfg, const LocalAttent
     p.band_wpad = band.wpad;
     p.band_width = band.width;
   }
-  attn::local_attention_dq_kernel<Tr><<<rows, Tr::kThreads, 0, s>>>(p);
-  SMA_CUDA_CHECK_LAUNCH();
-  attn::local_attention_dkv_kernel<Tr, false><<<rows, Tr::kThreads, 0, s>>>(p);
-  SMA_CUDA_CHECK_LAUNCH();
-  attn::local_attention_dkv_kernel<Tr, true><<<dim3(rows, attn::col_blocks(in.h)), Tr::kThreads, 0, s>>>(p);
+  const dim3 dv_grid(rows, attn::col_blocks(in.h));
+  if (p.drop_threshold > 0) {
+    attn::local_attention_dq_kernel<Tr, true><<<rows, Tr::kThreads, 0, s>>>(p);
+    attn::local_attention_dkv_kernel<Tr, false, true><<<rows, Tr::kThreads, 0, s>>>(p);
+    attn::local_attention_dkv_kernel<Tr, true, true><<<dv_grid, Tr::kThreads, 0, s>>>(p);
+  } else {
+    attn::local_attention_dq_kernel<Tr><<<rows, Tr::kThreads, 0, s>>>(p);
+    attn::local_attention_dkv_kernel<Tr, false><<<rows, Tr::kThreads, 0, s>>>(p);
+    attn::local_attention_dkv_kernel<Tr, true><<<dv_grid, Tr::kThreads, 0, s>>>(p);
+  }
   SMA_CUDA_CHECK_LAUNCH();
   if (table_size > 0) {
     attn::band_dbias_kernel<<<rows, 256, 0, s>>>(p, attn::band_params(band, 0), p.dsband);

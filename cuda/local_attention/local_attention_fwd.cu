@@ -27,7 +27,10 @@ void local_attention_forward(const LocalAttentionConfig& cfg, const LocalAttenti
   p.out = out;
   p.row_stat = cfg.activation == Activation::softmax ? row_stat : nullptr;
   const dim3 grid(attn::row_blocks(in.capacity), attn::col_blocks(in.h));
-  attn::local_attention_forward_kernel<attn::DefaultTraits><<<grid, attn::DefaultTraits::kThreads, 0, s>>>(p);
+  if (p.drop_threshold > 0)
+    attn::local_attention_forward_kernel<attn::DefaultTraits, true><<<grid, attn::DefaultTraits::kThreads, 0, s>>>(p);
+  else
+    attn::local_attention_forward_kernel<attn::DefaultTraits><<<grid, attn::DefaultTraits::kThreads, 0, s>>>(p);
   SMA_CUDA_CHECK_LAUNCH();
 }
 

@@ -23,6 +23,11 @@ struct LocalAttentionParams {
   const float* bias_table;           // table_size or nullptr
   float* out;                        // (capacity, H)
   float* row_stat;                   // (capacity) softmax log-sum-exp, or nullptr
+  // Attention dropout (LocalAttentionConfig::dropout; WeightDropout in tile.cuh): off when drop_threshold is 0.
+  std::uint64_t drop_seed;           // the config's dropout_seed
+  const std::uint64_t* drop_draw;    // the config's dropout_draw, or nullptr
+  std::uint64_t drop_threshold;      // p 2^53
+  float drop_keep;                   // 1 / (1 - p)
 };
 
 struct LocalAttentionBackwardParams : LocalAttentionParams {

@@ -5,6 +5,8 @@
 #include "kernel_traits.cuh"
 #include "params.cuh"
 
+#include <sma/cuda/dropout.hpp>
+
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -47,6 +49,26 @@ __device__ __forceinline__ float bias_value(const LocalAttentionParams& p, int i
   const int e = bias_index(p, i, j, pos_i, pos_j);
   return e >= 0 ? p.bias_table[e] : 0.f;
 }
+
+/// The attention-dropout mask of one CTA (LocalAttentionConfig::dropout): m(i, j) = 0 or 1 / (1 - p) for query slot
+/// i and key slot j, the CPU op's ops::detail::DropoutMask bit for bit (the same splitmix64 finaliser, seed and
+/// 53-bit threshold), so nothing is stored and the backward kernels recompute it.
+struct WeightDropout {
+  std::uint64_t seed = 0, threshold = 0;
+  float keep = 1.f;
+  bool on = false;
+  __device__ explicit WeightDropout(const LocalAttentionParams& p) : threshold(p.drop_threshold), on(p.drop_threshold > 0) {
+    if (on) {
+      seed = dropout_mix(p.drop_draw ? dropout_key(p.drop_seed, *p.drop_draw, DropoutSite::attention) : p.drop_seed);
+      keep = p.drop_keep;
+    }
+  }
+  __device__ __forceinline__ float operator()(int i, int j) const {
+    const std::uint64_t h = dropout_mix(
+        seed ^ dropout_mix(static_cast<std::uint64_t>(i) * 0x9e3779b97f4a7c15ull + static_cast<std::uint64_t>(j)));
+    return (h >> 11) >= threshold ? keep : 0.f;
+  }
+};
 
 /// Attention weight of a visible score x (not softmax: that needs the row's log-sum-exp, see callers).
 __device__ __forceinline__ float activate(int act, float x) {

@@ -708,6 +708,18 @@ struct SeqBoatLayerDevice::Impl {
   DropoutArgs hidden_args() const {
     return dropout_on ? cuda::dropout_args(cfg.dropout_seed, draw.data(), cfg.hidden_dropout) : DropoutArgs{};
   }
+  /// The attention's configuration for the last forward: its attention dropout seeded from the layer's seed and
+  /// draw counter (LocalAttentionConfig::dropout_draw), or none.
+  LocalAttentionConfig attention_config() const {
+    LocalAttentionConfig a = cfg.attention;
+    if (dropout_on && a.dropout > 0) {
+      a.dropout_seed = cfg.dropout_seed;
+      a.dropout_draw = draw.data();
+    } else {
+      a.dropout = 0;
+    }
+    return a;
+  }
 
   /// A product over the compressed rows on the bf16 path, bounded by the device's S (bounded_gemm: the chunks of
   /// rows past S are skipped, with no host wait).
@@ -902,9 +914,10 @@ SeqBoatLayerDevice::SeqBoatLayerDevice(const SeqBoatDeviceConfig& cfg,
     if (it == impl_->value.end() || static_cast<int>(it->second.size()) != table)
       throw ShapeError(str_cat("SeqBoatLayerDevice: rel_pos_bias.rel_pos_bias must have ", table, " values"));
   }
-  if (!(cfg.dropout >= 0.f && cfg.dropout < 1.f) || !(cfg.hidden_dropout >= 0.f && cfg.hidden_dropout < 1.f))
-    throw ValueError(str_cat("SeqBoatLayerDevice: dropout and hidden_dropout must be in [0, 1), got ", cfg.dropout,
-                             " and ", cfg.hidden_dropout));
+  if (!(cfg.dropout >= 0.f && cfg.dropout < 1.f) || !(cfg.hidden_dropout >= 0.f && cfg.hidden_dropout < 1.f) ||
+      !(cfg.attention.dropout >= 0 && cfg.attention.dropout < 1))
+    throw ValueError(str_cat("SeqBoatLayerDevice: dropout, hidden_dropout and attention.dropout must be in [0, 1), got ",
+                             cfg.dropout, ", ", cfg.hidden_dropout, " and ", cfg.attention.dropout));
   impl_->draw.fill_bytes(0);
   SMA_CUDA_CHECK(cublasCreate(&impl_->blas));
 }
@@ -967,7 +980,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
   m.has_padding = padding != nullptr;
   if (padding) SMA_CUDA_CHECK(cudaMemcpyAsync(m.padding.data(), padding, N, cudaMemcpyDeviceToDevice, s));
   const std::uint8_t* pad = m.has_padding ? m.padding.data() : nullptr;
-  m.dropout_on = c.training && (c.dropout > 0.f || c.hidden_dropout > 0.f);
+  m.dropout_on = c.training && (c.dropout > 0.f || c.hidden_dropout > 0.f || c.attention.dropout > 0);
   if (m.dropout_on) {
     advance_draw_kernel<<<1, 1, 0, s>>>(m.draw.data());
     SMA_CUDA_CHECK_LAUNCH();
@@ -1081,7 +1094,7 @@ void SeqBoatLayerDevice::forward(int batch, int length, const float* x, const st
                                                        nullptr, m.hidden_args());
   }
   SMA_CUDA_CHECK_LAUNCH();
-  local_attention_forward(c.attention, m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"), m.att.data(),
+  local_attention_forward(m.attention_config(), m.attention_inputs(), m.p("rel_pos_bias.rel_pos_bias"), m.att.data(),
                           m.row_stat.data(), s);
   // hc = hr h_proj^T, without its bias (output_kernel and the backward add it).
   const __nv_bfloat16* hr16 = nullptr;
@@ -1233,7 +1246,7 @@ void SeqBoatLayerDevice::backward(const float* dy, float* dx, void* stream) {
   }
   LocalAttentionInputs att_in = m.attention_inputs();
   if (m.padded_attention) att_in.dout_padded = m.dop16.data();
-  local_attention_backward(c.attention, att_in, m.p("rel_pos_bias.rel_pos_bias"),
+  local_attention_backward(m.attention_config(), att_in, m.p("rel_pos_bias.rel_pos_bias"),
                            softmax ? m.att.data() : nullptr, softmax ? m.row_stat.data() : nullptr, datt, dq, dk, dv,
                            m.g("rel_pos_bias.rel_pos_bias"), s);
   float* dbase = bf ? nullptr : ws.alloc<float>(N * P);

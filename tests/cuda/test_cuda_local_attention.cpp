@@ -9,6 +9,7 @@
 
 #include <sma/cuda/bounded_gemm.hpp>
 #include <sma/cuda/compress.hpp>
+#include <sma/cuda/dropout.hpp>
 #include <sma/cuda/local_attention.hpp>
 #include <sma/ops/compress.hpp>
 #include <sma/ops/local_attention.hpp>
@@ -48,13 +49,17 @@ struct Case {
   Index extra = 5;          // capacity - S
   unsigned seed = 1;
   bool bf16 = false;        // the bf16 tensor-core path
+  double dropout = 0.0;     // attention dropout (the CPU op's mask for the same seed)
+  std::uint64_t dropout_seed = 0;
+  std::uint64_t draw = 0;   // > 0: the device reads this draw from device memory (LocalAttentionConfig::dropout_draw)
 };
 
 std::string describe(const Case& c) {
   std::string lens;
   for (Index l : c.lengths) lens += str_cat(l, ",");
   return str_cat(ops::to_string(c.act), " ", ops::to_string(c.pos), " ", to_string(c.dir), " Z=", c.Z, " H=", c.H,
-                 " W=", c.W, " P=", c.P, " rows=", lens, " valid_prob=", c.valid_prob, c.bf16 ? " bf16" : "");
+                 " W=", c.W, " P=", c.P, " rows=", lens, " valid_prob=", c.valid_prob, c.bf16 ? " bf16" : "",
+                 c.dropout > 0 ? str_cat(" dropout=", c.dropout, " seed=", c.dropout_seed, " draw=", c.draw) : "");
 }
 
 ops::LocalAttentionConfig cpu_config(const Case& c) {
@@ -64,6 +69,10 @@ ops::LocalAttentionConfig cpu_config(const Case& c) {
   cfg.activation = c.act;
   cfg.position = c.pos;
   cfg.max_positions = c.P;
+  cfg.dropout = c.dropout;
+  // The device's mask of draw k is the CPU op's for the seed dropout_key(seed, k, attention).
+  cfg.dropout_seed = c.draw > 0 ? cuda::dropout_key(c.dropout_seed, c.draw, cuda::DropoutSite::attention)
+                                : c.dropout_seed;
   return cfg;
 }
 
@@ -75,6 +84,8 @@ cuda::LocalAttentionConfig gpu_config(const Case& c) {
   cfg.position = static_cast<cuda::Position>(static_cast<int>(c.pos));
   cfg.max_positions = static_cast<int>(c.P);
   cfg.bf16 = c.bf16;
+  cfg.dropout = c.dropout;
+  cfg.dropout_seed = c.dropout_seed;  // run_gpu sets dropout_draw when c.draw > 0
   return cfg;
 }
 
@@ -207,7 +218,9 @@ GpuResult run_gpu(const Case& c, const Problem& p, float dbias_init) {
   in.q = d_q.data();
   in.k = d_k.data();
   in.v = d_v.data();
-  const cuda::LocalAttentionConfig cfg = gpu_config(c);
+  cuda::LocalAttentionConfig cfg = gpu_config(c);
+  const cuda::DeviceArray<std::uint64_t> d_draw(std::vector<std::uint64_t>{c.draw});
+  if (c.draw > 0) cfg.dropout_draw = d_draw.data();
   cuda::Stream stream;
   cuda::local_attention_forward(cfg, in, d_table.data(), d_out.data(), d_stat.data(), stream.handle());
   cuda::local_attention_backward(cfg, in, d_table.data(), d_out.data(), d_stat.data(), d_dout.data(), d_dq.data(),
@@ -540,6 +553,40 @@ TEST_CASE("cuda local attention bf16 matches the CPU op (forward and backward)",
   cases.push_back({{500, 300}, 160, 96, 130, Direction::causal, AA::relu2, PE::rotary, 16, 1.0, 17, 15});  // Z > 128: bf16 only
   cases.push_back({{700, 0, 333}, 64, 256, 256, Direction::causal, AA::relu2, PE::rotary, 16, 1.0, 40, 16});  // several 64-slot blocks of W
   for (const Case& c : cases) check_case(as_bf16(c));
+}
+
+TEST_CASE("cuda local attention: attention dropout gives the CPU op's results with the same mask (fp32, bf16)",
+          "[cuda][attention][dropout][quick]") {
+  SMA_CUDA_TEST_REQUIRE_DEVICE();
+  for (Case c : shared_cases()) {
+    c.dropout = c.seed % 2 ? 0.3 : 0.1;
+    c.dropout_seed = 1000 + c.seed;
+    c.draw = c.seed % 3 == 0 ? c.seed : 0;  // some cases take the seed through a device draw counter
+    check_case(c);
+    check_case(as_bf16(c));
+  }
+  // The mask matters: the same problem without dropout gives another output, and the dropped share is about p.
+  Case c = shared_cases()[1];
+  const Problem p = make_problem(c);
+  const GpuResult plain = run_gpu(c, p, 0.f);
+  c.dropout = 0.4;
+  c.dropout_seed = 5;
+  const GpuResult dropped = run_gpu(c, p, 0.f);
+  CHECK(plain.out != dropped.out);
+  const ops::detail::DropoutMask mask(0.4, 5);
+  std::size_t off = 0, pairs = 0;
+  for (Index i = 0; i < 2000; ++i)
+    for (Index j = 0; j < 50; ++j, ++pairs) off += !mask.keep(i, j);
+  const double share = static_cast<double>(off) / static_cast<double>(pairs);
+  INFO("dropped share " << share);
+  CHECK(std::abs(share - 0.4) < 0.01);
+  // Rates outside [0, 1) are refused.
+  cuda::LocalAttentionConfig bad = gpu_config(c);
+  bad.dropout = 1.0;
+  cuda::LocalAttentionInputs none;
+  none.batch = 0;
+  CHECK_THROWS_WITH(cuda::local_attention_forward(bad, none, nullptr, nullptr, nullptr),
+                    Catch::Contains("dropout must be in [0, 1)"));
 }
 
 TEST_CASE("cuda local attention bf16: products bounded by the device's S match the full products",

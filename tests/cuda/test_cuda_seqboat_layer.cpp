@@ -402,9 +402,20 @@ TEST_CASE("cuda SeqBoat layer: unsupported configurations and misuse", "[cuda][s
   CHECK_THROWS_WITH(bdev.forward(1, 1, one.data(), nullptr, one.data()), Catch::Contains("more than one value"));
   c = base_config();
   c.attention_dropout = 0.1;
+  c.dropout = 0.2;
   SeqBoatLayer<float> dr(c, 1);
-  CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice::from_cpu(dr), Catch::Contains("attention_dropout"));
-  CHECK(cuda::SeqBoatLayerDevice::from_cpu(dr, true).config().dropout == 0.f);  // dropout_as_eval
+  CHECK(cuda::SeqBoatLayerDevice::from_cpu(dr).config().attention.dropout == 0.1);  // on the device
+  CHECK(cuda::SeqBoatLayerDevice::from_cpu(dr, true).config().dropout == 0.f);  // dropout_as_eval: every rate 0
+  CHECK(cuda::SeqBoatLayerDevice::from_cpu(dr, true).config().attention.dropout == 0.0);
+  {
+    cuda::SeqBoatDeviceConfig bad = cuda::SeqBoatLayerDevice::from_cpu(dr).config();
+    bad.attention.dropout = 1.0;
+    std::vector<std::pair<std::string, std::vector<float>>> values;
+    dr.visit_params([&](const auto& name, Param<float>& p) {
+      values.emplace_back(std::string(name), std::vector<float>(p.data(), p.data() + p.size()));
+    });
+    CHECK_THROWS_WITH(cuda::SeqBoatLayerDevice(bad, values), Catch::Contains("attention.dropout must be in [0, 1)"));
+  }
   c = base_config();
   c.hidden_dropout = 0.2;  // on the device (the hidden dropout case below)
   SeqBoatLayer<float> hd(c, 1);
@@ -751,10 +762,11 @@ DeviceRun run_device(SeqBoatLayer<float>& cpu, int B, int L, const std::vector<f
 
 }  // namespace
 
-// The GAU's hidden dropout (on v) with the layer's dropout, the masks held fixed (draw 1 of one seed): the gradient
-// along a random direction of the GAU's parameters (after the routing, so no decision moves) against a central
-// difference of sum(dy * out) in fp32; the bf16 path (padded operands) against the fp32 path with the same masks.
-TEST_CASE("cuda SeqBoat layer: the GAU's hidden dropout (fixed masks: central difference, bf16 against fp32)",
+// The GAU's hidden dropout (on v) and attention dropout with the layer's dropout, the masks held fixed (draw 1 of
+// one seed): the gradient along a random direction of the GAU's parameters (after the routing, so no decision
+// moves) against a central difference of sum(dy * out) in fp32; the bf16 path (padded operands) against the fp32
+// path with the same masks.
+TEST_CASE("cuda SeqBoat layer: the GAU's hidden and attention dropout (fixed masks: central difference, bf16 against fp32)",
           "[cuda][seqboat][dropout][quick]") {
   SMA_CUDA_TEST_REQUIRE_DEVICE();
   for (const bool bidirectional : {false, true}) {
@@ -766,6 +778,7 @@ TEST_CASE("cuda SeqBoat layer: the GAU's hidden dropout (fixed masks: central di
       cfg.prenorm = false;
     }
     cfg.hidden_dropout = 0.3;
+    cfg.attention_dropout = 0.2;
     cfg.dropout = 0.1;
     SeqBoatLayer<float> cpu(cfg, 21);
     auto params = cuda_test::params_of<float>(cpu);
@@ -785,9 +798,10 @@ TEST_CASE("cuda SeqBoat layer: the GAU's hidden dropout (fixed masks: central di
     for (float& v : dy) v = nd(rng);
     const DeviceRun base = run_device(cpu, B, L, x, dy, false, true, true);
     CHECK(run_device(cpu, B, L, x, dy, false, false, false).out != base.out);  // the masks change the output
-    {  // and the hidden mask alone does too: the same layer without hidden dropout
+    for (const bool hidden : {true, false}) {  // each of the GAU's masks alone changes it too
+      INFO("without the " << (hidden ? "hidden" : "attention") << " dropout");
       SeqBoatLayerConfig c0 = cfg;
-      c0.hidden_dropout = 0;
+      (hidden ? c0.hidden_dropout : c0.attention_dropout) = 0;
       SeqBoatLayer<float> cpu0(c0, 21);
       auto p0 = cuda_test::params_of<float>(cpu0);
       for (auto& [n, q] : params) std::copy(q->data(), q->data() + q->size(), p0.at(n)->data());

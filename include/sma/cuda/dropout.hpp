@@ -32,6 +32,7 @@ enum class DropoutSite : std::uint32_t {
   ffn_hidden = 4,  ///< the block's activation output (Ffn's hidden_dropout; the LM's activation_dropout)
   ffn_out = 5,     ///< fc2's output before the residual (Ffn's dropout)
   gau_v = 6,       ///< the GAU's v (its hidden_dropout), indexed by compressed row: s H + j
+  attention = 7,   ///< the GAU's attention weights (attention_dropout): the key seeds the CPU op's pair mask
 };
 
 SMA_CUDA_HD std::uint64_t dropout_mix(std::uint64_t z) {

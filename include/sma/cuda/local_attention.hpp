@@ -63,6 +63,16 @@ struct LocalAttentionConfig {
   /// softmax statistics, fp32 inputs/outputs (PRECISION above). SeqBoatLayerDevice passes its `attention` config
   /// through, so setting this in SeqBoatDeviceConfig::attention switches the layer's attention.
   bool bf16 = false;
+  /// Attention-weight dropout in [0, 1) (the reference's attention_dropout; training only: leave 0 for inference).
+  /// The mask is the CPU op's (sma::ops::LocalAttentionConfig::dropout, ops::detail::DropoutMask), a function of
+  /// (seed, query slot i, key slot j): the weight a_ij is dropped when mix64(mix64(seed) ^ mix64(i 0x9e3779b97f4a7c15
+  /// + j)) >> 11 < dropout 2^53 and scaled by 1 / (1 - dropout) otherwise, so the backward recomputes it and the
+  /// same seed gives the CPU op's mask bit for bit. seed = dropout_seed, or, when dropout_draw (device memory) is
+  /// given, dropout_key(dropout_seed, *dropout_draw, DropoutSite::attention) (sma/cuda/dropout.hpp): read on the
+  /// device, so a CUDA graph of a training step draws a fresh mask at every replay.
+  double dropout = 0.0;
+  std::uint64_t dropout_seed = 0;
+  const std::uint64_t* dropout_draw = nullptr;
 
   /// 2P-1 (simple), 6W-1 (local_simple), else 0.
   int bias_table_size() const {

@@ -37,8 +37,8 @@ struct SeqBoatDeviceConfig {
   /// (bidirectional) or on hx + gate * h (causal), as the CPU layer places it. The masks are a function of
   /// (dropout_seed, the layer's draw counter, site, element) (sma/cuda/dropout.hpp), not the CPU layer's
   /// std::mt19937_64 draws; every training forward advances the counter on the device (so a step graph's replays
-  /// draw fresh masks) and its backward re-derives the same masks. The GAU's attention_dropout is not on the
-  /// device.
+  /// draw fresh masks) and its backward re-derives the same masks. The GAU's attention_dropout is
+  /// attention.dropout (LocalAttentionConfig::dropout), seeded from dropout_seed and the same draw counter.
   float dropout = 0.f;
   /// SeqBoatLayerConfig::hidden_dropout, in [0, 1): the GAU's v in train mode, with masks drawn as dropout's.
   float hidden_dropout = 0.f;
@@ -77,10 +77,9 @@ class SeqBoatLayerDevice {
   SeqBoatLayerDevice(SeqBoatLayerDevice&&) noexcept;
   SeqBoatLayerDevice& operator=(SeqBoatLayerDevice&&) noexcept;
 
-  /// The device copy of a CPU layer (its configuration, dropout and hidden_dropout included, and current
-  /// parameter values). Throws ValueError for what the device layer does not support: attention_dropout > 0,
-  /// unless `dropout_as_eval` (then every dropout rate is taken as 0, as the CPU layer in eval mode). The layer
-  /// starts in train mode.
+  /// The device copy of a CPU layer (its configuration, its three dropout rates included, and current parameter
+  /// values). Throws ValueError for what the device layer does not support. `dropout_as_eval`: every dropout rate
+  /// is taken as 0, as the CPU layer in eval mode. The layer starts in train mode.
   static SeqBoatLayerDevice from_cpu(SeqBoatLayer<float>& cpu, bool dropout_as_eval = false);
 
   const SeqBoatDeviceConfig& config() const;

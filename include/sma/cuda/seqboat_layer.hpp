@@ -11,8 +11,8 @@
 //          uploaded from a SeqBoatLayer<float> by from_cpu().
 // LIMITS   fp32, with bf16 projections and a bf16 attention as switches (set_bf16_projections,
 //          set_bf16_attention); dropout (SeqBoatLayerConfig::dropout) with device-drawn masks
-//          (sma/cuda/dropout.hpp) and the GAU's hidden_dropout, but not its attention_dropout (from_cpu throws, or
-//          runs every rate as 0 with from_cpu(layer, true)); Z <= 128 (the fp32 attention kernels' limit, checked at construction even
+//          (sma/cuda/dropout.hpp), the GAU's hidden_dropout and its attention_dropout (the CPU attention op's
+//          pair mask, seeded per draw; from_cpu(layer, true) runs every rate as 0); Z <= 128 (the fp32 attention kernels' limit, checked at construction even
 //          when the attention will run in bf16, which alone would take any Z). The
 //          projections after compression run on the B*L upper bound of the compressed rows (cuBLAS takes host
 //          shapes; S is never read back unless set_host_compressed_length), on zero rows past S.
@@ -37,12 +37,10 @@ namespace sma::cuda {
 
 inline SeqBoatLayerDevice SeqBoatLayerDevice::from_cpu(SeqBoatLayer<float>& cpu, bool dropout_as_eval) {
   const SeqBoatLayerConfig& c = cpu.config();
-  if (!dropout_as_eval && c.attention_dropout > 0)
-    throw ValueError(str_cat("SeqBoatLayerDevice: attention_dropout ", c.attention_dropout,
-                             " must be 0 (the device layer has dropout and hidden_dropout, not attention_dropout)"));
   SeqBoatDeviceConfig d;
   d.dropout = dropout_as_eval ? 0.f : static_cast<float>(c.dropout);
   d.hidden_dropout = dropout_as_eval ? 0.f : static_cast<float>(c.hidden_dropout);
+  d.attention.dropout = dropout_as_eval ? 0.0 : c.attention_dropout;
   d.embed_dim = static_cast<int>(c.embed_dim);
   d.zdim = static_cast<int>(c.zdim);
   d.hdim = static_cast<int>(c.hdim);

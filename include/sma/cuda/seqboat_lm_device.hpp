@@ -17,8 +17,8 @@
 //          (its flat index and value), embeds it as zeros and leaves it out of the embedding's gradient;
 //          read_loss() and check_tokens() throw ValueError naming it.
 // LIMITS   the layer's (fp32 or bf16 projections / attention, Z <= 128; dropout, hidden_dropout and the blocks'
-//          dropout and activation_dropout with device-drawn masks, but no attention_dropout: from_cpu throws for it
-//          unless dropout_as_eval); layernorm, rmsnorm or scalenorm (batchnorm throws in from_cpu).
+//          dropout and activation_dropout with device-drawn masks, attention_dropout included; from_cpu with
+//          dropout_as_eval runs them all as 0); layernorm, rmsnorm or scalenorm (batchnorm throws in from_cpu).
 // ERRORS   ValueError (configuration, sizes, null pointers, backward without forward, train_step without optimiser,
 //          bad tokens or targets when read), ShapeError (parameter sizes), KeyError (unknown parameter name),
 //          CudaError (failed CUDA/cuBLAS call).

@@ -9,8 +9,8 @@
 //          (B) int32; all device pointers.
 // PARAMS   the CPU model's names ("encoder.weight", "seq_layers.0.hx_proj.weight", "final_norm.norm.weight",
 //          "decoder.bias", ...), uploaded by from_cpu().
-// LIMITS   the layer's (fp32 or bf16 projections; the layers' dropout and hidden_dropout with device-drawn masks,
-//          but no attention_dropout: from_cpu throws for it unless dropout_as_eval; Z <= 128). Batchnorm counts
+// LIMITS   the layer's (fp32 or bf16 projections; the layers' dropout, hidden_dropout and attention_dropout with
+//          device-drawn masks, all 0 with from_cpu's dropout_as_eval; Z <= 128). Batchnorm counts
 //          padded tokens in its statistics, as the CPU layer and the reference do.
 // ERRORS   ValueError (configuration, sizes, backward without forward, train_step without optimiser, bad labels
 //          when the loss is read), ShapeError (parameter sizes), CudaError (failed CUDA/cuBLAS call).
