@@ -12,6 +12,10 @@
 #   FIRST   start at the case with this number (1-based), to continue a previous call; LAST: stop after it;
 #   SKIP    a grep -E pattern of case names to leave out (default: the [oom] case, whose deliberate failed
 #           allocation the tool counts);
+#   SERIAL  a grep -E pattern of case names to run one at a time after the others: under the tool, several
+#           processes running the bounded products' graphs (conditional nodes) at once stopped with
+#           cudaErrorIllegalAddress that the tool attributed to no access, and the same cases run alone are clean
+#           (docs/benchmarks.md, "Session 8"); e.g. SERIAL='bf16|cached graphs' in the default graph mode;
 #   TOOL    memcheck (default) or racecheck;
 #   KEEP    1: keep every case's whole report in $OUT/logs/.
 # Catch2 reads a comma in a test spec as "or", so commas in names are escaped.
@@ -58,13 +62,17 @@ run_case() {
 }
 export -f run_case
 
+SERIAL=${SERIAL:-}
+: > "$WORK/serial"
 k=0
 while IFS= read -r name; do
   k=$((k + 1))
   [ $k -lt "$FIRST" ] || [ $k -gt "$LAST" ] && continue
   if printf '%s' "$name" | grep -qE "$SKIP"; then echo "#$k skipped | $name" > "$WORK/$k.line"; continue; fi
+  if [ -n "$SERIAL" ] && printf '%s' "$name" | grep -qE "$SERIAL"; then printf '%s\t%s\n' "$k" "$name" >> "$WORK/serial"; continue; fi
   printf '%s\t%s\0' "$k" "$name"
-done < "$OUT/cases.txt" | xargs -0 -P "$JOBS" -I{} bash -c 'run_case "$1"' _ {}
+done < "$OUT/cases.txt" | xargs -0 -r -P "$JOBS" -I{} bash -c 'run_case "$1"' _ {}
+while IFS= read -r entry; do run_case "$entry"; done < "$WORK/serial"
 
 : > "$OUT/memcheck_cases.txt"
 : > "$OUT/memcheck_fail.txt"
